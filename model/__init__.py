@@ -1,0 +1,1 @@
+"""The geographic mixture-of-experts model library: network, experts, conversion, importance."""

@@ -1,0 +1,167 @@
+"""Dense -> MoE conversion (Mensah et al. 2024, Sec. 3.2; 2025 for imbalanced data).
+
+1. Collect the dense model's pre-MLP patch embeddings on sample images at several scales.
+2. Algorithm 1: per class, the K patches most similar to each other, refined in T steps.
+3. Fit the router's min-max scaler on that sample; Ward (or k-means) clustering -> E centroids.
+4. MoEfication: each expert keeps the d_e dense hidden units most active on its patches; its input
+   affine starts from the dense norm; X_corr is the dense MLP output at its centroid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import AgglomerativeClustering, KMeans
+
+from geomoe.model.config import CLUSTERINGS, ModelConfig
+from geomoe.model.network import GeoMoENet, transformer_layers
+
+
+@dataclass
+class ConversionConfig:
+    """How to turn a trained dense model into experts."""
+
+    moe_layers: tuple[int, ...] = (1, 3, 5, 7)  # transformer layers to convert
+    num_experts: int = 16  # experts per layer (E)
+    expert_hidden: int = 2  # hidden units kept per expert (d_e)
+    top_k: int = 128  # representative patches per class (K)
+    refine_steps: int = 5  # refinement steps of Algorithm 1 (T; 100 for imbalanced data)
+    scales: tuple[int, ...] = (48, 64, 80)  # image sides the sample is resized to (paper: 160..320 for 256 px)
+    clustering: str = "ward"  # "ward" (paper) or "kmeans"
+    min_images_per_class: int = 0  # resample rare classes up to this many images (10 for iWildcam)
+    batch_size: int = 64  # images per forward pass while collecting
+    seed: int = 0  # resampling and k-means
+    extra: dict = field(default_factory=dict)  # model config overrides (gate_rank, absent_policy, ...)
+
+    def __post_init__(self) -> None:
+        if self.clustering not in CLUSTERINGS:
+            raise ValueError(f"clustering {self.clustering!r} is not one of {CLUSTERINGS}")
+
+
+@dataclass
+class LayerSample:
+    """Pre-MLP patches of one layer: normalised tokens (M, P, C) and the class of their image (M,)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        return self.tokens.mean(dim=1)  # mean over the P pixels of a patch: (M, C)
+
+
+def resample_classes(labels: np.ndarray, minimum: int, seed: int) -> np.ndarray:
+    """Indices where every class has at least `minimum` images (rare ones repeated)."""
+    rng = np.random.default_rng(seed)
+    indices = [np.arange(labels.size)]
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        if members.size < minimum:
+            indices.append(rng.choice(members, minimum - members.size, replace=True))
+    return np.concatenate(indices)
+
+
+@torch.no_grad()
+def collect_patches(dense: GeoMoENet, images: torch.Tensor, labels: torch.Tensor, cfg: ConversionConfig) -> dict[int, LayerSample]:
+    """Pre-MLP patches of every layer in `cfg.moe_layers`, over all scales."""
+    dense.eval()
+    tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in cfg.moe_layers}
+    patch_labels: dict[int, list[torch.Tensor]] = {layer: [] for layer in cfg.moe_layers}
+    for side in cfg.scales:
+        for start in range(0, len(images), cfg.batch_size):
+            batch = images[start : start + cfg.batch_size]
+            if batch.shape[-1] != side:
+                batch = F.interpolate(batch, size=(side, side), mode="bilinear", align_corners=False)
+            _, pre_mlp = dense.forward_with_pre_mlp(batch)
+            for layer in cfg.moe_layers:
+                x = pre_mlp[layer]  # (B, C, P, N)
+                B, C, P, N = x.shape
+                tokens[layer].append(x.permute(0, 3, 2, 1).reshape(B * N, P, C))  # [B, C, P, N] --> [B*N, P, C]
+                patch_labels[layer].append(labels[start : start + cfg.batch_size].repeat_interleave(N))
+    return {layer: LayerSample(torch.cat(tokens[layer]), torch.cat(patch_labels[layer])) for layer in cfg.moe_layers}
+
+
+def representative_patches(embeddings: torch.Tensor, k: int, steps: int) -> torch.Tensor:
+    """Algorithm 1: indices of the k embeddings most similar to each other, refined `steps` times."""
+    k = min(k, len(embeddings))
+    unit = F.normalize(embeddings, dim=-1)
+    centre = unit.mean(dim=0)
+    chosen = torch.arange(len(embeddings))
+    for _ in range(max(steps, 1)):
+        chosen = (unit @ F.normalize(centre, dim=0)).topk(k).indices
+        centre = unit[chosen].mean(dim=0)
+    return chosen
+
+
+def cluster_centroids(points: np.ndarray, num_clusters: int, method: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids (E, C) and cluster of each point."""
+    if len(points) < num_clusters:
+        raise ValueError(f"only {len(points)} representative patches for {num_clusters} experts: add sample images")
+    if method == "ward":
+        assignment = AgglomerativeClustering(n_clusters=num_clusters, linkage="ward").fit_predict(points)
+    else:
+        assignment = KMeans(n_clusters=num_clusters, n_init=4, random_state=seed).fit_predict(points)
+    centroids = np.stack([points[assignment == e].mean(axis=0) for e in range(num_clusters)])
+    return centroids, assignment
+
+
+def convert_to_moe(dense: GeoMoENet, images: torch.Tensor, labels: torch.Tensor, cfg: ConversionConfig) -> GeoMoENet:
+    """A MoE model initialised from `dense` on sample `images` (N, 3, H, W) with `labels` (N,)."""
+    if cfg.min_images_per_class:
+        keep = torch.from_numpy(resample_classes(labels.numpy(), cfg.min_images_per_class, cfg.seed))
+        images, labels = images[keep], labels[keep]
+    samples = collect_patches(dense, images, labels, cfg)
+    moe_cfg = ModelConfig.from_dict(
+        {**dense.cfg.to_dict(), "moe_layers": list(cfg.moe_layers), "num_experts": cfg.num_experts,
+         "expert_hidden": cfg.expert_hidden, "expert_ids": {}, **cfg.extra}
+    )
+    moe = GeoMoENet(moe_cfg)
+    missing, unexpected = moe.load_state_dict(dense.state_dict(), strict=False)
+    leftover = [k for k in unexpected if not any(f".{s}." in k for s in ("norm2", "mlp"))]
+    if leftover or any(".mlp." not in k for k in missing):
+        raise RuntimeError(f"dense and MoE models disagree beyond the MLPs: {leftover or missing}")
+    dense_layers = transformer_layers(dense.backbone)
+    for layer, module in moe.moe_layers().items():
+        init_layer(module, dense_layers[layer], samples[layer], cfg)
+    return moe
+
+
+@torch.no_grad()
+def init_layer(module, dense_block, sample: LayerSample, cfg: ConversionConfig) -> None:
+    """Router and experts of one MoE layer from the dense block's norm2 + mlp."""
+    embeddings = sample.embeddings
+    chosen = torch.cat(
+        [torch.nonzero(sample.labels == cls).squeeze(1)[representative_patches(embeddings[sample.labels == cls], cfg.top_k, cfg.refine_steps)]
+         for cls in sample.labels.unique()]
+    )
+    lo, hi = embeddings[chosen].min(dim=0).values, embeddings[chosen].max(dim=0).values
+    module.scale_min.copy_(lo)
+    module.scale_max.copy_(hi)
+    scaled = module.scale(embeddings[chosen]).numpy()
+    centroids, assignment = cluster_centroids(scaled, module.num_held, cfg.clustering, cfg.seed)
+    module.centroids.copy_(torch.from_numpy(centroids))
+    # Every collected patch goes where the router will send it; MoEfication uses those tokens.
+    _, routed, _ = module.route(embeddings[None])
+    routed = routed[0]
+    norm_w, norm_b = dense_block.norm2.weight, dense_block.norm2.bias
+    fc1 = dense_block.mlp.fc1.weight.flatten(1)  # (2C, C)
+    fc2 = dense_block.mlp.fc2.weight.flatten(1)  # (C, 2C)
+    act = dense_block.mlp.act
+    for e in range(module.num_held):
+        members = torch.nonzero(routed == e).squeeze(1)
+        if members.numel() == 0:
+            members = chosen[torch.from_numpy(assignment == e)]
+        tokens = sample.tokens[members].reshape(-1, module.dim) * norm_w + norm_b
+        activity = act(tokens @ fc1.T + dense_block.mlp.fc1.bias).mean(dim=0)  # (2C,)
+        units = activity.topk(module.expert_hidden).indices
+        module.norm_weight[e] = norm_w
+        module.norm_bias[e] = norm_b
+        module.w1[e] = fc1[units].T
+        module.b1[e] = dense_block.mlp.fc1.bias[units]
+        module.w2[e] = fc2[:, units].T
+        module.b2[e] = dense_block.mlp.fc2.bias
+        centre = module.centroids[e] * (hi - lo).clamp_min(1e-6) + lo  # scaling reversed
+        module.x_corr[e] = dense_block.mlp(((centre * norm_w + norm_b)[None, :, None, None]))[0, :, 0, 0]

@@ -1,0 +1,129 @@
+"""Per-patch mixture of tiny expert MLPs for MobileViTV2 (Mensah et al. 2024, arXiv:2411.07834).
+
+Replaces `norm2 -> mlp` of a timm `LinearTransformerBlock`. All P pixels of a patch go to one
+expert, chosen by cosine similarity between the min-max-scaled patch embedding and expert
+centroids. Experts are stacked along a leading expert dimension and dispatched in one matmul:
+experts are so small (E * d_e hidden units in all, fewer than the dense MLP's 2C) that computing
+every expert's hidden units and masking to the routed one is cheaper than gathering weights.
+
+The layer may hold any subset of the global experts (`expert_ids`). Centroids of the experts it
+does not hold stay as a frozen buffer so that gate values, and the decision that a patch belongs
+to an absent expert, are the same as in the full model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Parameters stored per expert, leading dimension = held experts. Together they are "an expert".
+EXPERT_PARAMS = ("norm_weight", "norm_bias", "w1", "b1", "w2", "b2", "gamma", "x_corr", "centroids")
+
+
+class MoEMlp(nn.Module):
+    """Top-1 per-patch MoE over stacked experts; input and output (B, C, P, N)."""
+
+    def __init__(
+        self,
+        dim: int,
+        expert_ids: list[int],
+        num_global_experts: int,
+        expert_hidden: int = 2,
+        gate_rank: int = 0,
+        gate_temperature: float = 0.01,
+        gamma_init: float = 0.9,
+        absent_policy: str = "best_present",
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        num_held, hidden = len(expert_ids), expert_hidden
+        self.dim, self.expert_hidden, self.eps = dim, hidden, eps
+        self.num_global_experts = num_global_experts
+        self.absent_policy = absent_policy
+        self.register_buffer("expert_ids", torch.tensor(sorted(expert_ids), dtype=torch.long))
+        absent = sorted(set(range(num_global_experts)) - set(expert_ids))
+        self.register_buffer("absent_ids", torch.tensor(absent, dtype=torch.long))
+        # Expert parameters, stacked: (E, ...)
+        self.norm_weight = nn.Parameter(torch.ones(num_held, dim))
+        self.norm_bias = nn.Parameter(torch.zeros(num_held, dim))
+        self.w1 = nn.Parameter(torch.randn(num_held, dim, hidden) / math.sqrt(dim))
+        self.b1 = nn.Parameter(torch.zeros(num_held, hidden))
+        self.w2 = nn.Parameter(torch.randn(num_held, hidden, dim) / math.sqrt(hidden))
+        self.b2 = nn.Parameter(torch.zeros(num_held, dim))
+        self.gamma = nn.Parameter(torch.full((num_held,), gamma_init))
+        self.x_corr = nn.Parameter(torch.zeros(num_held, dim))
+        self.centroids = nn.Parameter(F.normalize(torch.randn(num_held, dim), dim=-1))
+        # Router state shared by all experts of the layer.
+        self.register_buffer("absent_centroids", torch.zeros(len(absent), dim))
+        self.register_buffer("scale_min", torch.zeros(dim))
+        self.register_buffer("scale_max", torch.ones(dim))
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(gate_temperature)))
+        self.gate_proj = nn.Parameter(torch.linalg.qr(torch.randn(dim, gate_rank))[0]) if gate_rank else None
+        self.last_choice: torch.Tensor | None = None  # (B, N) global id per patch, -1 where removed
+
+    @property
+    def num_held(self) -> int:
+        return int(self.expert_ids.numel())
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Shared pre-MLP normalisation (GroupNorm with one group, no affine: the affine is per expert)."""
+        return F.group_norm(x, 1, eps=self.eps)
+
+    def scale(self, patch_embedding: torch.Tensor) -> torch.Tensor:
+        """Min-max scaling fitted once on the clustering sample; only the router sees it."""
+        return (patch_embedding - self.scale_min) / (self.scale_max - self.scale_min).clamp_min(1e-6)
+
+    def route(self, patch_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gate value, local expert index and removal flag per patch, from (B, N, C) embeddings."""
+        query = self.scale(patch_embedding)
+        keys_held, keys_absent = self.centroids, self.absent_centroids
+        if self.gate_proj is not None:  # low-rank gate: compare in an r-dim projection
+            query, keys_held, keys_absent = query @ self.gate_proj, keys_held @ self.gate_proj, keys_absent @ self.gate_proj
+        query = F.normalize(query, dim=-1)
+        inv_temperature = self.log_temperature.neg().exp()
+        logits_held = query @ F.normalize(keys_held, dim=-1).T * inv_temperature  # (B, N, E)
+        logits_absent = query @ F.normalize(keys_absent, dim=-1).T * inv_temperature  # (B, N, A)
+        log_norm = torch.logsumexp(torch.cat([logits_held, logits_absent], dim=-1), dim=-1)
+        best_held, choice = logits_held.max(dim=-1)
+        gate = (best_held - log_norm).exp()
+        if self.absent_policy == "remove" and logits_absent.shape[-1]:
+            removed = logits_absent.max(dim=-1).values > best_held
+        else:
+            removed = torch.zeros_like(choice, dtype=torch.bool)
+        return gate, choice, removed
+
+    def folded_first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts' first layer with their LayerNorm affine folded in: (C, E*H) and (E*H,)."""
+        weight = self.w1 * self.norm_weight[:, :, None]  # (E, C, H)
+        bias = self.b1 + torch.einsum("ec,ech->eh", self.norm_bias, self.w1)  # (E, H)
+        return weight.permute(1, 0, 2).reshape(self.dim, -1), bias.reshape(-1)
+
+    def expert_outputs(self, tokens: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """Routed expert output with correction, for tokens (B, N, P, C) and choice (B, N)."""
+        weight1, bias1 = self.folded_first_layer()
+        hidden = F.silu(tokens @ weight1 + bias1)  # (B, N, P, E*H)
+        mask = F.one_hot(choice, self.num_held).to(hidden.dtype).repeat_interleave(self.expert_hidden, dim=-1)
+        out = (hidden * mask[:, :, None, :]) @ self.w2.reshape(-1, self.dim)  # (B, N, P, C)
+        out = out + self.b2[choice][:, :, None, :]
+        gamma = self.gamma[choice][:, :, None, None]
+        return (1 - gamma) * out + gamma * self.x_corr[choice][:, :, None, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, P, N = x.shape
+        tokens = self.normalize(x).permute(0, 3, 2, 1)  # [B, C, P, N] --> [B, N, P, C]
+        gate, choice, removed = self.route(tokens.mean(dim=2))  # one decision per patch: (B, N)
+        out = self.expert_outputs(tokens, choice) * gate[:, :, None, None]
+        out = out.permute(0, 3, 2, 1)  # [B, N, P, C] --> [B, C, P, N]
+        self.last_choice = torch.where(removed, -1, self.expert_ids[choice]).detach()
+        if self.absent_policy == "remove":
+            out = torch.where(removed[:, None, None, :], -x, out)  # MLP_e(x) <- -x zeroes the patch
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, experts={self.expert_ids.tolist()} of {self.num_global_experts}, "
+            f"hidden={self.expert_hidden}, policy={self.absent_policy}"
+        )

@@ -1,0 +1,111 @@
+"""MobileViTV2-0.5 (timm) with chosen transformer MLPs swapped for per-patch MoE layers.
+
+A dense model is the same network with no MoE layers (`moe_layers=()`), so conversion, counting
+and federated training handle both with one class. The 9 transformer layers are addressed 0..8
+across MobileViTV2's three transformer blocks (2, 4 and 3 layers; widths 64, 96, 128).
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from geomoe.model.config import ModelConfig
+from geomoe.model.moe_layer import MoEMlp
+
+FEATURE_DIM = 256  # pooled feature width of mobilevitv2_050
+
+
+def transformer_layers(backbone: nn.Module) -> list[nn.Module]:
+    """The LinearTransformerBlocks of a timm MobileViTV2, in forward order (layers 0..8)."""
+    return [m for m in backbone.modules() if type(m).__name__ == "LinearTransformerBlock"]
+
+
+def layer_widths(backbone: nn.Module) -> list[int]:
+    return [layer.norm2.num_channels for layer in transformer_layers(backbone)]
+
+
+def layer_blocks(backbone: nn.Module) -> list[int]:
+    """Index of the transformer block (0, 1, 2) each layer belongs to."""
+    widths = layer_widths(backbone)
+    distinct = sorted(set(widths))
+    return [distinct.index(w) for w in widths]
+
+
+class ClassifierHead(nn.Module):
+    """Linear or bottleneck (256 -> 1024 -> 256 -> classes) head; outputs carry global class ids."""
+
+    def __init__(self, kind: str, num_classes: int, drop_rate: float) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(drop_rate)
+        if kind == "bottleneck":
+            self.body: nn.Module = nn.Sequential(
+                nn.Linear(FEATURE_DIM, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU()
+            )
+        else:
+            self.body = nn.Identity()
+        self.fc = nn.Linear(FEATURE_DIM, num_classes)
+        # Global class id of each output; -1 marks the "other" output of a pruned head.
+        self.register_buffer("class_ids", torch.arange(num_classes))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(self.drop(features)))
+
+
+class GeoMoENet(nn.Module):
+    """Backbone + optional MoE layers + classifier head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = timm.create_model(cfg.backbone, pretrained=cfg.pretrained, num_classes=0)
+        self.head = ClassifierHead(cfg.head, cfg.num_classes, cfg.drop_rate)
+        self.widths = layer_widths(self.backbone)
+        self.blocks = layer_blocks(self.backbone)
+        for layer in cfg.moe_layers:
+            block = transformer_layers(self.backbone)[layer]
+            block.norm2 = nn.Identity()  # normalisation moves into the MoE layer (per-expert affine)
+            block.mlp = MoEMlp(
+                self.widths[layer],
+                cfg.held_ids(layer),
+                cfg.num_experts,
+                cfg.expert_hidden,
+                cfg.gate_rank,
+                cfg.gate_temperature,
+                cfg.gamma_init,
+                cfg.absent_policy,
+            )
+        self._captured: dict[int, torch.Tensor] | None = None
+        for index, block in enumerate(transformer_layers(self.backbone)):
+            block.norm2.register_forward_pre_hook(self._capture_hook(index))
+
+    def _capture_hook(self, index: int):
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if self._captured is not None:
+                self._captured[index] = args[0]
+
+        return hook
+
+    def moe_layers(self) -> dict[int, MoEMlp]:
+        """MoE layer modules by transformer layer index."""
+        layers = transformer_layers(self.backbone)
+        return {index: layers[index].mlp for index in self.cfg.moe_layers}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def forward_with_pre_mlp(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits and each layer's normalised pre-MLP tokens (B, C, P, N), as the router sees them."""
+        self._captured = {}
+        try:
+            logits = self(images)
+            pre_mlp = {i: F.group_norm(x, 1, eps=1e-5) for i, x in self._captured.items()}
+        finally:
+            self._captured = None
+        return logits, pre_mlp
+
+
+def build_model(cfg: ModelConfig) -> GeoMoENet:
+    return GeoMoENet(cfg)

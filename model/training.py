@@ -1,0 +1,126 @@
+"""Local training and evaluation loops shared by the server (pretraining) and clients.
+
+Knows nothing of Flower. Per-group learning rates follow Mensah et al. 2024 (MoE parameters,
+classifier, rest); the optional location loss follows Mensah et al. 2025.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from geomoe.model.location import LocationSupervision
+from geomoe.model.moe_layer import MoEMlp
+from geomoe.model.network import GeoMoENet
+
+
+@dataclass
+class TrainConfig:
+    """Local optimisation settings."""
+
+    epochs: int = 1  # passes over the local training data
+    batch_size: int = 32  # images per step
+    lr_moe: float = 5e-3  # MoE layers (experts and router), as in the paper
+    lr_head: float = 1e-3  # classifier head (the paper's 1e-5 assumes a long fine-tune)
+    lr_rest: float = 5e-4  # everything else (the paper's 5e-5 assumes a long fine-tune)
+    weight_decay: float = 0.0  # AdamW weight decay
+    location_weight: float = 0.0  # weight of the location contrastive loss (0.01 in the paper); 0 = off
+    seed: int = 0  # data order and dropout
+
+
+def parameter_groups(model: GeoMoENet, cfg: TrainConfig, trainable: set[str] | None = None) -> list[dict]:
+    """AdamW groups (MoE / head / rest); parameters outside `trainable` (names) are frozen."""
+    moe_prefixes = tuple(name + "." for name, m in model.named_modules() if isinstance(m, MoEMlp))
+    groups: dict[str, list[torch.nn.Parameter]] = {"moe": [], "head": [], "rest": []}
+    for name, param in model.named_parameters():
+        if trainable is not None and name not in trainable:
+            param.requires_grad_(False)
+            continue
+        param.requires_grad_(True)
+        group = "moe" if name.startswith(moe_prefixes) else "head" if name.startswith("head.") else "rest"
+        groups[group].append(param)
+    lrs = {"moe": cfg.lr_moe, "head": cfg.lr_head, "rest": cfg.lr_rest}
+    return [{"params": p, "lr": lrs[g], "name": g} for g, p in groups.items() if p]
+
+
+def train_epochs(
+    model: GeoMoENet,
+    loader: DataLoader,
+    cfg: TrainConfig,
+    trainable: set[str] | None = None,
+    location: LocationSupervision | None = None,
+    freeze_norm_stats: bool = False,
+) -> dict[str, float]:
+    """Train in place; returns mean loss and examples seen. `loader` yields (images, labels[, lonlat]).
+
+    With `freeze_norm_stats`, BatchNorm running statistics stay fixed, so a frozen backbone stays
+    exactly the global one.
+    """
+    torch.manual_seed(cfg.seed)
+    params = parameter_groups(model, cfg, trainable)
+    if location is not None and cfg.location_weight > 0:
+        params.append({"params": [p for p in location.parameters() if p.requires_grad], "lr": cfg.lr_rest, "name": "location"})
+    optimizer = torch.optim.AdamW(params, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    model.train()
+    if freeze_norm_stats:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    total_loss, seen = 0.0, 0
+    for _ in range(cfg.epochs):
+        for batch in loader:
+            images, labels = batch[0], head_targets(batch[1], model.head.class_ids)
+            if location is not None and cfg.location_weight > 0:
+                logits, pre_mlp = model.forward_with_pre_mlp(images)
+                loss = F.cross_entropy(logits, labels) + cfg.location_weight * location.loss(pre_mlp, batch[2], labels)
+            else:
+                loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * labels.numel()
+            seen += labels.numel()
+    return {"train_loss": total_loss / max(seen, 1), "examples": float(seen)}
+
+
+@torch.no_grad()
+def evaluate(model: GeoMoENet, loader: Iterable, num_classes: int | None = None) -> dict[str, float | list[float]]:
+    """Accuracy, loss and per-class recall of `model` (outputs mapped to global ids by the head)."""
+    model.eval()
+    class_ids = model.head.class_ids
+    correct, total, loss_sum = 0, 0, 0.0
+    num_classes = num_classes or int(class_ids.max()) + 1
+    hits, counts = np.zeros(num_classes), np.zeros(num_classes)
+    for batch in loader:
+        images, labels = batch[0], batch[1]
+        logits = model(images)
+        local_targets = head_targets(labels, class_ids)
+        loss_sum += float(F.cross_entropy(logits, local_targets, reduction="sum"))
+        predicted = class_ids[logits.argmax(dim=1)]
+        ok = (predicted == labels).numpy()
+        correct += int(ok.sum())
+        total += labels.numel()
+        np.add.at(hits, labels.numpy(), ok)
+        np.add.at(counts, labels.numpy(), 1)
+    recall = np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
+    return {
+        "accuracy": correct / max(total, 1),
+        "loss": loss_sum / max(total, 1),
+        "examples": float(total),
+        "recall": [float(r) for r in recall],
+    }
+
+
+def head_targets(labels: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    """Head output index of each global label; labels a pruned head lacks map to its "other" output."""
+    known = class_ids >= 0
+    other = int((~known).nonzero()[0]) if (~known).any() else 0
+    size = max(int(labels.max()) if labels.numel() else 0, int(class_ids.max())) + 1
+    lookup = torch.full((size,), other, dtype=torch.long)
+    lookup[class_ids[known]] = known.nonzero().squeeze(1)
+    return lookup[labels]

@@ -1,0 +1,217 @@
+"""The server's round loop: set up nodes, run rounds, measure every message, checkpoint, report.
+
+Flower's `Strategy.start` cannot resume or checkpoint and sends the same arrays to everyone, so
+the loop lives here and calls the strategy's hooks. After every round the global model and the
+server state are written atomically; `resume` continues from the last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from rich.console import Console
+from rich.table import Table
+
+from geomoe import messages as msg
+from geomoe.model.experts import shared_state
+from geomoe.model.training import evaluate
+from geomoe.run_config import RunConfig
+from geomoe.server.checkpoint import atomic_save, load_model, save_model
+from geomoe.server.initial_model import initial_model
+from geomoe.server.strategy import GeoExpertStrategy, ServerState, weighted_accuracy
+from geomoe.sim.world import World
+
+log = logging.getLogger("geomoe.server")
+CHECKPOINT = "checkpoint.pt"
+REPORT = "report.json"
+
+
+def message_bytes(message: Message) -> int:
+    return sum(msg.content_bytes(message.content).values())
+
+
+class Federation:
+    """Runs one federated training job against a Flower Grid."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, resume: bool = False, console: Console | None = None):
+        self.grid, self.cfg = grid, cfg
+        self.out = Path(cfg.out)
+        self.console = console or Console(stderr=True)
+        self.world = World(cfg.world)
+        checkpoint = self.out / CHECKPOINT
+        if resume and checkpoint.is_file():
+            model, extra = load_model(checkpoint)
+            if extra["run_config"] != cfg.to_json():
+                raise ValueError(f"{checkpoint} was written by a run with another configuration; use a new --out")
+            self.base, self.state, self.setup = extra["base"], ServerState(**extra["server_state"]), extra["setup"]
+            self.console.print(f"resuming {checkpoint} after round {self.state.completed_round}")
+        else:
+            model, self.setup = initial_model(cfg, self.world, self.out / "cache")
+            self.base, self.state = {k: v.clone() for k, v in shared_state(model).items()}, ServerState()
+        self.strategy = GeoExpertStrategy(cfg, model, self.base, self.state)
+
+    # --- messaging with byte accounting --------------------------------------------------------
+    def exchange(self, messages: list[Message], phase: str) -> tuple[list[Message], dict[int, dict[str, int]]]:
+        """Send, wait up to the round timeout, and count each node's bytes down and up."""
+        traffic: dict[int, dict[str, int]] = {}
+        for message in messages:
+            traffic[message.metadata.dst_node_id] = {"down": message_bytes(message), "up": 0}
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s))
+        for reply in replies:
+            traffic.setdefault(reply.metadata.src_node_id, {"down": 0, "up": 0})["up"] = 0 if reply.has_error() else message_bytes(reply)
+        missing = len(messages) - len(replies)
+        if missing:
+            log.warning("%s: %d node(s) did not reply within %.0f s", phase, missing, self.cfg.federation.round_timeout_s)
+        return replies, traffic
+
+    def wait_for_nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.cfg.federation.round_timeout_s
+        needed = max(self.cfg.federation.min_nodes, 1)
+        while len(nodes := sorted(self.grid.get_node_ids())) < needed:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of {needed} nodes connected within {self.cfg.federation.round_timeout_s} s")
+            time.sleep(1)
+        return nodes
+
+    def set_up_nodes(self) -> dict[int, dict[str, int]]:
+        """Query nodes for their location; nodes of locations without a keep set also route the full model."""
+        nodes = self.wait_for_nodes()
+        replies, traffic = self.exchange(self.strategy.configure_query(nodes, with_model=False), "query")
+        self.strategy.register(replies)
+        needs_keep = [n for n, info in self.strategy.nodes.items() if info.location not in self.state.keep]
+        if needs_keep and not self.strategy.dense:
+            replies, routed = self.exchange(self.strategy.configure_query(needs_keep, with_model=True), "routing query")
+            self.strategy.register(replies)
+            for node, t in routed.items():
+                traffic[node] = {k: traffic.get(node, {}).get(k, 0) + t[k] for k in ("down", "up")}
+        if not self.strategy.nodes:
+            raise RuntimeError("no node answered the query")
+        return traffic
+
+    # --- the run -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        fed = self.cfg.federation
+        setup_traffic = self.set_up_nodes()
+        self.setup.setdefault("traffic", {})
+        self.setup["traffic"][str(self.state.completed_round)] = self._by_cell(setup_traffic)
+        for server_round in range(self.state.completed_round + 1, fed.rounds + 1):
+            started = time.monotonic()
+            messages = list(self.strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), self.grid))
+            replies, traffic = self.exchange(messages, f"round {server_round}")
+            self._record_received_accuracy(server_round - 1, replies)
+            _, train_metrics = self.strategy.aggregate_train(server_round, replies)
+            row = {
+                "round": server_round,
+                "seconds": time.monotonic() - started,
+                "train_loss": float(train_metrics["train_loss"]) if train_metrics else None,
+                "replies": int(train_metrics["replies"]) if train_metrics else 0,
+                "traffic": self._by_cell(traffic),
+                "experts_held": {self.strategy.nodes[n].cell: sum(len(v) for v in self.strategy.keep_for(self.strategy.nodes[n]).values())
+                                 for n in traffic if n in self.strategy.nodes},
+                "rejected": [r for r in self.strategy.rejections if r["round"] == server_round],
+            }
+            self.state.rounds.append(row)
+            self.state.completed_round = server_round
+            self.checkpoint()
+            self.console.print(self._round_line(row))
+        self.final_evaluation()
+        self.checkpoint()
+        report = self.report()
+        (self.out / REPORT).write_text(json.dumps(report, indent=2))
+        return report
+
+    def final_evaluation(self) -> None:
+        done = self.state.completed_round
+        messages = list(self.strategy.configure_evaluate(done, ArrayRecord(), ConfigRecord(), self.grid))
+        replies, _ = self.exchange(messages, "evaluation")
+        per_cell = {}
+        for reply in replies:
+            if reply.has_error() or msg.METRICS not in reply.content:
+                continue
+            metrics = reply.content[msg.METRICS]
+            per_cell[self.strategy.nodes[reply.metadata.src_node_id].cell] = {
+                "accuracy": float(metrics["accuracy"]), "examples": float(metrics["examples"])}
+        self._store_evaluation(done, per_cell)
+
+    def _record_received_accuracy(self, rounds_done: int, replies: Iterable[Message]) -> None:
+        """Train replies report the accuracy of the model they received: the model after `rounds_done`."""
+        per_cell = {}
+        for reply in replies:
+            if reply.has_error() or msg.METRICS not in reply.content or reply.metadata.src_node_id not in self.strategy.nodes:
+                continue
+            metrics = reply.content[msg.METRICS]
+            per_cell[self.strategy.nodes[reply.metadata.src_node_id].cell] = {
+                "accuracy": float(metrics["received-accuracy"]), "examples": float(metrics.get("examples", 0.0))}
+        self._store_evaluation(rounds_done, per_cell)
+
+    def _store_evaluation(self, rounds_done: int, per_cell: dict) -> None:
+        if per_cell:
+            self.state.evaluations[rounds_done] = {**weighted_accuracy(per_cell), "per_cell": per_cell,
+                                                   "server_accuracy": self.server_accuracy()}
+
+    def server_accuracy(self) -> float:
+        """The full global model on the union of the locations' test splits."""
+        indices = torch.cat([torch.from_numpy(loc.test) for loc in self.world.locations]).numpy()
+        return float(evaluate(self.strategy.model, self.world.loader(indices, 256))["accuracy"])
+
+    def _by_cell(self, traffic: dict[int, dict[str, int]]) -> dict[str, dict[str, int]]:
+        return {self.strategy.nodes[n].cell if n in self.strategy.nodes else str(n): t for n, t in traffic.items()}
+
+    def checkpoint(self) -> None:
+        save_model(self.strategy.model, self.out / CHECKPOINT, base=self.base, server_state=asdict(self.state),
+                   setup=self.setup, run_config=self.cfg.to_json())
+
+    def _round_line(self, row: dict) -> str:
+        up = sum(t["up"] for t in row["traffic"].values()) / max(len(row["traffic"]), 1)
+        acc = self.state.evaluations.get(row["round"] - 1, {}).get("accuracy")
+        acc_text = f"{acc:.3f}" if acc is not None else "-"
+        return (f"round {row['round']}/{self.cfg.federation.rounds}: {row['replies']} replies, "
+                f"train loss {row['train_loss'] or float('nan'):.3f}, accuracy before round {acc_text}, "
+                f"upload {up / 1e3:.1f} kB/client, {row['seconds']:.1f} s")
+
+    def report(self) -> dict:
+        evaluations = {int(k): v for k, v in self.state.evaluations.items()}
+        return {
+            "config": json.loads(self.cfg.to_json()),
+            "strategy": self.cfg.federation.strategy,
+            "setup": self.setup,
+            "locations": [{"cell": n.cell, "species": n.species, "train_examples": n.train_examples,
+                           "keep": self.strategy.keep_for(n)} for n in sorted(self.strategy.nodes.values(), key=lambda n: n.location)],
+            "rounds": self.state.rounds,
+            "evaluations": {str(k): evaluations[k] for k in sorted(evaluations)},
+            "final_accuracy": evaluations.get(self.state.completed_round, {}).get("accuracy"),
+            "rejected": self.strategy.rejections,
+        }
+
+
+def summary_table(report: dict) -> Table:
+    """Per round: accuracy of the model after it and mean bytes per client."""
+    table = Table(title=f"geomoe {report['strategy']}: {len(report['rounds'])} rounds")
+    for column in ("round", "accuracy", "server acc.", "up kB/client", "down kB/client", "experts/client"):
+        table.add_column(column, justify="right")
+    evaluations = report["evaluations"]
+    first = evaluations.get("0")
+    if first:
+        table.add_row("0", f"{first['accuracy']:.3f}", f"{first['server_accuracy']:.3f}", "-", "-", "-")
+    for row in report["rounds"]:
+        ev = evaluations.get(str(row["round"]), {})
+        traffic = row["traffic"].values()
+        n = max(len(row["traffic"]), 1)
+        held = row["experts_held"].values()
+        table.add_row(
+            str(row["round"]),
+            f"{ev['accuracy']:.3f}" if ev else "-",
+            f"{ev['server_accuracy']:.3f}" if ev else "-",
+            f"{sum(t['up'] for t in traffic) / n / 1e3:.1f}",
+            f"{sum(t['down'] for t in row['traffic'].values()) / n / 1e3:.1f}",
+            f"{sum(held) / max(len(held), 1):.1f}",
+        )
+    return table

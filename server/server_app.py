@@ -1,0 +1,27 @@
+"""The Flower ServerApp. `flwr run .` reads the run config from pyproject.toml
+([tool.flwr.app.config], dotted keys such as `federation.rounds`); `geomoe sim` builds its own."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
+
+from geomoe.run_config import RunConfig, from_flat
+from geomoe.server.federation import Federation, summary_table
+
+
+def make_server_app(cfg: RunConfig | None = None, resume: bool = False) -> ServerApp:
+    """A ServerApp running `cfg`, or, when None, the config Flower passes in the context."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg or from_flat({k: v for k, v in context.run_config.items() if k != "resume"})
+        report = Federation(grid, run_cfg, resume=resume or bool(context.run_config.get("resume", False))).run()
+        Console(stderr=True).print(summary_table(report))
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,255 @@
+"""Per-expert federated averaging as a Flower Strategy, and the dense FedAvg baseline.
+
+The strategy holds the global model itself, because every node gets a different slice of it:
+its location's keep set of experts, the centroids of the others, the head rows of its species and
+whatever shared parameters are trainable in this run. Flower's stock FedAvg rejects replies with
+different keys and normalises over all replies; here each expert is averaged over the clients that
+hold it. `strategy="fedavg"` sends everything to everyone: dense FedAvg on the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from geomoe import messages as msg
+from geomoe.model.experts import KeepSet, global_centroids, shared_state, take_expert_state
+from geomoe.model.importance import keep_set
+from geomoe.model.moe_layer import EXPERT_PARAMS
+from geomoe.model.network import GeoMoENet
+from geomoe.run_config import RunConfig
+from geomoe.server.aggregation import RowUpdate, mean_delta, mean_row_delta
+from geomoe.server.server_optimizer import ServerOptimizer
+from geomoe.server.validation import RejectedReply, SentSpec, check_update, spec_of
+
+log = logging.getLogger("geomoe.server")
+HEAD_ROWS = ("head.fc.weight", "head.fc.bias")
+
+
+@dataclass
+class NodeInfo:
+    """What the server knows of a connected node (from its query reply)."""
+
+    location: int  # index into the run's locations
+    cell: str  # S2 token
+    has_base: bool  # the node holds the initial shared state
+    species: list[int]  # species in its training data
+    train_examples: int
+
+
+@dataclass
+class ServerState:
+    """Everything that must survive a crash besides the model (checkpointed after every round)."""
+
+    completed_round: int = 0
+    keep: dict[int, KeepSet] = field(default_factory=dict)  # location -> keep set
+    optimizer: dict = field(default_factory=lambda: {"moments": {}})
+    rounds: list[dict] = field(default_factory=list)  # report rows, one per completed round
+    evaluations: dict[int, dict] = field(default_factory=dict)  # rounds done -> accuracy of that model
+
+
+class GeoExpertStrategy(Strategy):
+    """Sends each node its slice of the global model and aggregates per expert / per row."""
+
+    def __init__(self, cfg: RunConfig, model: GeoMoENet, base: dict[str, torch.Tensor], state: ServerState):
+        self.cfg, self.model, self.base, self.state = cfg, model, base, state
+        self.fed = cfg.federation
+        self.optimizer = ServerOptimizer(self.fed.server_optimizer, self.fed.server_lr)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.nodes: dict[int, NodeInfo] = {}
+        self.sent: dict[int, SentSpec] = {}
+        self.rejections: list[dict] = []
+        self.last_train_metrics: dict[int, dict] = {}
+
+    # --- what a node receives ------------------------------------------------------------------
+    @property
+    def dense(self) -> bool:
+        return self.fed.strategy == "fedavg"
+
+    def keep_for(self, node: NodeInfo) -> KeepSet:
+        if self.dense:
+            return {layer: list(range(self.cfg.model.num_experts)) for layer in self.cfg.model.moe_layers}
+        return self.state.keep[node.location]
+
+    def head_rows_for(self, node: NodeInfo) -> list[int]:
+        if self.dense:
+            return list(range(self.cfg.model.num_classes))
+        return node.species if self.fed.trainable in ("experts+head", "all") else []
+
+    def shared_trainable(self) -> list[str]:
+        """Shared float tensors sent (and trained) every round: all of them under dense or 'all'."""
+        if not (self.dense or self.fed.trainable == "all"):
+            return []
+        return [k for k, v in shared_state(self.model).items() if v.is_floating_point() and k not in HEAD_ROWS]
+
+    def node_content(self, node_id: int, server_round: int, train: bool) -> RecordDict:
+        node = self.nodes[node_id]
+        keep = self.keep_for(node)
+        experts = take_expert_state(self.model, keep)
+        router = {
+            f"moe.{layer}.absent_centroids": global_centroids(module)[sorted(set(range(module.num_global_experts)) - set(keep[layer]))]
+            for layer, module in self.model.moe_layers().items()
+        }
+        state = self.model.state_dict()
+        rows = torch.tensor(self.head_rows_for(node), dtype=torch.long)
+        head = {"head.fc.weight": state["head.fc.weight"][rows], "head.fc.bias": state["head.fc.bias"][rows], msg.HEAD_IDS: rows} if len(rows) else {}
+        shared = {k: state[k].clone() for k in self.shared_trainable()}
+        content = RecordDict(
+            {
+                msg.CONFIG: msg.config_record({"run": self.cfg.to_json(), "round": server_round, "location": node.location}),
+                msg.EXPERTS: msg.to_record(experts),
+                msg.ROUTER: msg.to_record(router),
+            }
+        )
+        if head:
+            content[msg.HEAD] = msg.to_record(head)
+        if shared:
+            content[msg.SHARED] = msg.to_record(shared)
+        if not node.has_base:
+            content[msg.BASE] = msg.to_record(self.base)
+        if train:
+            self.sent[node_id] = spec_of({**experts, **head, **shared})
+        return content
+
+    # --- Strategy interface --------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """One message per sampled node with its slice (`arrays` is unused: the strategy holds the model)."""
+        return [
+            Message(self.node_content(node_id, server_round, train=True), dst_node_id=node_id, message_type="train")
+            for node_id in self.sample(server_round)
+        ]
+
+    def sample(self, server_round: int) -> list[int]:
+        """Nodes for this round, deterministic given seed and round (ordered by location)."""
+        ordered = sorted(self.nodes, key=lambda n: self.nodes[n].location)
+        count = max(1, round(self.fed.fraction_train * len(ordered)))
+        if count >= len(ordered):
+            return ordered
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + server_round)
+        return sorted(ordered[i] for i in torch.randperm(len(ordered), generator=generator)[:count].tolist())
+
+    def accept(self, server_round: int, replies: Iterable[Message]) -> list[tuple[NodeInfo, dict, dict, dict]]:
+        """Valid replies as (node, update, routing tensors, metrics), ordered by location; others logged."""
+        accepted = []
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            try:
+                if reply.has_error():
+                    raise RejectedReply(f"client error: {reply.error.reason}")
+                if node_id not in self.sent:
+                    raise RejectedReply("reply from a node that was not sent a training message")
+                update = msg.from_record(reply.content[msg.UPDATE])
+                check_update(update, self.sent[node_id], self.fed.max_update_ratio)
+                tokens = msg.from_record(reply.content[msg.TOKENS]) if msg.TOKENS in reply.content else {}
+                metrics = dict(reply.content[msg.METRICS]) if msg.METRICS in reply.content else {}
+            except (RejectedReply, KeyError, TypeError, ValueError) as error:
+                self.rejections.append({"round": server_round, "node": node_id, "reason": str(error)})
+                log.warning("round %d: rejected reply of node %s: %s", server_round, node_id, error)
+                continue
+            accepted.append((self.nodes[node_id], update, tokens, metrics))
+            self.last_train_metrics[node_id] = metrics
+        return sorted(accepted, key=lambda item: item[0].location)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.accept(server_round, replies)
+        if not accepted:
+            return None, None
+        self.apply_updates([(node, update, tokens, metrics) for node, update, tokens, metrics in accepted])
+        examples = sum(m.get("examples", 0.0) for *_, m in accepted)
+        loss = sum(m.get("train_loss", 0.0) * m.get("examples", 0.0) for *_, m in accepted) / max(examples, 1)
+        return ArrayRecord(), MetricRecord({"train_loss": loss, "examples": examples, "replies": len(accepted)})
+
+    def apply_updates(self, accepted: list[tuple[NodeInfo, dict, dict, dict]]) -> None:
+        """Per-expert and per-head-row weighted means, FedAvg for shared tensors, through the optimiser."""
+        for layer, module in self.model.moe_layers().items():
+            ids_key = f"moe.{layer}.ids"
+            holders = [(u, t, m) for _, u, t, m in accepted if ids_key in u]
+            for param in EXPERT_PARAMS:
+                updates = []
+                for update, tokens, metrics in holders:
+                    ids = update[ids_key]
+                    if self.fed.weighting == "tokens" and f"counts.{layer}" in tokens:
+                        weight = tokens[f"counts.{layer}"][ids]
+                    else:
+                        weight = torch.full((len(ids),), float(metrics.get("examples", 1.0)))
+                    updates.append(RowUpdate(ids, update[f"moe.{layer}.{param}"], weight))
+                delta, touched = mean_row_delta(module.num_global_experts, updates)
+                if delta is not None:
+                    self.optimizer.apply(f"moe.{layer}.{param}", getattr(module, param).data, delta, touched)
+        head = [(u, m) for _, u, _, m in accepted if msg.HEAD_IDS in u]
+        for name in HEAD_ROWS:
+            updates = [RowUpdate(u[msg.HEAD_IDS], u[name], torch.full((len(u[msg.HEAD_IDS]),), float(m.get("examples", 1.0)))) for u, m in head]
+            target = self.model.get_parameter(name)
+            delta, touched = mean_row_delta(target.shape[0], updates)
+            if delta is not None:
+                self.optimizer.apply(name, target.data, delta, touched)
+        state = self.model.state_dict()
+        for name in self.shared_trainable():
+            senders = [(u[name], float(m.get("examples", 1.0))) for _, u, _, m in accepted if name in u]
+            if senders:
+                delta = mean_delta([d for d, _ in senders], [w for _, w in senders])
+                self.optimizer.apply(name, state[name], delta, torch.ones(state[name].shape[:1], dtype=torch.bool) if state[name].dim() else torch.tensor(True))
+        self.state.optimizer = self.optimizer.state_dict()
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return [
+            Message(self.node_content(node_id, server_round, train=False), dst_node_id=node_id, message_type="evaluate")
+            for node_id in sorted(self.nodes, key=lambda n: self.nodes[n].location)
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        per_cell = {}
+        for reply in replies:
+            if reply.has_error() or msg.METRICS not in reply.content:
+                continue
+            node = self.nodes[reply.metadata.src_node_id]
+            metrics = reply.content[msg.METRICS]
+            per_cell[node.cell] = {"accuracy": float(metrics["accuracy"]), "examples": float(metrics["examples"])}
+        if not per_cell:
+            return None
+        return MetricRecord(weighted_accuracy(per_cell) | {"cells": len(per_cell)})
+
+    def summary(self) -> None:
+        log.info("GeoExpertStrategy: strategy=%s trainable=%s weighting=%s optimizer=%s keep=%s",
+                 self.fed.strategy, self.fed.trainable, self.fed.weighting, self.fed.server_optimizer, self.fed.keep)
+
+    # --- setting up nodes ----------------------------------------------------------------------
+    def configure_query(self, node_ids: list[int], with_model: bool) -> list[Message]:
+        """Ask nodes where they are; with the full model attached they also report how they route."""
+        messages = []
+        for node_id in node_ids:
+            content = RecordDict({msg.CONFIG: msg.config_record({"run": self.cfg.to_json()})})
+            if with_model:
+                full = {layer: list(range(self.cfg.model.num_experts)) for layer in self.cfg.model.moe_layers}
+                content[msg.EXPERTS] = msg.to_record(take_expert_state(self.model, full))
+                content[msg.ROUTER] = msg.to_record({f"moe.{layer}.absent_centroids": torch.zeros(0, m.dim) for layer, m in self.model.moe_layers().items()})
+                content[msg.BASE] = msg.to_record(self.base)
+            messages.append(Message(content, dst_node_id=node_id, message_type="query"))
+        return messages
+
+    def register(self, replies: Iterable[Message]) -> None:
+        """Record each node's location and, from its routing statistics, its location's keep set."""
+        for reply in replies:
+            if reply.has_error():
+                log.warning("node %s failed its query: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            info = reply.content[msg.INFO]
+            node = NodeInfo(int(info["location"]), str(info["cell"]), bool(info["has-base"]) or msg.TOKENS in reply.content,
+                            json.loads(str(info["species"])), int(info["train-examples"]))
+            self.nodes[reply.metadata.src_node_id] = node
+            if msg.TOKENS in reply.content and node.location not in self.state.keep:
+                stats = msg.stats_from_tensors(msg.from_record(reply.content[msg.TOKENS]))
+                self.state.keep[node.location] = keep_set(stats, self.fed.keep)
+
+
+def weighted_accuracy(per_cell: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Example-weighted global accuracy over cells."""
+    examples = sum(c["examples"] for c in per_cell.values())
+    return {"accuracy": sum(c["accuracy"] * c["examples"] for c in per_cell.values()) / max(examples, 1), "examples": examples}

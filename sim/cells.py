@@ -1,0 +1,75 @@
+"""S2 cells in the face/child-path notation of Hsu et al. 2020 ("2/1" = child 1 of face 2).
+
+The token "F/" is face F at level 0; each further digit is the child position (0..3, Hilbert
+order as S2 numbers children) one level down. Both directions are exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import s2sphere
+
+MAX_LEVEL = 30
+
+
+def cell_from_path(path: str) -> s2sphere.CellId:
+    """CellId for a token such as '0/', '4/2' or '2/13'."""
+    face_text, sep, children = path.partition("/")
+    if not sep or not face_text.isdigit() or not 0 <= int(face_text) <= 5 or any(c not in "0123" for c in children):
+        raise ValueError(f"bad S2 cell token {path!r}: expected 'F/' or 'F/digits' with F in 0..5, digits 0..3")
+    level = len(children)
+    cell_id = int(face_text) << 61
+    for depth, child in enumerate(children, start=1):
+        cell_id |= int(child) << (61 - 2 * depth)
+    cell_id |= 1 << (60 - 2 * level)
+    return s2sphere.CellId(cell_id)
+
+
+def path_from_cell(cell: s2sphere.CellId) -> str:
+    """Token for a CellId (inverse of `cell_from_path`)."""
+    raw, level = cell.id(), cell.level()
+    children = "".join(str((raw >> (61 - 2 * depth)) & 3) for depth in range(1, level + 1))
+    return f"{raw >> 61}/{children}"
+
+
+def cell_at(lat: float, lon: float, level: int) -> s2sphere.CellId:
+    if not -90.0 <= lat <= 90.0 or not -180.0 <= lon <= 180.0:
+        raise ValueError(f"coordinate out of range: lat={lat}, lon={lon}")
+    return s2sphere.CellId.from_lat_lng(s2sphere.LatLng.from_degrees(lat, lon)).parent(level)
+
+
+def path_at(lat: float, lon: float, level: int) -> str:
+    """Token of the level-`level` cell that contains (lat, lon)."""
+    return path_from_cell(cell_at(lat, lon, level))
+
+
+def leaf_ids(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """Leaf CellIds (uint64) of many points, so that parents at any level are cheap bit operations."""
+    return np.array(
+        [s2sphere.CellId.from_lat_lng(s2sphere.LatLng.from_degrees(a, b)).id() for a, b in zip(lat, lon, strict=True)],
+        dtype=np.uint64,
+    )
+
+
+def parent_ids(leaves: np.ndarray, level: int) -> np.ndarray:
+    """Ids of the level-`level` parents of leaf ids (vectorised CellId.parent)."""
+    lsb = np.uint64(1 << (60 - 2 * level))
+    return (leaves & ~(lsb * np.uint64(2) - np.uint64(1))) | lsb
+
+
+def centre(path: str) -> tuple[float, float]:
+    """(lat, lon) in degrees of a cell's centre."""
+    lat_lng = cell_from_path(path).to_lat_lng()
+    return lat_lng.lat().degrees, lat_lng.lng().degrees
+
+
+def polygon(path: str) -> list[tuple[float, float]]:
+    """The four (lat, lon) corners of a cell, for plotting."""
+    cell = s2sphere.Cell(cell_from_path(path))
+    corners = [s2sphere.LatLng.from_point(cell.get_vertex(k)) for k in range(4)]
+    return [(c.lat().degrees, c.lng().degrees) for c in corners]
+
+
+def neighbours(path: str) -> list[str]:
+    """Tokens of the four edge neighbours at the same level."""
+    return [path_from_cell(c) for c in cell_from_path(path).get_edge_neighbors()]
