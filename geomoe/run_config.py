@@ -64,6 +64,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     out: str = "runs/sim"  # output folder: report.json, checkpoint.pt
+    cache: str = ""  # folder for the pretrained + converted initial model; "" = {out}/cache
     seed: int = 0  # seeds model init, data order and sampling
 
     def __post_init__(self) -> None:

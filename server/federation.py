@@ -34,6 +34,15 @@ CHECKPOINT = "checkpoint.pt"
 REPORT = "report.json"
 
 
+def same_run(saved_json: str, cfg: RunConfig) -> bool:
+    """A checkpoint may be resumed by the same run, with more rounds or another cache folder."""
+    saved, now = json.loads(saved_json), json.loads(cfg.to_json())
+    for data in (saved, now):
+        data["federation"].pop("rounds")
+        data.pop("cache")
+    return saved == now
+
+
 def message_bytes(message: Message) -> int:
     return sum(msg.content_bytes(message.content).values())
 
@@ -49,12 +58,12 @@ class Federation:
         checkpoint = self.out / CHECKPOINT
         if resume and checkpoint.is_file():
             model, extra = load_model(checkpoint)
-            if extra["run_config"] != cfg.to_json():
+            if not same_run(extra["run_config"], cfg):
                 raise ValueError(f"{checkpoint} was written by a run with another configuration; use a new --out")
             self.base, self.state, self.setup = extra["base"], ServerState(**extra["server_state"]), extra["setup"]
             self.console.print(f"resuming {checkpoint} after round {self.state.completed_round}")
         else:
-            model, self.setup = initial_model(cfg, self.world, self.out / "cache")
+            model, self.setup = initial_model(cfg, self.world, Path(cfg.cache) if cfg.cache else self.out / "cache")
             self.base, self.state = {k: v.clone() for k, v in shared_state(model).items()}, ServerState()
         self.strategy = GeoExpertStrategy(cfg, model, self.base, self.state)
 

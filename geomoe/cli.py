@@ -1,0 +1,263 @@
+"""The `geomoe` command line. Every command builds its config once and passes it down.
+
+Errors print one line and exit non-zero; `geomoe --debug ...` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+model_app = typer.Typer(no_args_is_help=True, help="Inspect model shapes, parameters and FLOPs.")
+experts_app = typer.Typer(no_args_is_help=True, help="Expert importance and keep sets for a location.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON (speed and cost as ratios).")
+app.add_typer(model_app, name="model")
+app.add_typer(experts_app, name="experts")
+app.add_typer(bench_app, name="bench")
+console = Console()
+_debug = {"on": False}
+
+
+@app.callback()
+def root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    """geomoe: federated geographic mixture-of-experts species recognition for camera traps."""
+    _debug["on"] = debug
+
+
+# --- sim --------------------------------------------------------------------------------------
+@app.command()
+def sim(
+    rounds: int = typer.Option(None, help="Federated rounds [default: 3]."),
+    strategy: str = typer.Option(None, help="expert (per-expert averaging) or fedavg (dense baseline)."),
+    out: Path = typer.Option(None, help="Output folder for report.json and checkpoint.pt [default: runs/sim]."),
+    cells: int = typer.Option(None, help="Locations (S2 cells) that become clients [default: 6]."),
+    local_epochs: int = typer.Option(None, help="Local epochs per round [default: 1]."),
+    experts: int = typer.Option(None, help="Experts per MoE layer [default: 16]."),
+    dataset: str = typer.Option(None, help="Dataset: synthetic."),
+    seed: int = typer.Option(None, help="Seed of everything [default: 0]."),
+    config: Path = typer.Option(None, help="TOML file with [world], [model], [conversion], [train], [federation] tables."),
+    set_: list[str] = typer.Option([], "--set", help="Override any field: --set federation.keep.percentile=80."),
+    resume: bool = typer.Option(False, help="Continue a killed run from its last completed round."),
+    ray_address: str = typer.Option(None, help="Address of an existing Ray cluster (e.g. 'auto')."),
+    verbose: bool = typer.Option(False, help="Show Flower's and Ray's logs."),
+) -> None:
+    """Simulate federated training on Flower's simulation engine, one virtual SuperNode per cell."""
+    from geomoe.run_config import RunConfig, from_dict, set_override
+    from geomoe.server.federation import summary_table
+    from geomoe.simulation import simulate
+
+    cfg = RunConfig()
+    if config is not None:
+        if not config.is_file():
+            raise click.BadParameter(f"no config file at {config}", param_hint="--config")
+        cfg = from_dict(RunConfig, tomllib.loads(config.read_text()))
+    flags = {"federation.rounds": rounds, "federation.strategy": strategy, "out": out, "world.num_locations": cells,
+             "train.epochs": local_epochs, "conversion.num_experts": experts, "world.dataset": dataset, "seed": seed}
+    for key, value in flags.items():
+        if value is not None:
+            set_override(cfg, key, json.dumps(str(value) if isinstance(value, Path) else value))
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        set_override(cfg, key.strip(), value.strip())
+    cfg.__post_init__()
+    report = simulate(cfg, resume=resume, ray_address=ray_address, verbose=verbose)
+    console.print(summary_table(report))
+    console.print(f"final accuracy {report['final_accuracy']:.3f}; report: {Path(cfg.out) / 'report.json'}")
+
+
+# --- partition --------------------------------------------------------------------------------
+@app.command()
+def partition(
+    dataset: str = typer.Option("synthetic", help="synthetic"),
+    nmax: int = typer.Option(500, help="Hsu et al. N_max: split cells whose top species has more examples."),
+    out: Path = typer.Option(Path("split.csv"), help="Hsu-format CSV to write (user_id = S2 cell)."),
+    plot: Path = typer.Option(None, help="PNG map of the cells coloured by size."),
+    seed: int = typer.Option(0, help="Seed of the synthetic world."),
+) -> None:
+    """Partition a dataset into adaptive S2 cells and write a Hsu et al. split CSV."""
+    from geomoe.sim.hsu import write_split
+    from geomoe.sim.partition import adaptive_partition, summarise
+    from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies
+
+    if dataset != "synthetic":
+        raise click.BadParameter(f"{dataset!r} is not available yet; use 'synthetic'", param_hint="--dataset")
+    data = SyntheticGeoSpecies(SyntheticConfig(seed=seed))
+    cells = adaptive_partition(data.lat, data.lon, data.labels, nmax)
+    write_split(out, cells, [str(i) for i in range(len(data))], data.labels)
+    rows = summarise(cells, data.labels)
+    table = Table(title=f"{len(rows)} cells, N_max={nmax}")
+    for column in ("cell", "level", "examples", "species", "top species share"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row.cell, str(row.level), str(row.examples), str(row.species), f"{row.top_share:.2f}")
+    console.print(table)
+    if plot is not None:
+        from geomoe.sim.maps import plot_cells
+
+        plot_cells(rows, data.lat, data.lon, plot)
+        console.print(f"map: {plot}")
+    console.print(f"split: {out}")
+
+
+# --- model --------------------------------------------------------------------------------------
+@model_app.command("info")
+def model_info(
+    experts: int = typer.Option(16, help="Experts per MoE layer."),
+    layers: str = typer.Option("1,3,5,7", help="Transformer layers (0..8) with experts."),
+    expert_hidden: int = typer.Option(2, help="Hidden units per expert."),
+    classes: int = typer.Option(182, help="Output classes."),
+    image_size: int = typer.Option(256, help="Image side for FLOP counting."),
+    keep: int = typer.Option(4, help="Experts per layer kept in the pruned example."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Parameters and FLOPs of the dense, MoE and a pruned model."""
+    from geomoe.model.config import ModelConfig
+    from geomoe.model.counting import model_summary
+    from geomoe.model.experts import prune_model
+    from geomoe.model.network import GeoMoENet
+
+    moe_layers = tuple(int(x) for x in layers.split(",") if x.strip())
+    if not 1 <= keep <= experts:
+        raise click.BadParameter(f"--keep must lie in 1..{experts}, got {keep}", param_hint="--keep")
+    dense = GeoMoENet(ModelConfig(num_classes=classes, moe_layers=()))
+    moe = GeoMoENet(ModelConfig(num_classes=classes, moe_layers=moe_layers, num_experts=experts, expert_hidden=expert_hidden))
+    pruned = prune_model(moe, {layer: list(range(keep)) for layer in moe_layers})
+    result = {name: model_summary(m, image_size) for name, m in (("dense", dense), ("moe", moe), (f"pruned_{keep}", pruned))}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"MobileViTV2-0.5, {experts} experts at layers {layers}, d_e={expert_hidden}, {image_size} px")
+    for column in ("model", "parameters", "expert params", "MFLOPs", "state MB"):
+        table.add_column(column, justify="right")
+    for name, s in result.items():
+        table.add_row(name, f"{s['parameters']:,}", f"{s['expert_parameters']:,}", f"{s['flops'] / 1e6:.0f}", f"{s['state_bytes'] / 1e6:.2f}")
+    console.print(table)
+
+
+# --- experts and prune ----------------------------------------------------------------------------
+def _location_of(run_dir: Path, cell: str):
+    from geomoe.run_config import RunConfig
+    from geomoe.server.checkpoint import load_model
+    from geomoe.sim.world import World
+
+    model, extra = load_model(run_dir / "checkpoint.pt")
+    cfg = RunConfig.from_json(extra["run_config"])
+    world = World(cfg.world)
+    matches = [loc for loc in world.locations if loc.cell == cell]
+    if not matches:
+        raise click.BadParameter(f"cell {cell!r} is not a location of this run ({', '.join(loc.cell for loc in world.locations)})", param_hint="--cell")
+    return model, world, matches[0]
+
+
+@experts_app.command("importance")
+def experts_importance(
+    run: Path = typer.Option(..., help="Run folder holding checkpoint.pt."),
+    cell: str = typer.Option(..., help="S2 cell of the location, e.g. '3/30'."),
+    percentile: float = typer.Option(90.0, help="Edge-weight percentile threshold."),
+    per_expert: bool = typer.Option(False, help="Also measure each expert's accuracy drop (slow)."),
+) -> None:
+    """Keep set of a location from routing its validation images through the global model."""
+    from geomoe.model.importance import KeepPolicy, keep_set, per_expert_importance, routing_stats
+
+    model, world, location = _location_of(run, cell)
+    stats = routing_stats(model, world.loader(location.val, 128))
+    keep = keep_set(stats, KeepPolicy(percentile=percentile))
+    table = Table(title=f"keep set of {cell} at the {percentile:g}th percentile")
+    table.add_column("layer", justify="right")
+    table.add_column("experts kept")
+    table.add_column("patches on kept", justify="right")
+    for layer, ids in keep.items():
+        counts = stats.expert_counts[layer]
+        table.add_row(str(layer), ", ".join(map(str, ids)), f"{counts[ids].sum() / max(counts.sum(), 1):.0%}")
+    console.print(table)
+    if per_expert:
+        drops = per_expert_importance(model, list(world.loader(location.val, 128)))
+        console.print_json(json.dumps({str(k): v for k, v in drops.items()}))
+
+
+@app.command()
+def prune(
+    run: Path = typer.Option(..., help="Run folder holding checkpoint.pt."),
+    cell: str = typer.Option(..., help="S2 cell of the location, e.g. '3/30'."),
+    out: Path = typer.Option(..., help="Compact model file to write."),
+    percentile: float = typer.Option(90.0, help="Edge-weight percentile threshold."),
+    policy: str = typer.Option("best_present", help="Patches whose expert was pruned: best_present or remove."),
+) -> None:
+    """Write a compact per-location model (pruned experts) that loads on its own."""
+    from geomoe.model.counting import parameter_count
+    from geomoe.model.experts import prune_model
+    from geomoe.model.importance import KeepPolicy, keep_set, routing_stats
+    from geomoe.model.training import evaluate
+    from geomoe.server.checkpoint import save_model
+
+    model, world, location = _location_of(run, cell)
+    keep = keep_set(routing_stats(model, world.loader(location.val, 128)), KeepPolicy(percentile=percentile))
+    pruned = prune_model(model, keep, absent_policy=policy)
+    save_model(pruned, out, cell=cell, keep=keep)
+    test = world.loader(location.test, 128)
+    console.print(
+        f"{out}: {parameter_count(pruned):,} parameters (full {parameter_count(model):,}); "
+        f"test accuracy {evaluate(pruned, test)['accuracy']:.3f} (full {evaluate(model, test)['accuracy']:.3f})"
+    )
+
+
+# --- bench ----------------------------------------------------------------------------------------
+@bench_app.command("model")
+def bench_model(
+    out: Path = typer.Option(Path("bench_model.json"), help="JSON file to write."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    image_size: int = typer.Option(224, help="Image side."),
+    repeats: int = typer.Option(5, help="Timed forward+backward passes per model and device."),
+) -> None:
+    """Forward+backward time of the MoE model over the dense one, on CPU and (if present) GPU."""
+    from geomoe.bench import bench_model as run_bench
+
+    result = run_bench(batch_size, image_size, repeats)
+    out.write_text(json.dumps(result, indent=2))
+    for device, r in result["devices"].items():
+        console.print(f"{device}: dense {r['dense_s'] * 1e3:.1f} ms, moe {r['moe_s'] * 1e3:.1f} ms, ratio {r['ratio']:.2f}")
+    console.print(f"wrote {out}")
+
+
+def _not_yet(name: str, issue: int, what: str) -> None:
+    @app.command(name, help=f"{what} (not available yet: issue #{issue}).", context_settings={"ignore_unknown_options": True})
+    def command(args: list[str] = typer.Argument(None)) -> None:
+        raise click.ClickException(f"geomoe {name} is not available yet (tracked in issue #{issue})")
+
+
+_not_yet("comm", 6, "Communication cost reports and compression benchmarks")
+_not_yet("expert-server", 7, "Serve experts to nearby devices over gRPC")
+_not_yet("device", 8, "Camera-trap device runtime")
+_not_yet("deploy", 8, "Deploy clients to Raspberry Pis with Docker")
+
+
+def main() -> None:
+    """Console entry point: one-line errors unless --debug."""
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except Exception as error:  # noqa: BLE001 - the one place that turns any failure into one line
+        if _debug["on"]:
+            raise
+        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
