@@ -27,7 +27,7 @@ from geomoe.model.network import GeoMoENet
 from geomoe.run_config import RunConfig
 from geomoe.server.aggregation import RowUpdate, mean_delta, mean_row_delta
 from geomoe.server.server_optimizer import ServerOptimizer
-from geomoe.server.validation import RejectedReply, SentSpec, check_update, spec_of
+from geomoe.server.validation import RejectedReply, SentSpec, check_size, check_update, spec_of
 
 log = logging.getLogger("geomoe.server")
 HEAD_ROWS = ("head.fc.weight", "head.fc.bias")
@@ -145,8 +145,9 @@ class GeoExpertStrategy(Strategy):
                     raise RejectedReply(f"client error: {reply.error.reason}")
                 if node_id not in self.sent:
                     raise RejectedReply("reply from a node that was not sent a training message")
+                check_size(sum(msg.content_bytes(reply.content).values()), self.sent[node_id], self.fed.max_update_ratio)
                 update = msg.from_record(reply.content[msg.UPDATE])
-                check_update(update, self.sent[node_id], self.fed.max_update_ratio)
+                check_update(update, self.sent[node_id])
                 tokens = msg.from_record(reply.content[msg.TOKENS]) if msg.TOKENS in reply.content else {}
                 metrics = dict(reply.content[msg.METRICS]) if msg.METRICS in reply.content else {}
             except (RejectedReply, KeyError, TypeError, ValueError) as error:

@@ -31,7 +31,17 @@ def spec_of(tensors: dict[str, torch.Tensor]) -> SentSpec:
     return SentSpec(shapes, ids, sum(v.numel() * v.element_size() for v in tensors.values()))
 
 
-def check_update(update: dict[str, torch.Tensor], sent: SentSpec, max_ratio: float) -> None:
+REPLY_ALLOWANCE = 64 * 1024  # bytes a reply may carry besides its update (metrics, routing counts)
+
+
+def check_size(reply_bytes: int, sent: SentSpec, max_ratio: float) -> None:
+    """Reject a reply far larger than what its node was sent to train, before decoding it."""
+    limit = max_ratio * sent.trainable_bytes + REPLY_ALLOWANCE
+    if reply_bytes > limit:
+        raise RejectedReply(f"reply of {reply_bytes} bytes exceeds {limit:.0f} (sent {sent.trainable_bytes} bytes to train)")
+
+
+def check_update(update: dict[str, torch.Tensor], sent: SentSpec) -> None:
     """Raise RejectedReply unless `update` matches what was sent."""
     unknown = sorted(set(update) - set(sent.shapes))
     if unknown:
@@ -39,9 +49,6 @@ def check_update(update: dict[str, torch.Tensor], sent: SentSpec, max_ratio: flo
     missing = sorted(set(sent.shapes) - set(update))
     if missing:
         raise RejectedReply(f"missing tensors: {missing[:3]}")
-    size = sum(v.numel() * v.element_size() for v in update.values())
-    if size > max_ratio * max(sent.trainable_bytes, 1):
-        raise RejectedReply(f"reply of {size} bytes for {sent.trainable_bytes} bytes sent")
     for name, tensor in update.items():
         shape, dtype = sent.shapes[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
