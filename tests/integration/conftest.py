@@ -1,0 +1,54 @@
+"""Integration fixtures: a small run configuration and a shared cache of its initial model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from geomoe.run_config import RunConfig
+
+SMALL_RUN = [
+    "world.synthetic.num_observations=3000",
+    "world.num_locations=3",
+    "world.n_max=300",
+    "federation.pretrain_epochs=3",
+    "conversion.num_experts=8",
+]
+
+
+def small_config(out, cache, strategy: str = "expert", rounds: int = 2) -> RunConfig:
+    from geomoe.run_config import set_override
+
+    cfg = RunConfig(out=str(out), cache=str(cache))
+    for item in SMALL_RUN:
+        key, value = item.split("=")
+        set_override(cfg, key, value)
+    set_override(cfg, "federation.strategy", f'"{strategy}"')
+    set_override(cfg, "federation.rounds", str(rounds))
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("initial-models")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kill_leftover_children():
+    """Whatever a failed test left running (SuperLink, SuperNodes, Ray) is stopped at the end."""
+    yield
+    for pattern in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-clientapp", "flwr-serverapp"):
+        subprocess.run(["pkill", "-f", pattern], check=False)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -1,0 +1,66 @@
+"""The main job on Flower's simulation engine (Ray), end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from geomoe.simulation import simulate
+
+from .conftest import SMALL_RUN, small_config, stop
+
+pytestmark = pytest.mark.integration
+
+
+def test_per_expert_run_learns_and_uploads_little(tmp_path, model_cache):
+    report = simulate(small_config(tmp_path / "expert", model_cache, rounds=2))
+    evaluations = report["evaluations"]
+    chance = 1 / report["config"]["world"]["synthetic"]["num_species"]
+    assert evaluations["2"]["accuracy"] > evaluations["0"]["accuracy"] > chance
+    dense_bytes = sum(v.numel() * 4 for v in torch.load(tmp_path / "expert" / "checkpoint.pt", weights_only=False)["model_state"].values()
+                      if v.is_floating_point())
+    for row in report["rounds"]:
+        assert row["replies"] == 3
+        for traffic in row["traffic"].values():
+            assert traffic["up"] < 0.1 * dense_bytes
+    assert (tmp_path / "expert" / "report.json").is_file()
+
+
+def test_resume_after_a_kill_gives_the_same_model(tmp_path, model_cache):
+    uninterrupted = tmp_path / "straight"
+    simulate(small_config(uninterrupted, model_cache, rounds=2))
+
+    killed = tmp_path / "killed"
+    overrides = [a for item in SMALL_RUN for a in ("--set", item)]
+    command = [sys.executable, "-m", "geomoe.cli", "sim", "--rounds", "2", "--out", str(killed),
+               "--set", f'cache="{model_cache}"', *overrides]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            checkpoint = killed / "checkpoint.pt"
+            if checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["server_state"]["completed_round"] >= 1:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the run wrote no checkpoint of round 1 in time")
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        stop(process)
+    assert not (killed / "report.json").exists(), "the run finished before it was killed"
+
+    simulate(small_config(killed, model_cache, rounds=2), resume=True)
+    a = torch.load(uninterrupted / "checkpoint.pt", weights_only=False)
+    b = torch.load(killed / "checkpoint.pt", weights_only=False)
+    assert b["server_state"]["completed_round"] == 2
+    for key, value in a["model_state"].items():
+        torch.testing.assert_close(b["model_state"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert json.loads((killed / "report.json").read_text())["rounds"][1]["round"] == 2
