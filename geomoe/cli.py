@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 import click
@@ -48,17 +47,14 @@ def sim(
     resume: bool = typer.Option(False, help="Continue a killed run from its last completed round."),
     ray_address: str = typer.Option(None, help="Address of an existing Ray cluster (e.g. 'auto')."),
     verbose: bool = typer.Option(False, help="Show Flower's and Ray's logs."),
+    print_config: bool = typer.Option(False, help="Print the effective config as TOML (for --config) and exit."),
 ) -> None:
     """Simulate federated training on Flower's simulation engine, one virtual SuperNode per cell."""
-    from geomoe.run_config import RunConfig, from_dict, set_override
+    from geomoe.run_config import RunConfig, load_run_config, set_override, to_toml
     from geomoe.server.federation import summary_table
     from geomoe.simulation import simulate
 
-    cfg = RunConfig()
-    if config is not None:
-        if not config.is_file():
-            raise click.BadParameter(f"no config file at {config}", param_hint="--config")
-        cfg = from_dict(RunConfig, tomllib.loads(config.read_text()))
+    cfg = load_run_config(config) if config is not None else RunConfig()
     flags = {"federation.rounds": rounds, "federation.strategy": strategy, "out": out, "world.num_locations": cells,
              "train.epochs": local_epochs, "conversion.num_experts": experts, "world.dataset": dataset, "seed": seed}
     for key, value in flags.items():
@@ -70,6 +66,9 @@ def sim(
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
         set_override(cfg, key.strip(), value.strip())
     cfg.__post_init__()
+    if print_config:
+        print(to_toml(cfg), end="")
+        return
     report = simulate(cfg, resume=resume, ray_address=ray_address, verbose=verbose)
     console.print(summary_table(report))
     console.print(f"final accuracy {report['final_accuracy']:.3f}; report: {Path(cfg.out) / 'report.json'}")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from geomoe.model.config import ModelConfig
@@ -138,9 +140,43 @@ def set_override(cfg: RunConfig, dotted: str, raw: str) -> None:
         setattr(cfg, f.name, getattr(new, f.name))
 
 
-def from_flat(values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
-    """RunConfig from Flower's flat run config (`federation.rounds = 5`; dashes read as underscores)."""
-    cfg = base or RunConfig()
+def load_run_config(path: Path) -> RunConfig:
+    """RunConfig from a TOML file with [world], [model], [conversion], [train], [federation] tables."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    try:
+        return from_dict(RunConfig, tomllib.loads(path.read_text()))
+    except (ValueError, tomllib.TOMLDecodeError) as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def from_flat(values: dict[str, Any]) -> RunConfig:
+    """RunConfig from Flower's flat run config: `config` (a TOML file) as the base, dotted keys on top."""
+    values = dict(values)
+    path = str(values.pop("config", ""))
+    cfg = load_run_config(Path(path)) if path else RunConfig()
     for key, value in values.items():
         set_override(cfg, key.replace("-", "_"), json.dumps(value))
     return cfg
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The config as a TOML file that `load_run_config` reads back (empty tables left out)."""
+    lines: list[str] = []
+
+    def table(name: str, data: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in data.items() if not isinstance(v, dict))
+        for key, value in data.items():
+            if isinstance(value, dict) and value and all(isinstance(k, str) and not k.isdigit() for k in value):
+                table(f"{name}.{key}", value)
+            elif isinstance(value, dict) and value:
+                entries = ", ".join(f"{json.dumps(str(k))} = {json.dumps(v)}" for k, v in value.items())
+                lines.append(f"{key} = {{ {entries} }}")
+
+    data = dataclasses.asdict(cfg)
+    lines.extend(f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict))
+    for section in ("world", "model", "conversion", "train", "federation"):
+        lines.append("")
+        table(section, data[section])
+    return "\n".join(lines) + "\n"

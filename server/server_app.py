@@ -17,8 +17,8 @@ def make_server_app(cfg: RunConfig | None = None, resume: bool = False) -> Serve
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg or from_flat({k: v for k, v in context.run_config.items() if k != "resume"})
-        report = Federation(grid, run_cfg, resume=resume or bool(context.run_config.get("resume", False))).run()
+        run_cfg = cfg or from_flat(context.run_config)
+        report = Federation(grid, run_cfg, resume=resume).run()
         Console(stderr=True).print(summary_table(report))
 
     return server_app

@@ -1,0 +1,82 @@
+"""Flower's deployment runtime: a real SuperLink and two SuperNodes on 127.0.0.1, driven by `flwr run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from geomoe.sim.world import World
+
+from geomoe.run_config import to_toml
+
+from .conftest import small_config, stop
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited early: {log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port}: {log.read_text()[-2000:]}")
+
+
+def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path, model_cache):
+    cfg = small_config(tmp_path / "run", model_cache)
+    locations = World(cfg.world).locations[:2]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(tmp_path / "flwr-home")}
+    link_port = free_port()
+    (tmp_path / "flwr-home").mkdir()
+    (tmp_path / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    processes = []
+    try:
+        link = start([str(BIN / "flower-superlink"), "--insecure", "--port", str(link_port),
+                      "--disable-runtime-dependency-installation"], tmp_path / "superlink.log", env)
+        processes.append(link)
+        wait_for_port(link_port, link, tmp_path / "superlink.log")
+        for i, location in enumerate(locations):
+            node_port = free_port()
+            node = start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                          "--port", str(node_port), "--node-config", f"lat={location.lat} lon={location.lon}"],
+                         tmp_path / f"supernode{i}.log", env)
+            processes.append(node)
+            wait_for_port(node_port, node, tmp_path / f"supernode{i}.log")
+        config_file = tmp_path / "run.toml"
+        config_file.write_text(to_toml(cfg))
+        overrides = f'config="{config_file}" federation.rounds=2 federation.min_nodes=2 out="{cfg.out}" cache="{cfg.cache}"'
+        result = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "test", "--run-config", overrides, "--stream"],
+                                env=env, capture_output=True, text=True, timeout=540)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        report = json.loads((Path(cfg.out) / "report.json").read_text())
+    finally:
+        for process in reversed(processes):
+            stop(process)
+    assert [row["replies"] for row in report["rounds"]] == [2, 2]
+    assert sorted(loc["cell"] for loc in report["locations"]) == sorted(loc.cell for loc in locations)
+    assert report["final_accuracy"] > report["evaluations"]["0"]["accuracy"]
