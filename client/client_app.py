@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
-from geomoe import messages as msg
 from geomoe.client.task import (
     Received,
     build_model,
@@ -22,6 +20,8 @@ from geomoe.client.task import (
     train_and_delta,
     world_for,
 )
+
+from geomoe import messages as msg
 from geomoe.run_config import RunConfig
 
 app = ClientApp()
@@ -101,5 +101,7 @@ def evaluate(message: Message, context: Context) -> Message:
     model = build_model(cfg.model, _base(message, context), _received(message))
     result = evaluate_location(cfg, model, location)
     recall = [r if r == r else -1.0 for r in result["recall"]]  # NaN (species absent) travels as -1
-    metrics = MetricRecord({"accuracy": result["accuracy"], "loss": result["loss"], "examples": result["examples"], "recall": recall})
+    metrics = MetricRecord(
+        {"accuracy": result["accuracy"], "loss": result["loss"], "examples": result["examples"], "recall": recall}
+    )
     return Message(RecordDict({msg.METRICS: metrics}), reply_to=message)

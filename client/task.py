@@ -12,16 +12,16 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-
 from geomoe.model.config import ModelConfig
 from geomoe.model.experts import KeepSet, merge_expert_state, shared_state, take_expert_state
-from geomoe.model.moe_layer import EXPERT_PARAMS, MoEMlp
 from geomoe.model.importance import RoutingStats, routing_stats
+from geomoe.model.moe_layer import EXPERT_PARAMS, MoEMlp
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import TrainConfig, evaluate, train_epochs
-from geomoe.run_config import RunConfig
 from geomoe.sim.cells import cell_at, cell_from_path
 from geomoe.sim.world import Location, World
+
+from geomoe.run_config import RunConfig
 
 _WORLDS: dict[str, World] = {}  # one world per config in a process: rebuilding it per message is waste
 
@@ -88,7 +88,9 @@ def build_model(model_cfg: ModelConfig, base: dict[str, torch.Tensor], received:
 
 def trainable_names(model: GeoMoENet, received: Received) -> set[str]:
     """Held experts' parameters, plus the head and shared tensors the node was sent."""
-    names = {f"{prefix}.{param}" for prefix, m in model.named_modules() if isinstance(m, MoEMlp) for param in EXPERT_PARAMS}
+    names = {
+        f"{prefix}.{param}" for prefix, m in model.named_modules() if isinstance(m, MoEMlp) for param in EXPERT_PARAMS
+    }
     if received.head:
         names |= {"head.fc.weight", "head.fc.bias"}
     return names | {n for n in received.shared if n in dict(model.named_parameters())}
@@ -108,7 +110,9 @@ def train_and_delta(
     loader = world.loader(location.train, train_cfg.batch_size, shuffle=True, seed=seed)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     backbone_trained = any(n.startswith("backbone.") for n in received.shared)
-    metrics = train_epochs(model, loader, train_cfg, trainable_names(model, received), freeze_norm_stats=not backbone_trained)
+    metrics = train_epochs(
+        model, loader, train_cfg, trainable_names(model, received), freeze_norm_stats=not backbone_trained
+    )
     after = model.state_dict()
     now = take_expert_state(model, keep_of(received.experts))
     deltas = {k: v if k.endswith(".ids") else now[k] - v for k, v in received.experts.items()}

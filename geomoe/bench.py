@@ -30,8 +30,14 @@ def _step_time(model: GeoMoENet, images: torch.Tensor, labels: torch.Tensor, rep
 def bench_model(batch_size: int, image_size: int, repeats: int) -> dict:
     """Dense vs MoE (16 experts at 1,3,5,7, d_e 2) forward+backward, interleaved, per device."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    result: dict = {"batch_size": batch_size, "image_size": image_size, "repeats": repeats,
-                    "torch": torch.__version__, "machine": platform.machine(), "devices": {}}
+    result: dict = {
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "devices": {},
+    }
     for device in devices:
         torch.manual_seed(0)
         dense = GeoMoENet(ModelConfig(num_classes=182, moe_layers=())).to(device).train()

@@ -42,7 +42,9 @@ def sim(
     experts: int = typer.Option(None, help="Experts per MoE layer [default: 16]."),
     dataset: str = typer.Option(None, help="Dataset: synthetic."),
     seed: int = typer.Option(None, help="Seed of everything [default: 0]."),
-    config: Path = typer.Option(None, help="TOML file with [world], [model], [conversion], [train], [federation] tables."),
+    config: Path = typer.Option(
+        None, help="TOML file with [world], [model], [conversion], [train], [federation] tables."
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override any field: --set federation.keep.percentile=80."),
     resume: bool = typer.Option(False, help="Continue a killed run from its last completed round."),
     ray_address: str = typer.Option(None, help="Address of an existing Ray cluster (e.g. 'auto')."),
@@ -55,8 +57,16 @@ def sim(
     from geomoe.simulation import simulate
 
     cfg = load_run_config(config) if config is not None else RunConfig()
-    flags = {"federation.rounds": rounds, "federation.strategy": strategy, "out": out, "world.num_locations": cells,
-             "train.epochs": local_epochs, "conversion.num_experts": experts, "world.dataset": dataset, "seed": seed}
+    flags = {
+        "federation.rounds": rounds,
+        "federation.strategy": strategy,
+        "out": out,
+        "world.num_locations": cells,
+        "train.epochs": local_epochs,
+        "conversion.num_experts": experts,
+        "world.dataset": dataset,
+        "seed": seed,
+    }
     for key, value in flags.items():
         if value is not None:
             set_override(cfg, key, json.dumps(str(value) if isinstance(value, Path) else value))
@@ -129,9 +139,13 @@ def model_info(
     if not 1 <= keep <= experts:
         raise click.BadParameter(f"--keep must lie in 1..{experts}, got {keep}", param_hint="--keep")
     dense = GeoMoENet(ModelConfig(num_classes=classes, moe_layers=()))
-    moe = GeoMoENet(ModelConfig(num_classes=classes, moe_layers=moe_layers, num_experts=experts, expert_hidden=expert_hidden))
+    moe = GeoMoENet(
+        ModelConfig(num_classes=classes, moe_layers=moe_layers, num_experts=experts, expert_hidden=expert_hidden)
+    )
     pruned = prune_model(moe, {layer: list(range(keep)) for layer in moe_layers})
-    result = {name: model_summary(m, image_size) for name, m in (("dense", dense), ("moe", moe), (f"pruned_{keep}", pruned))}
+    result = {
+        name: model_summary(m, image_size) for name, m in (("dense", dense), ("moe", moe), (f"pruned_{keep}", pruned))
+    }
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -139,7 +153,13 @@ def model_info(
     for column in ("model", "parameters", "expert params", "MFLOPs", "state MB"):
         table.add_column(column, justify="right")
     for name, s in result.items():
-        table.add_row(name, f"{s['parameters']:,}", f"{s['expert_parameters']:,}", f"{s['flops'] / 1e6:.0f}", f"{s['state_bytes'] / 1e6:.2f}")
+        table.add_row(
+            name,
+            f"{s['parameters']:,}",
+            f"{s['expert_parameters']:,}",
+            f"{s['flops'] / 1e6:.0f}",
+            f"{s['state_bytes'] / 1e6:.2f}",
+        )
     console.print(table)
 
 
@@ -154,7 +174,10 @@ def _location_of(run_dir: Path, cell: str):
     world = World(cfg.world)
     matches = [loc for loc in world.locations if loc.cell == cell]
     if not matches:
-        raise click.BadParameter(f"cell {cell!r} is not a location of this run ({', '.join(loc.cell for loc in world.locations)})", param_hint="--cell")
+        raise click.BadParameter(
+            f"cell {cell!r} is not a location of this run ({', '.join(loc.cell for loc in world.locations)})",
+            param_hint="--cell",
+        )
     return model, world, matches[0]
 
 
@@ -224,12 +247,16 @@ def bench_model(
     result = run_bench(batch_size, image_size, repeats)
     out.write_text(json.dumps(result, indent=2))
     for device, r in result["devices"].items():
-        console.print(f"{device}: dense {r['dense_s'] * 1e3:.1f} ms, moe {r['moe_s'] * 1e3:.1f} ms, ratio {r['ratio']:.2f}")
+        console.print(
+            f"{device}: dense {r['dense_s'] * 1e3:.1f} ms, moe {r['moe_s'] * 1e3:.1f} ms, ratio {r['ratio']:.2f}"
+        )
     console.print(f"wrote {out}")
 
 
 def _not_yet(name: str, issue: int, what: str) -> None:
-    @app.command(name, help=f"{what} (not available yet: issue #{issue}).", context_settings={"ignore_unknown_options": True})
+    @app.command(
+        name, help=f"{what} (not available yet: issue #{issue}).", context_settings={"ignore_unknown_options": True}
+    )
     def command(args: list[str] = typer.Argument(None)) -> None:
         raise click.ClickException(f"geomoe {name} is not available yet (tracked in issue #{issue})")
 

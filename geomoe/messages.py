@@ -53,8 +53,6 @@ def content_bytes(content: RecordDict) -> dict[str, int]:
     return sizes
 
 
-
-
 def stats_to_tensors(stats: RoutingStats) -> dict[str, torch.Tensor]:
     """Routing statistics as named arrays (counts.{layer}, edges.{layer})."""
     out = {f"counts.{k}": torch.from_numpy(v.astype(np.float32)) for k, v in stats.expert_counts.items()}

@@ -47,8 +47,12 @@ class FederationConfig:
     pretrain_lr: float = 2e-3  # learning rate of that pretraining
 
     def __post_init__(self) -> None:
-        for name, allowed in (("strategy", STRATEGIES), ("trainable", TRAINABLE), ("weighting", WEIGHTINGS),
-                              ("server_optimizer", SERVER_OPTIMIZERS)):
+        for name, allowed in (
+            ("strategy", STRATEGIES),
+            ("trainable", TRAINABLE),
+            ("weighting", WEIGHTINGS),
+            ("server_optimizer", SERVER_OPTIMIZERS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"federation.{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.rounds < 1:
@@ -166,7 +170,11 @@ def to_toml(cfg: RunConfig) -> str:
 
     def table(name: str, data: dict[str, Any]) -> None:
         lines.append(f"[{name}]")
-        lines.extend(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in data.items() if not isinstance(v, dict))
+        lines.extend(
+            f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}"
+            for k, v in data.items()
+            if not isinstance(v, dict)
+        )
         for key, value in data.items():
             if isinstance(value, dict) and value and all(isinstance(k, str) and not k.isdigit() for k in value):
                 table(f"{name}.{key}", value)

@@ -19,8 +19,13 @@ from geomoe.server.federation import REPORT
 from geomoe.server.server_app import make_server_app
 
 
-def simulate(cfg: RunConfig, resume: bool = False, ray_address: str | None = None, cpus_per_client: float = 1.0,
-             verbose: bool = False) -> dict:
+def simulate(
+    cfg: RunConfig,
+    resume: bool = False,
+    ray_address: str | None = None,
+    cpus_per_client: float = 1.0,
+    verbose: bool = False,
+) -> dict:
     """Run the job to completion and return its report (also written to `cfg.out/report.json`)."""
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per virtual client: Ray runs them side by side

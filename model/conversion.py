@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import AgglomerativeClustering, KMeans
-
 from geomoe.model.config import CLUSTERINGS, ModelConfig
 from geomoe.model.network import GeoMoENet, transformer_layers
+from sklearn.cluster import AgglomerativeClustering, KMeans
 
 
 @dataclass
@@ -65,7 +64,9 @@ def resample_classes(labels: np.ndarray, minimum: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def collect_patches(dense: GeoMoENet, images: torch.Tensor, labels: torch.Tensor, cfg: ConversionConfig) -> dict[int, LayerSample]:
+def collect_patches(
+    dense: GeoMoENet, images: torch.Tensor, labels: torch.Tensor, cfg: ConversionConfig
+) -> dict[int, LayerSample]:
     """Pre-MLP patches of every layer in `cfg.moe_layers`, over all scales."""
     dense.eval()
     tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in cfg.moe_layers}
@@ -115,8 +116,14 @@ def convert_to_moe(dense: GeoMoENet, images: torch.Tensor, labels: torch.Tensor,
         images, labels = images[keep], labels[keep]
     samples = collect_patches(dense, images, labels, cfg)
     moe_cfg = ModelConfig.from_dict(
-        {**dense.cfg.to_dict(), "moe_layers": list(cfg.moe_layers), "num_experts": cfg.num_experts,
-         "expert_hidden": cfg.expert_hidden, "expert_ids": {}, **cfg.extra}
+        {
+            **dense.cfg.to_dict(),
+            "moe_layers": list(cfg.moe_layers),
+            "num_experts": cfg.num_experts,
+            "expert_hidden": cfg.expert_hidden,
+            "expert_ids": {},
+            **cfg.extra,
+        }
     )
     moe = GeoMoENet(moe_cfg)
     missing, unexpected = moe.load_state_dict(dense.state_dict(), strict=False)
@@ -134,8 +141,12 @@ def init_layer(module, dense_block, sample: LayerSample, cfg: ConversionConfig) 
     """Router and experts of one MoE layer from the dense block's norm2 + mlp."""
     embeddings = sample.embeddings
     chosen = torch.cat(
-        [torch.nonzero(sample.labels == cls).squeeze(1)[representative_patches(embeddings[sample.labels == cls], cfg.top_k, cfg.refine_steps)]
-         for cls in sample.labels.unique()]
+        [
+            torch.nonzero(sample.labels == cls).squeeze(1)[
+                representative_patches(embeddings[sample.labels == cls], cfg.top_k, cfg.refine_steps)
+            ]
+            for cls in sample.labels.unique()
+        ]
     )
     lo, hi = embeddings[chosen].min(dim=0).values, embeddings[chosen].max(dim=0).values
     module.scale_min.copy_(lo)
@@ -164,4 +175,4 @@ def init_layer(module, dense_block, sample: LayerSample, cfg: ConversionConfig) 
         module.w2[e] = fc2[:, units].T
         module.b2[e] = dense_block.mlp.fc2.bias
         centre = module.centroids[e] * (hi - lo).clamp_min(1e-6) + lo  # scaling reversed
-        module.x_corr[e] = dense_block.mlp(((centre * norm_w + norm_b)[None, :, None, None]))[0, :, 0, 0]
+        module.x_corr[e] = dense_block.mlp((centre * norm_w + norm_b)[None, :, None, None])[0, :, 0, 0]

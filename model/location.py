@@ -28,7 +28,9 @@ class Space2VecGrid(nn.Module):
         scales = min_radius * ratio ** (torch.arange(num_scales) / max(num_scales - 1, 1))
         self.register_buffer("inv_wavelengths", 1.0 / scales)
         generator = torch.Generator().manual_seed(seed)
-        self.mlp = nn.Sequential(nn.Linear(4 * num_scales, LOCATION_DIM), nn.ReLU(), nn.Linear(LOCATION_DIM, LOCATION_DIM))
+        self.mlp = nn.Sequential(
+            nn.Linear(4 * num_scales, LOCATION_DIM), nn.ReLU(), nn.Linear(LOCATION_DIM, LOCATION_DIM)
+        )
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, std=1 / math.sqrt(layer.in_features), generator=generator)
@@ -42,7 +44,9 @@ class Space2VecGrid(nn.Module):
         return self.mlp(features)
 
 
-def supervised_contrastive(anchors: torch.Tensor, views: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def supervised_contrastive(
+    anchors: torch.Tensor, views: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
     """SupCon loss over two views (B, D) each; positives share a label (self excluded)."""
     features = F.normalize(torch.cat([anchors, views]), dim=-1)  # (2B, D)
     targets = torch.cat([labels, labels])
@@ -72,5 +76,7 @@ class LocationSupervision(nn.Module):
         total = torch.zeros(())
         for layer, tokens in pre_mlp.items():
             pooled = tokens.mean(dim=(2, 3))  # [B, C, P, N] --> [B, C]
-            total = total + supervised_contrastive(pooled, self.projections[self.layer_blocks[layer]](embedding), labels)
+            total = total + supervised_contrastive(
+                pooled, self.projections[self.layer_blocks[layer]](embedding), labels
+            )
         return total

@@ -81,7 +81,11 @@ class MoEMlp(nn.Module):
         query = self.scale(patch_embedding)
         keys_held, keys_absent = self.centroids, self.absent_centroids
         if self.gate_proj is not None:  # low-rank gate: compare in an r-dim projection
-            query, keys_held, keys_absent = query @ self.gate_proj, keys_held @ self.gate_proj, keys_absent @ self.gate_proj
+            query, keys_held, keys_absent = (
+                query @ self.gate_proj,
+                keys_held @ self.gate_proj,
+                keys_absent @ self.gate_proj,
+            )
         query = F.normalize(query, dim=-1)
         inv_temperature = self.log_temperature.neg().exp()
         logits_held = query @ F.normalize(keys_held, dim=-1).T * inv_temperature  # (B, N, E)

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-
 from geomoe.model.location import LocationSupervision
 from geomoe.model.moe_layer import MoEMlp
 from geomoe.model.network import GeoMoENet
+from torch.utils.data import DataLoader
 
 
 @dataclass
@@ -64,7 +63,9 @@ def train_epochs(
     torch.manual_seed(cfg.seed)
     params = parameter_groups(model, cfg, trainable)
     if location is not None and cfg.location_weight > 0:
-        params.append({"params": [p for p in location.parameters() if p.requires_grad], "lr": cfg.lr_rest, "name": "location"})
+        params.append(
+            {"params": [p for p in location.parameters() if p.requires_grad], "lr": cfg.lr_rest, "name": "location"}
+        )
     optimizer = torch.optim.AdamW(params, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     model.train()
     if freeze_norm_stats:

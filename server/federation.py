@@ -17,17 +17,17 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from geomoe.model.experts import shared_state
+from geomoe.model.training import evaluate
+from geomoe.server.checkpoint import load_model, save_model
+from geomoe.server.initial_model import initial_model
+from geomoe.server.strategy import GeoExpertStrategy, ServerState, weighted_accuracy
+from geomoe.sim.world import World
 from rich.console import Console
 from rich.table import Table
 
 from geomoe import messages as msg
-from geomoe.model.experts import shared_state
-from geomoe.model.training import evaluate
 from geomoe.run_config import RunConfig
-from geomoe.server.checkpoint import atomic_save, load_model, save_model
-from geomoe.server.initial_model import initial_model
-from geomoe.server.strategy import GeoExpertStrategy, ServerState, weighted_accuracy
-from geomoe.sim.world import World
 
 log = logging.getLogger("geomoe.server")
 CHECKPOINT = "checkpoint.pt"
@@ -75,10 +75,14 @@ class Federation:
             traffic[message.metadata.dst_node_id] = {"down": message_bytes(message), "up": 0}
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s))
         for reply in replies:
-            traffic.setdefault(reply.metadata.src_node_id, {"down": 0, "up": 0})["up"] = 0 if reply.has_error() else message_bytes(reply)
+            traffic.setdefault(reply.metadata.src_node_id, {"down": 0, "up": 0})["up"] = (
+                0 if reply.has_error() else message_bytes(reply)
+            )
         missing = len(messages) - len(replies)
         if missing:
-            log.warning("%s: %d node(s) did not reply within %.0f s", phase, missing, self.cfg.federation.round_timeout_s)
+            log.warning(
+                "%s: %d node(s) did not reply within %.0f s", phase, missing, self.cfg.federation.round_timeout_s
+            )
         return replies, traffic
 
     def wait_for_nodes(self) -> list[int]:
@@ -86,7 +90,9 @@ class Federation:
         needed = max(self.cfg.federation.min_nodes, 1)
         while len(nodes := sorted(self.grid.get_node_ids())) < needed:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(nodes)} of {needed} nodes connected within {self.cfg.federation.round_timeout_s} s")
+                raise TimeoutError(
+                    f"only {len(nodes)} of {needed} nodes connected within {self.cfg.federation.round_timeout_s} s"
+                )
             time.sleep(1)
         return nodes
 
@@ -123,8 +129,13 @@ class Federation:
                 "train_loss": float(train_metrics["train_loss"]) if train_metrics else None,
                 "replies": int(train_metrics["replies"]) if train_metrics else 0,
                 "traffic": self._by_cell(traffic),
-                "experts_held": {self.strategy.nodes[n].cell: sum(len(v) for v in self.strategy.keep_for(self.strategy.nodes[n]).values())
-                                 for n in traffic if n in self.strategy.nodes},
+                "experts_held": {
+                    self.strategy.nodes[n].cell: sum(
+                        len(v) for v in self.strategy.keep_for(self.strategy.nodes[n]).values()
+                    )
+                    for n in traffic
+                    if n in self.strategy.nodes
+                },
                 "rejected": [r for r in self.strategy.rejections if r["round"] == server_round],
             }
             self.state.rounds.append(row)
@@ -147,24 +158,35 @@ class Federation:
                 continue
             metrics = reply.content[msg.METRICS]
             per_cell[self.strategy.nodes[reply.metadata.src_node_id].cell] = {
-                "accuracy": float(metrics["accuracy"]), "examples": float(metrics["examples"])}
+                "accuracy": float(metrics["accuracy"]),
+                "examples": float(metrics["examples"]),
+            }
         self._store_evaluation(done, per_cell)
 
     def _record_received_accuracy(self, rounds_done: int, replies: Iterable[Message]) -> None:
         """Train replies report the accuracy of the model they received: the model after `rounds_done`."""
         per_cell = {}
         for reply in replies:
-            if reply.has_error() or msg.METRICS not in reply.content or reply.metadata.src_node_id not in self.strategy.nodes:
+            if (
+                reply.has_error()
+                or msg.METRICS not in reply.content
+                or reply.metadata.src_node_id not in self.strategy.nodes
+            ):
                 continue
             metrics = reply.content[msg.METRICS]
             per_cell[self.strategy.nodes[reply.metadata.src_node_id].cell] = {
-                "accuracy": float(metrics["received-accuracy"]), "examples": float(metrics.get("examples", 0.0))}
+                "accuracy": float(metrics["received-accuracy"]),
+                "examples": float(metrics.get("examples", 0.0)),
+            }
         self._store_evaluation(rounds_done, per_cell)
 
     def _store_evaluation(self, rounds_done: int, per_cell: dict) -> None:
         if per_cell:
-            self.state.evaluations[rounds_done] = {**weighted_accuracy(per_cell), "per_cell": per_cell,
-                                                   "server_accuracy": self.server_accuracy()}
+            self.state.evaluations[rounds_done] = {
+                **weighted_accuracy(per_cell),
+                "per_cell": per_cell,
+                "server_accuracy": self.server_accuracy(),
+            }
 
     def server_accuracy(self) -> float:
         """The full global model on the union of the locations' test splits."""
@@ -175,16 +197,24 @@ class Federation:
         return {self.strategy.nodes[n].cell if n in self.strategy.nodes else str(n): t for n, t in traffic.items()}
 
     def checkpoint(self) -> None:
-        save_model(self.strategy.model, self.out / CHECKPOINT, base=self.base, server_state=asdict(self.state),
-                   setup=self.setup, run_config=self.cfg.to_json())
+        save_model(
+            self.strategy.model,
+            self.out / CHECKPOINT,
+            base=self.base,
+            server_state=asdict(self.state),
+            setup=self.setup,
+            run_config=self.cfg.to_json(),
+        )
 
     def _round_line(self, row: dict) -> str:
         up = sum(t["up"] for t in row["traffic"].values()) / max(len(row["traffic"]), 1)
         acc = self.state.evaluations.get(row["round"] - 1, {}).get("accuracy")
         acc_text = f"{acc:.3f}" if acc is not None else "-"
-        return (f"round {row['round']}/{self.cfg.federation.rounds}: {row['replies']} replies, "
-                f"train loss {row['train_loss'] or float('nan'):.3f}, accuracy before round {acc_text}, "
-                f"upload {up / 1e3:.1f} kB/client, {row['seconds']:.1f} s")
+        return (
+            f"round {row['round']}/{self.cfg.federation.rounds}: {row['replies']} replies, "
+            f"train loss {row['train_loss'] or float('nan'):.3f}, accuracy before round {acc_text}, "
+            f"upload {up / 1e3:.1f} kB/client, {row['seconds']:.1f} s"
+        )
 
     def report(self) -> dict:
         evaluations = {int(k): v for k, v in self.state.evaluations.items()}
@@ -192,8 +222,15 @@ class Federation:
             "config": json.loads(self.cfg.to_json()),
             "strategy": self.cfg.federation.strategy,
             "setup": self.setup,
-            "locations": [{"cell": n.cell, "species": n.species, "train_examples": n.train_examples,
-                           "keep": self.strategy.keep_for(n)} for n in sorted(self.strategy.nodes.values(), key=lambda n: n.location)],
+            "locations": [
+                {
+                    "cell": n.cell,
+                    "species": n.species,
+                    "train_examples": n.train_examples,
+                    "keep": self.strategy.keep_for(n),
+                }
+                for n in sorted(self.strategy.nodes.values(), key=lambda n: n.location)
+            ],
             "rounds": self.state.rounds,
             "evaluations": {str(k): evaluations[k] for k in sorted(evaluations)},
             "final_accuracy": evaluations.get(self.state.completed_round, {}).get("accuracy"),

@@ -10,22 +10,27 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
-
 from geomoe.model.config import ModelConfig
 from geomoe.model.conversion import convert_to_moe
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import TrainConfig, evaluate, train_epochs
-from geomoe.run_config import RunConfig
 from geomoe.server.checkpoint import load_model, save_model
 from geomoe.sim.world import World
+from rich.progress import Progress
+
+from geomoe.run_config import RunConfig
 
 CONVERSION_SAMPLE = 600  # images of the server's share used to initialise routers and experts
 
 
 def cache_key(cfg: RunConfig) -> str:
-    relevant = {"world": asdict(cfg.world), "model": cfg.model.to_dict(), "conversion": asdict(cfg.conversion),
-                "pretrain": [cfg.federation.pretrain_epochs, cfg.federation.pretrain_lr, cfg.train.batch_size], "seed": cfg.seed}
+    relevant = {
+        "world": asdict(cfg.world),
+        "model": cfg.model.to_dict(),
+        "conversion": asdict(cfg.conversion),
+        "pretrain": [cfg.federation.pretrain_epochs, cfg.federation.pretrain_lr, cfg.train.batch_size],
+        "seed": cfg.seed,
+    }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -39,12 +44,19 @@ def initial_model(cfg: RunConfig, world: World, cache_dir: Path) -> tuple[GeoMoE
     dense = GeoMoENet(ModelConfig.from_dict({**cfg.model.to_dict(), "moe_layers": [], "expert_ids": {}}))
     indices = world.server_indices
     held_out, train = indices[: len(indices) // 6], indices[len(indices) // 6 :]
-    train_cfg = TrainConfig(batch_size=cfg.train.batch_size, lr_head=cfg.federation.pretrain_lr, lr_rest=cfg.federation.pretrain_lr)
+    train_cfg = TrainConfig(
+        batch_size=cfg.train.batch_size, lr_head=cfg.federation.pretrain_lr, lr_rest=cfg.federation.pretrain_lr
+    )
     with Progress(transient=True) as progress:
-        task = progress.add_task("pretraining the dense model on the server's share", total=cfg.federation.pretrain_epochs)
+        task = progress.add_task(
+            "pretraining the dense model on the server's share", total=cfg.federation.pretrain_epochs
+        )
         for epoch in range(cfg.federation.pretrain_epochs):
-            train_epochs(dense, world.loader(train, cfg.train.batch_size, shuffle=True, seed=cfg.seed + epoch),
-                         TrainConfig(**{**train_cfg.__dict__, "seed": cfg.seed + epoch}))
+            train_epochs(
+                dense,
+                world.loader(train, cfg.train.batch_size, shuffle=True, seed=cfg.seed + epoch),
+                TrainConfig(**{**train_cfg.__dict__, "seed": cfg.seed + epoch}),
+            )
             progress.advance(task)
     images, labels = world.tensors(train[:CONVERSION_SAMPLE])
     moe = convert_to_moe(dense, images, labels, cfg.conversion)

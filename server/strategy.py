@@ -18,16 +18,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-
-from geomoe import messages as msg
 from geomoe.model.experts import KeepSet, global_centroids, shared_state, take_expert_state
 from geomoe.model.importance import keep_set
 from geomoe.model.moe_layer import EXPERT_PARAMS
 from geomoe.model.network import GeoMoENet
-from geomoe.run_config import RunConfig
 from geomoe.server.aggregation import RowUpdate, mean_delta, mean_row_delta
 from geomoe.server.server_optimizer import ServerOptimizer
 from geomoe.server.validation import RejectedReply, SentSpec, check_size, check_update, spec_of
+
+from geomoe import messages as msg
+from geomoe.run_config import RunConfig
 
 log = logging.getLogger("geomoe.server")
 HEAD_ROWS = ("head.fc.weight", "head.fc.bias")
@@ -94,16 +94,28 @@ class GeoExpertStrategy(Strategy):
         keep = self.keep_for(node)
         experts = take_expert_state(self.model, keep)
         router = {
-            f"moe.{layer}.absent_centroids": global_centroids(module)[sorted(set(range(module.num_global_experts)) - set(keep[layer]))]
+            f"moe.{layer}.absent_centroids": global_centroids(module)[
+                sorted(set(range(module.num_global_experts)) - set(keep[layer]))
+            ]
             for layer, module in self.model.moe_layers().items()
         }
         state = self.model.state_dict()
         rows = torch.tensor(self.head_rows_for(node), dtype=torch.long)
-        head = {"head.fc.weight": state["head.fc.weight"][rows], "head.fc.bias": state["head.fc.bias"][rows], msg.HEAD_IDS: rows} if len(rows) else {}
+        head = (
+            {
+                "head.fc.weight": state["head.fc.weight"][rows],
+                "head.fc.bias": state["head.fc.bias"][rows],
+                msg.HEAD_IDS: rows,
+            }
+            if len(rows)
+            else {}
+        )
         shared = {k: state[k].clone() for k in self.shared_trainable()}
         content = RecordDict(
             {
-                msg.CONFIG: msg.config_record({"run": self.cfg.to_json(), "round": server_round, "location": node.location}),
+                msg.CONFIG: msg.config_record(
+                    {"run": self.cfg.to_json(), "round": server_round, "location": node.location}
+                ),
                 msg.EXPERTS: msg.to_record(experts),
                 msg.ROUTER: msg.to_record(router),
             }
@@ -119,7 +131,9 @@ class GeoExpertStrategy(Strategy):
         return content
 
     # --- Strategy interface --------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """One message per sampled node with its slice (`arrays` is unused: the strategy holds the model)."""
         return [
             Message(self.node_content(node_id, server_round, train=True), dst_node_id=node_id, message_type="train")
@@ -145,7 +159,9 @@ class GeoExpertStrategy(Strategy):
                     raise RejectedReply(f"client error: {reply.error.reason}")
                 if node_id not in self.sent:
                     raise RejectedReply("reply from a node that was not sent a training message")
-                check_size(sum(msg.content_bytes(reply.content).values()), self.sent[node_id], self.fed.max_update_ratio)
+                check_size(
+                    sum(msg.content_bytes(reply.content).values()), self.sent[node_id], self.fed.max_update_ratio
+                )
                 update = msg.from_record(reply.content[msg.UPDATE])
                 check_update(update, self.sent[node_id])
                 tokens = msg.from_record(reply.content[msg.TOKENS]) if msg.TOKENS in reply.content else {}
@@ -158,7 +174,9 @@ class GeoExpertStrategy(Strategy):
             self.last_train_metrics[node_id] = metrics
         return sorted(accepted, key=lambda item: item[0].location)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self.accept(server_round, replies)
         if not accepted:
             return None, None
@@ -186,7 +204,10 @@ class GeoExpertStrategy(Strategy):
                     self.optimizer.apply(f"moe.{layer}.{param}", getattr(module, param).data, delta, touched)
         head = [(u, m) for _, u, _, m in accepted if msg.HEAD_IDS in u]
         for name in HEAD_ROWS:
-            updates = [RowUpdate(u[msg.HEAD_IDS], u[name], torch.full((len(u[msg.HEAD_IDS]),), float(m.get("examples", 1.0)))) for u, m in head]
+            updates = [
+                RowUpdate(u[msg.HEAD_IDS], u[name], torch.full((len(u[msg.HEAD_IDS]),), float(m.get("examples", 1.0))))
+                for u, m in head
+            ]
             target = self.model.get_parameter(name)
             delta, touched = mean_row_delta(target.shape[0], updates)
             if delta is not None:
@@ -196,10 +217,17 @@ class GeoExpertStrategy(Strategy):
             senders = [(u[name], float(m.get("examples", 1.0))) for _, u, _, m in accepted if name in u]
             if senders:
                 delta = mean_delta([d for d, _ in senders], [w for _, w in senders])
-                self.optimizer.apply(name, state[name], delta, torch.ones(state[name].shape[:1], dtype=torch.bool) if state[name].dim() else torch.tensor(True))
+                self.optimizer.apply(
+                    name,
+                    state[name],
+                    delta,
+                    torch.ones(state[name].shape[:1], dtype=torch.bool) if state[name].dim() else torch.tensor(True),
+                )
         self.state.optimizer = self.optimizer.state_dict()
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return [
             Message(self.node_content(node_id, server_round, train=False), dst_node_id=node_id, message_type="evaluate")
             for node_id in sorted(self.nodes, key=lambda n: self.nodes[n].location)
@@ -218,8 +246,14 @@ class GeoExpertStrategy(Strategy):
         return MetricRecord(weighted_accuracy(per_cell) | {"cells": len(per_cell)})
 
     def summary(self) -> None:
-        log.info("GeoExpertStrategy: strategy=%s trainable=%s weighting=%s optimizer=%s keep=%s",
-                 self.fed.strategy, self.fed.trainable, self.fed.weighting, self.fed.server_optimizer, self.fed.keep)
+        log.info(
+            "GeoExpertStrategy: strategy=%s trainable=%s weighting=%s optimizer=%s keep=%s",
+            self.fed.strategy,
+            self.fed.trainable,
+            self.fed.weighting,
+            self.fed.server_optimizer,
+            self.fed.keep,
+        )
 
     # --- setting up nodes ----------------------------------------------------------------------
     def configure_query(self, node_ids: list[int], with_model: bool) -> list[Message]:
@@ -230,7 +264,12 @@ class GeoExpertStrategy(Strategy):
             if with_model:
                 full = {layer: list(range(self.cfg.model.num_experts)) for layer in self.cfg.model.moe_layers}
                 content[msg.EXPERTS] = msg.to_record(take_expert_state(self.model, full))
-                content[msg.ROUTER] = msg.to_record({f"moe.{layer}.absent_centroids": torch.zeros(0, m.dim) for layer, m in self.model.moe_layers().items()})
+                content[msg.ROUTER] = msg.to_record(
+                    {
+                        f"moe.{layer}.absent_centroids": torch.zeros(0, m.dim)
+                        for layer, m in self.model.moe_layers().items()
+                    }
+                )
                 content[msg.BASE] = msg.to_record(self.base)
             messages.append(Message(content, dst_node_id=node_id, message_type="query"))
         return messages
@@ -242,8 +281,13 @@ class GeoExpertStrategy(Strategy):
                 log.warning("node %s failed its query: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
             info = reply.content[msg.INFO]
-            node = NodeInfo(int(info["location"]), str(info["cell"]), bool(info["has-base"]) or msg.TOKENS in reply.content,
-                            json.loads(str(info["species"])), int(info["train-examples"]))
+            node = NodeInfo(
+                int(info["location"]),
+                str(info["cell"]),
+                bool(info["has-base"]) or msg.TOKENS in reply.content,
+                json.loads(str(info["species"])),
+                int(info["train-examples"]),
+            )
             self.nodes[reply.metadata.src_node_id] = node
             if msg.TOKENS in reply.content and node.location not in self.state.keep:
                 stats = msg.stats_from_tensors(msg.from_record(reply.content[msg.TOKENS]))
@@ -253,4 +297,7 @@ class GeoExpertStrategy(Strategy):
 def weighted_accuracy(per_cell: dict[str, dict[str, float]]) -> dict[str, float]:
     """Example-weighted global accuracy over cells."""
     examples = sum(c["examples"] for c in per_cell.values())
-    return {"accuracy": sum(c["accuracy"] * c["examples"] for c in per_cell.values()) / max(examples, 1), "examples": examples}
+    return {
+        "accuracy": sum(c["accuracy"] * c["examples"] for c in per_cell.values()) / max(examples, 1),
+        "examples": examples,
+    }

@@ -38,7 +38,9 @@ def check_size(reply_bytes: int, sent: SentSpec, max_ratio: float) -> None:
     """Reject a reply far larger than what its node was sent to train, before decoding it."""
     limit = max_ratio * sent.trainable_bytes + REPLY_ALLOWANCE
     if reply_bytes > limit:
-        raise RejectedReply(f"reply of {reply_bytes} bytes exceeds {limit:.0f} (sent {sent.trainable_bytes} bytes to train)")
+        raise RejectedReply(
+            f"reply of {reply_bytes} bytes exceeds {limit:.0f} (sent {sent.trainable_bytes} bytes to train)"
+        )
 
 
 def check_update(update: dict[str, torch.Tensor], sent: SentSpec) -> None:

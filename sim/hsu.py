@@ -23,14 +23,16 @@ class Split:
     labels: np.ndarray
 
 
-def write_split(path: Path, cells: np.ndarray, image_ids: list[str], labels: np.ndarray, class_names: list[str] | None = None) -> None:
-    """Write a train split (one row per example, user_id = cell)."""
+def write_split(
+    path: Path, cells: np.ndarray, image_ids: list[str], labels: np.ndarray, class_names: list[str] | None = None
+) -> None:
+    """Write a train split (one row per example, user_id = cell); `class_names` per row, else species_{label}."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(TRAIN_COLUMNS)
-        for cell, image_id, label in zip(cells, image_ids, labels, strict=True):
-            name = class_names[int(label)] if class_names else f"species_{int(label)}"
+        names = class_names or [f"species_{int(label)}" for label in labels]
+        for cell, image_id, name, label in zip(cells, image_ids, names, labels, strict=True):
             writer.writerow([cell, image_id, name, int(label)])
 
 
@@ -42,7 +44,9 @@ def read_split(path: Path) -> Split:
         reader = csv.reader(f)
         header = next(reader, None)
         if header not in (TRAIN_COLUMNS, TEST_COLUMNS):
-            raise ValueError(f"{path}: header {header} is neither {','.join(TRAIN_COLUMNS)} nor {','.join(TEST_COLUMNS)}")
+            raise ValueError(
+                f"{path}: header {header} is neither {','.join(TRAIN_COLUMNS)} nor {','.join(TEST_COLUMNS)}"
+            )
         is_train = header == TRAIN_COLUMNS
         users, images, names, labels = [], [], [], []
         for row_number, row in enumerate(reader, start=2):

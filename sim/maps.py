@@ -13,7 +13,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
 from geomoe.sim.cells import cell_from_path, centre, leaf_ids, parent_ids  # noqa: E402
 from geomoe.sim.partition import CellSummary  # noqa: E402
 
@@ -40,16 +39,33 @@ def plot_cells(rows: list[CellSummary], lat: np.ndarray, lon: np.ndarray, path: 
     lons, lats, raster = cell_raster(rows)
     fig, ax = plt.subplots(figsize=(11, 5.5))
     mesh = ax.pcolormesh(lons, lats, raster, cmap="viridis", shading="nearest", alpha=0.75)
-    ax.contour(lons, lats, np.nan_to_num(raster, nan=-1), levels=np.unique(raster[~np.isnan(raster)]), colors="black",
-               linewidths=0.3)
+    ax.contour(
+        lons,
+        lats,
+        np.nan_to_num(raster, nan=-1),
+        levels=np.unique(raster[~np.isnan(raster)]),
+        colors="black",
+        linewidths=0.3,
+    )
     ax.scatter(lon, lat, s=1, c="white", alpha=0.5, label="observations")
     for row in rows[:15]:
         cell_lat, cell_lon = centre(row.cell)
-        ax.annotate(row.cell, (cell_lon, cell_lat), fontsize=7, ha="center", color="black",
-                    bbox={"boxstyle": "round,pad=0.1", "fc": "white", "alpha": 0.6, "lw": 0})
+        ax.annotate(
+            row.cell,
+            (cell_lon, cell_lat),
+            fontsize=7,
+            ha="center",
+            color="black",
+            bbox={"boxstyle": "round,pad=0.1", "fc": "white", "alpha": 0.6, "lw": 0},
+        )
     fig.colorbar(mesh, ax=ax, label="log10 examples per cell")
-    ax.set(xlim=(-180, 180), ylim=(-90, 90), xlabel="longitude", ylabel="latitude",
-           title=f"Adaptive S2 partition: {len(rows)} cells (blank: no data)")
+    ax.set(
+        xlim=(-180, 180),
+        ylim=(-90, 90),
+        xlabel="longitude",
+        ylabel="latitude",
+        title=f"Adaptive S2 partition: {len(rows)} cells (blank: no data)",
+    )
     ax.legend(loc="lower left")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")

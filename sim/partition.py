@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import s2sphere
-
 from geomoe.sim.cells import leaf_ids, parent_ids, path_from_cell
 
 
@@ -27,7 +26,9 @@ class CellSummary:
     top_count: int  # examples of the most frequent species
 
 
-def adaptive_partition(lat: np.ndarray, lon: np.ndarray, labels: np.ndarray, n_max: int, max_level: int = 20) -> np.ndarray:
+def adaptive_partition(
+    lat: np.ndarray, lon: np.ndarray, labels: np.ndarray, n_max: int, max_level: int = 20
+) -> np.ndarray:
     """Cell token of every example."""
     if n_max < 1:
         raise ValueError(f"n_max must be positive, got {n_max}")

@@ -55,7 +55,9 @@ class SyntheticGeoSpecies(Dataset):
         home = rng.integers(cfg.num_hotspots, size=cfg.num_species)
         self.range_lat = np.clip(self.hotspot_lat[home] + rng.normal(0, 5, cfg.num_species), -89, 89)
         self.range_lon = (self.hotspot_lon[home] + rng.normal(0, 5, cfg.num_species) + 180) % 360 - 180
-        self.range_radius_deg = np.minimum(180.0, cfg.min_range_deg * rng.pareto(cfg.range_exponent, cfg.num_species) + cfg.min_range_deg)
+        self.range_radius_deg = np.minimum(
+            180.0, cfg.min_range_deg * rng.pareto(cfg.range_exponent, cfg.num_species) + cfg.min_range_deg
+        )
         abundance = rng.lognormal(0, 1, cfg.num_species)
         # Observations: a hotspot, a jittered location, a species whose range covers it.
         spot = rng.choice(cfg.num_hotspots, size=cfg.num_observations, p=hotspot_weight)

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
-
 from geomoe.sim.cells import centre
 from geomoe.sim.partition import adaptive_partition
 from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies
+from torch.utils.data import DataLoader, Subset
 
 
 @dataclass
@@ -100,7 +99,9 @@ class World:
 
     def loader(self, indices: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
         generator = torch.Generator().manual_seed(seed)
-        return DataLoader(Subset(self.dataset, indices.tolist()), batch_size=batch_size, shuffle=shuffle, generator=generator)
+        return DataLoader(
+            Subset(self.dataset, indices.tolist()), batch_size=batch_size, shuffle=shuffle, generator=generator
+        )
 
     def tensors(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.stack([torch.from_numpy(self.dataset.image(int(i))) for i in indices])

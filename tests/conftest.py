@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from geomoe.sim.world import World
 
 from geomoe.run_config import to_toml
@@ -56,22 +55,49 @@ def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path, model_cache):
     )
     processes = []
     try:
-        link = start([str(BIN / "flower-superlink"), "--insecure", "--port", str(link_port),
-                      "--disable-runtime-dependency-installation"], tmp_path / "superlink.log", env)
+        link = start(
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--port",
+                str(link_port),
+                "--disable-runtime-dependency-installation",
+            ],
+            tmp_path / "superlink.log",
+            env,
+        )
         processes.append(link)
         wait_for_port(link_port, link, tmp_path / "superlink.log")
         for i, location in enumerate(locations):
             node_port = free_port()
-            node = start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                          "--port", str(node_port), "--node-config", f"lat={location.lat} lon={location.lon}"],
-                         tmp_path / f"supernode{i}.log", env)
+            node = start(
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--port",
+                    str(node_port),
+                    "--node-config",
+                    f"lat={location.lat} lon={location.lon}",
+                ],
+                tmp_path / f"supernode{i}.log",
+                env,
+            )
             processes.append(node)
             wait_for_port(node_port, node, tmp_path / f"supernode{i}.log")
         config_file = tmp_path / "run.toml"
         config_file.write_text(to_toml(cfg))
-        overrides = f'config="{config_file}" federation.rounds=2 federation.min_nodes=2 out="{cfg.out}" cache="{cfg.cache}"'
-        result = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "test", "--run-config", overrides, "--stream"],
-                                env=env, capture_output=True, text=True, timeout=540)
+        overrides = (
+            f'config="{config_file}" federation.rounds=2 federation.min_nodes=2 out="{cfg.out}" cache="{cfg.cache}"'
+        )
+        result = subprocess.run(
+            [str(BIN / "flwr"), "run", str(ROOT), "test", "--run-config", overrides, "--stream"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=540,
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         report = json.loads((Path(cfg.out) / "report.json").read_text())
     finally:

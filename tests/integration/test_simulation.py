@@ -24,8 +24,11 @@ def test_per_expert_run_learns_and_uploads_little(tmp_path, model_cache):
     evaluations = report["evaluations"]
     chance = 1 / report["config"]["world"]["synthetic"]["num_species"]
     assert evaluations["2"]["accuracy"] > evaluations["0"]["accuracy"] > chance
-    dense_bytes = sum(v.numel() * 4 for v in torch.load(tmp_path / "expert" / "checkpoint.pt", weights_only=False)["model_state"].values()
-                      if v.is_floating_point())
+    dense_bytes = sum(
+        v.numel() * 4
+        for v in torch.load(tmp_path / "expert" / "checkpoint.pt", weights_only=False)["model_state"].values()
+        if v.is_floating_point()
+    )
     for row in report["rounds"]:
         assert row["replies"] == 3
         for traffic in row["traffic"].values():
@@ -39,14 +42,28 @@ def test_resume_after_a_kill_gives_the_same_model(tmp_path, model_cache):
 
     killed = tmp_path / "killed"
     overrides = [a for item in SMALL_RUN for a in ("--set", item)]
-    command = [sys.executable, "-m", "geomoe.cli", "sim", "--rounds", "2", "--out", str(killed),
-               "--set", f'cache="{model_cache}"', *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "geomoe.cli",
+        "sim",
+        "--rounds",
+        "2",
+        "--out",
+        str(killed),
+        "--set",
+        f'cache="{model_cache}"',
+        *overrides,
+    ]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             checkpoint = killed / "checkpoint.pt"
-            if checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["server_state"]["completed_round"] >= 1:
+            if (
+                checkpoint.is_file()
+                and torch.load(checkpoint, weights_only=False)["server_state"]["completed_round"] >= 1
+            ):
                 break
             time.sleep(0.5)
         else:

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-
 from geomoe.model.config import ModelConfig
 from geomoe.model.conversion import ConversionConfig, convert_to_moe, representative_patches, resample_classes
 from geomoe.model.network import GeoMoENet
@@ -30,8 +29,12 @@ def trained_dense():
     order = np.random.default_rng(0).permutation(len(data))
     train, test = order[:1800], order[1800:]
     dense = GeoMoENet(ModelConfig(num_classes=12, moe_layers=()))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, train.tolist()), batch_size=32, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(data, train.tolist()),
+        batch_size=32,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     train_epochs(dense, loader, TrainConfig(epochs=4, lr_rest=2e-3, lr_head=2e-3))
     images = torch.stack([data[i][0] for i in train[:400]])
     labels = torch.from_numpy(data.labels[train[:400]])

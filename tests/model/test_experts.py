@@ -1,8 +1,7 @@
 import pytest
 import torch
-
-from geomoe.model.experts import merge_expert_state, prune_model, take_expert_state
 from geomoe.model.counting import parameter_count
+from geomoe.model.experts import merge_expert_state, prune_model, take_expert_state
 
 
 def test_subset_state_round_trips_exactly(moe_model):

@@ -1,5 +1,4 @@
 import torch
-
 from geomoe.model.location import LocationSupervision, Space2VecGrid, supervised_contrastive
 
 
@@ -23,7 +22,9 @@ def test_contrastive_loss_falls_on_a_toy_problem():
     features = torch.nn.Parameter(torch.randn(8, 16, 2, 3))  # stands in for pre-MLP tokens (B, C, P, N)
     lonlat = torch.tensor([[10.0, 5.0]] * 4 + [[-100.0, -40.0]] * 4)
     labels = torch.tensor([0] * 4 + [1] * 4)
-    optimizer = torch.optim.Adam([features, *supervision.projections.parameters(), *supervision.norm.parameters()], lr=0.05)
+    optimizer = torch.optim.Adam(
+        [features, *supervision.projections.parameters(), *supervision.norm.parameters()], lr=0.05
+    )
     supervision.eval()  # no dropout, so the loss is a clean function of the parameters
     losses = []
     for _ in range(60):

@@ -1,6 +1,5 @@
 import torch
 import torch.nn.functional as F
-
 from geomoe.model.moe_layer import MoEMlp
 
 
@@ -64,7 +63,10 @@ def test_gradients_reach_only_the_experts_used():
     used = set(layer.last_choice.flatten().tolist())
     assert len(used) < 4, "the test needs at least one unused expert"
     for e in range(4):
-        grads = {name: getattr(layer, name).grad[e] for name in ("w1", "b1", "w2", "b2", "norm_weight", "norm_bias", "gamma", "x_corr")}
+        grads = {
+            name: getattr(layer, name).grad[e]
+            for name in ("w1", "b1", "w2", "b2", "norm_weight", "norm_bias", "gamma", "x_corr")
+        }
         if e in used:
             assert all(grads[n].abs().sum() > 0 for n in ("w1", "w2", "b2", "x_corr", "gamma"))
         else:
@@ -78,10 +80,19 @@ def test_remove_policy_zeroes_patches_of_absent_experts():
     choice = full.last_choice
     kept = [int(choice[0, 0])]
     pruned = MoEMlp(8, kept, 4, 2, absent_policy="remove")
-    pruned.load_state_dict({**{k: v[kept] if k in ("norm_weight", "norm_bias", "w1", "b1", "w2", "b2", "gamma", "x_corr", "centroids") else v
-                               for k, v in full.state_dict().items()},
-                            "expert_ids": torch.tensor(kept), "absent_ids": torch.tensor([i for i in range(4) if i not in kept]),
-                            "absent_centroids": full.centroids.detach()[[i for i in range(4) if i not in kept]]})
+    pruned.load_state_dict(
+        {
+            **{
+                k: v[kept]
+                if k in ("norm_weight", "norm_bias", "w1", "b1", "w2", "b2", "gamma", "x_corr", "centroids")
+                else v
+                for k, v in full.state_dict().items()
+            },
+            "expert_ids": torch.tensor(kept),
+            "absent_ids": torch.tensor([i for i in range(4) if i not in kept]),
+            "absent_centroids": full.centroids.detach()[[i for i in range(4) if i not in kept]],
+        }
+    )
     out = pruned(x) + x  # the block adds the residual
     removed = choice != kept[0]
     assert removed.any()

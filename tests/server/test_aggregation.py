@@ -1,5 +1,4 @@
 import torch
-
 from geomoe.server.aggregation import RowUpdate, mean_delta, mean_row_delta
 from geomoe.server.server_optimizer import ServerOptimizer
 

@@ -4,12 +4,12 @@ import pytest
 import torch
 from flwr.app import Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-
-from geomoe import messages as msg
 from geomoe.model.experts import shared_state
 from geomoe.model.network import GeoMoENet
-from geomoe.run_config import RunConfig
 from geomoe.server.strategy import GeoExpertStrategy, NodeInfo, ServerState
+
+from geomoe import messages as msg
+from geomoe.run_config import RunConfig
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,9 @@ def reply_to(message: Message, change=None, examples: float = 100.0) -> Message:
     update = {k: v if k.endswith(".ids") else torch.ones_like(v) for k, v in sent.items()}
     if change:
         change(update)
-    content = RecordDict({msg.UPDATE: msg.to_record(update), msg.METRICS: MetricRecord({"examples": examples, "train_loss": 1.0})})
+    content = RecordDict(
+        {msg.UPDATE: msg.to_record(update), msg.METRICS: MetricRecord({"examples": examples, "train_loss": 1.0})}
+    )
     return Message(content, reply_to=message)
 
 
@@ -115,6 +117,8 @@ def test_dense_fedavg_sends_everything_and_averages_by_examples():
     def plus_three(u):
         u["backbone.stem.conv.weight"] = torch.full_like(u["backbone.stem.conv.weight"], 3.0)
 
-    strategy.aggregate_train(1, [reply_to(messages[101], examples=100), reply_to(messages[202], plus_three, examples=300)])
+    strategy.aggregate_train(
+        1, [reply_to(messages[101], examples=100), reply_to(messages[202], plus_three, examples=300)]
+    )
     after = strategy.model.state_dict()["backbone.stem.conv.weight"]
     assert torch.allclose(after, before + (1 * 100 + 3 * 300) / 400)

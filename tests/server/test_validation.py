@@ -1,12 +1,13 @@
 import pytest
 import torch
-
 from geomoe.server.validation import REPLY_ALLOWANCE, RejectedReply, check_size, check_update, spec_of
 
 
 @pytest.fixture
 def sent():
-    return spec_of({"moe.1.ids": torch.tensor([0, 3]), "moe.1.w1": torch.zeros(2, 4, 2), "moe.1.centroids": torch.zeros(2, 4)})
+    return spec_of(
+        {"moe.1.ids": torch.tensor([0, 3]), "moe.1.w1": torch.zeros(2, 4, 2), "moe.1.centroids": torch.zeros(2, 4)}
+    )
 
 
 def good():

@@ -1,8 +1,17 @@
 import numpy as np
 import pytest
 import s2sphere
-
-from geomoe.sim.cells import cell_at, cell_from_path, centre, leaf_ids, neighbours, parent_ids, path_at, path_from_cell, polygon
+from geomoe.sim.cells import (
+    cell_at,
+    cell_from_path,
+    centre,
+    leaf_ids,
+    neighbours,
+    parent_ids,
+    path_at,
+    path_from_cell,
+    polygon,
+)
 
 
 @pytest.mark.parametrize("token", ["2/1", "2/2", "2/0", "0/", "1/", "4/2", "3/301", "5/0123"])

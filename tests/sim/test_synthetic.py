@@ -1,5 +1,4 @@
 import numpy as np
-
 from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies
 
 
@@ -21,7 +20,7 @@ def test_range_areas_follow_a_power_law():
 def test_images_have_the_configured_size_and_range():
     world = SyntheticGeoSpecies(SyntheticConfig(image_size=32))
     image, label = world[3]
-    assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1
+    assert image.shape == (3, 32, 32) and image.min() >= 0 and image.max() <= 1
     assert label == world.labels[3]
 
 

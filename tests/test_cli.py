@@ -1,0 +1,82 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from geomoe.cli import app
+
+runner = CliRunner()
+
+
+def geomoe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "geomoe.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_every_subcommand():
+    result = runner.invoke(app, ["--help"])
+    for command in (
+        "sim",
+        "partition",
+        "model",
+        "experts",
+        "prune",
+        "comm",
+        "expert-server",
+        "device",
+        "deploy",
+        "bench",
+    ):
+        assert command in result.output
+
+
+@pytest.mark.parametrize("module", ["server", "client", "sim", "model"])
+def test_no_bare_top_level_modules_after_install(module, tmp_path):
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, cwd=tmp_path)
+    assert result.returncode != 0
+
+
+def test_errors_are_one_line_without_traceback():
+    result = geomoe("sim", "--set", "federation.bogus=1")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "unknown config key 'federation.bogus'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback():
+    result = geomoe("--debug", "sim", "--set", "federation.bogus=1")
+    assert "Traceback" in result.stderr
+
+
+def test_model_info_json():
+    result = geomoe(
+        "model", "info", "--experts", "16", "--layers", "1,3,5,7", "--expert-hidden", "2", "--classes", "182", "--json"
+    )
+    info = json.loads(result.stdout)
+    assert info["moe"]["parameters"] < info["dense"]["parameters"]
+    assert info["pruned_4"]["parameters"] < info["moe"]["parameters"]
+    assert info["pruned_4"]["flops"] < info["moe"]["flops"] < info["dense"]["flops"]
+
+
+def test_partition_writes_a_split_the_hsu_loader_reads_back(tmp_path):
+    from geomoe.sim.hsu import read_split, write_split
+
+    out, plot = tmp_path / "p.csv", tmp_path / "p.png"
+    result = geomoe("partition", "--dataset", "synthetic", "--nmax", "500", "--out", str(out), "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    split = read_split(out)
+    assert len(split.image_ids) == 6000 and plot.stat().st_size > 10_000
+    again = tmp_path / "again.csv"
+    write_split(again, split.user_ids, split.image_ids, split.labels, split.class_names)
+    assert again.read_text() == out.read_text()
+
+
+def test_print_config_round_trips(tmp_path):
+    from geomoe.run_config import load_run_config
+
+    result = runner.invoke(app, ["sim", "--rounds", "7", "--print-config"])
+    path = tmp_path / "run.toml"
+    path.write_text(result.output)
+    assert load_run_config(path).federation.rounds == 7
