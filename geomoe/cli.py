@@ -87,7 +87,11 @@ def sim(
 # --- partition --------------------------------------------------------------------------------
 @app.command()
 def partition(
-    dataset: str = typer.Option("synthetic", help="synthetic"),
+    dataset: str = typer.Option("synthetic", help="synthetic | inat | wilds"),
+    annotations: Path = typer.Option(None, help="inat: annotation JSON (2017 or 2021 format)."),
+    locations: Path = typer.Option(None, help="inat 2017: the separate locations JSON."),
+    metadata: Path = typer.Option(None, help="wilds: iWildCam-WILDS metadata.csv."),
+    gps: Path = typer.Option(None, help="wilds: camera coordinates JSON (iWildCam gps_locations.json)."),
     nmax: int = typer.Option(500, help="Hsu et al. N_max: split cells whose top species has more examples."),
     out: Path = typer.Option(Path("split.csv"), help="Hsu-format CSV to write (user_id = S2 cell)."),
     plot: Path = typer.Option(None, help="PNG map of the cells coloured by size."),
@@ -96,14 +100,13 @@ def partition(
     """Partition a dataset into adaptive S2 cells and write a Hsu et al. split CSV."""
     from geomoe.sim.hsu import write_split
     from geomoe.sim.partition import adaptive_partition, summarise
-    from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies
 
-    if dataset != "synthetic":
-        raise click.BadParameter(f"{dataset!r} is not available yet; use 'synthetic'", param_hint="--dataset")
-    data = SyntheticGeoSpecies(SyntheticConfig(seed=seed))
-    cells = adaptive_partition(data.lat, data.lon, data.labels, nmax)
-    write_split(out, cells, [str(i) for i in range(len(data))], data.labels)
-    rows = summarise(cells, data.labels)
+    records = _load_records(dataset, annotations, locations, metadata, gps, seed)
+    if records.skipped:
+        console.print(records.report())
+    cells = adaptive_partition(records.lat, records.lon, records.labels, nmax)
+    write_split(out, cells, records.image_ids, records.labels, [records.class_names[y] for y in records.labels])
+    rows = summarise(cells, records.labels)
     table = Table(title=f"{len(rows)} cells, N_max={nmax}")
     for column in ("cell", "level", "examples", "species", "top species share"):
         table.add_column(column, justify="right")
@@ -113,9 +116,42 @@ def partition(
     if plot is not None:
         from geomoe.sim.maps import plot_cells
 
-        plot_cells(rows, data.lat, data.lon, plot)
+        plot_cells(rows, records.lat, records.lon, plot)
         console.print(f"map: {plot}")
     console.print(f"split: {out}")
+
+
+def _load_records(dataset: str, annotations, locations, metadata, gps, seed: int):
+    """Observations of the named dataset; each needs its own files."""
+    from geomoe.sim.records import GeoRecords
+
+    if dataset == "synthetic":
+        from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies
+
+        data = SyntheticGeoSpecies(SyntheticConfig(seed=seed))
+        return GeoRecords(
+            [str(i) for i in range(len(data))],
+            [""] * len(data),
+            data.lat.astype(float),
+            data.lon.astype(float),
+            data.labels,
+            [f"species_{i}" for i in range(data.cfg.num_species)],
+        )
+    if dataset == "inat":
+        if annotations is None:
+            raise click.BadParameter(
+                "--dataset inat needs --annotations (and --locations for 2017)", param_hint="--annotations"
+            )
+        from geomoe.sim.inat import load_inat
+
+        return load_inat(annotations, locations)
+    if dataset == "wilds":
+        if metadata is None or gps is None:
+            raise click.BadParameter("--dataset wilds needs --metadata and --gps", param_hint="--metadata")
+        from geomoe.sim.wilds import load_wilds
+
+        return load_wilds(metadata, gps)
+    raise click.BadParameter(f"{dataset!r} is not one of synthetic, inat, wilds", param_hint="--dataset")
 
 
 # --- model --------------------------------------------------------------------------------------
