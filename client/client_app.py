@@ -11,6 +11,8 @@ import json
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from geomoe import messages as msg
 from geomoe.client.task import (
     Received,
     build_model,
@@ -20,8 +22,6 @@ from geomoe.client.task import (
     train_and_delta,
     world_for,
 )
-
-from geomoe import messages as msg
 from geomoe.run_config import RunConfig
 
 app = ClientApp()

@@ -12,16 +12,16 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+
 from geomoe.model.config import ModelConfig
 from geomoe.model.experts import KeepSet, merge_expert_state, shared_state, take_expert_state
 from geomoe.model.importance import RoutingStats, routing_stats
 from geomoe.model.moe_layer import EXPERT_PARAMS, MoEMlp
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import TrainConfig, evaluate, train_epochs
+from geomoe.run_config import RunConfig
 from geomoe.sim.cells import cell_at, cell_from_path
 from geomoe.sim.world import Location, World
-
-from geomoe.run_config import RunConfig
 
 _WORLDS: dict[str, World] = {}  # one world per config in a process: rebuilding it per message is waste
 

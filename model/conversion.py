@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import AgglomerativeClustering, KMeans
+
 from geomoe.model.config import CLUSTERINGS, ModelConfig
 from geomoe.model.network import GeoMoENet, transformer_layers
-from sklearn.cluster import AgglomerativeClustering, KMeans
 
 
 @dataclass

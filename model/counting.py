@@ -7,9 +7,10 @@ hidden units and masks, so a pruned model is cheaper as well as smaller.
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from geomoe.model.experts import is_expert_key, take_expert_state
 from geomoe.model.network import GeoMoENet
-from torch.utils.flop_counter import FlopCounterMode
 
 
 def parameter_count(model: GeoMoENet) -> int:

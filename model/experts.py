@@ -7,6 +7,7 @@ the order of `moe.{layer}.ids` (global ids). This is what travels between server
 from __future__ import annotations
 
 import torch
+
 from geomoe.model.config import ModelConfig
 from geomoe.model.moe_layer import EXPERT_PARAMS, MoEMlp
 from geomoe.model.network import GeoMoENet

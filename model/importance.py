@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from geomoe.model.experts import KeepSet, prune_model
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import evaluate

@@ -10,9 +10,10 @@ from __future__ import annotations
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from geomoe.model.config import ModelConfig
 from geomoe.model.moe_layer import MoEMlp
-from torch import nn
 
 FEATURE_DIM = 256  # pooled feature width of mobilevitv2_050
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
 from geomoe.model.location import LocationSupervision
 from geomoe.model.moe_layer import MoEMlp
 from geomoe.model.network import GeoMoENet
-from torch.utils.data import DataLoader
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet
 

@@ -17,17 +17,17 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
-from geomoe.model.experts import shared_state
-from geomoe.model.training import evaluate
-from geomoe.server.checkpoint import load_model, save_model
-from geomoe.server.initial_model import initial_model
-from geomoe.server.strategy import GeoExpertStrategy, ServerState, weighted_accuracy
-from geomoe.sim.world import World
 from rich.console import Console
 from rich.table import Table
 
 from geomoe import messages as msg
+from geomoe.model.experts import shared_state
+from geomoe.model.training import evaluate
 from geomoe.run_config import RunConfig
+from geomoe.server.checkpoint import load_model, save_model
+from geomoe.server.initial_model import initial_model
+from geomoe.server.strategy import GeoExpertStrategy, ServerState, weighted_accuracy
+from geomoe.sim.world import World
 
 log = logging.getLogger("geomoe.server")
 CHECKPOINT = "checkpoint.pt"

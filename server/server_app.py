@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from geomoe.server.federation import Federation, summary_table
 from rich.console import Console
 
 from geomoe.run_config import RunConfig, from_flat
+from geomoe.server.federation import Federation, summary_table
 
 
 def make_server_app(cfg: RunConfig | None = None, resume: bool = False) -> ServerApp:

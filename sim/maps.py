@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
 from geomoe.sim.cells import cell_from_path, centre, leaf_ids, parent_ids  # noqa: E402
 from geomoe.sim.partition import CellSummary  # noqa: E402
 

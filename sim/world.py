@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
+
 from geomoe.sim.cells import centre
 from geomoe.sim.partition import adaptive_partition
 from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies
-from torch.utils.data import DataLoader, Subset
 
 
 @dataclass

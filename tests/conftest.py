@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet
 

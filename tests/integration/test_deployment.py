@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from geomoe.sim.world import World
 
 from geomoe.run_config import to_toml
+from geomoe.sim.world import World
 
 from .conftest import small_config, stop
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from geomoe.model.config import ModelConfig
 from geomoe.model.conversion import ConversionConfig, convert_to_moe, representative_patches, resample_classes
 from geomoe.model.network import GeoMoENet

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from geomoe.model.counting import parameter_count
 from geomoe.model.experts import merge_expert_state, prune_model, take_expert_state
 

@@ -1,5 +1,6 @@
 import numpy as np
 import torch
+
 from geomoe.model.importance import KeepPolicy, RoutingStats, keep_set, per_expert_importance, routing_stats
 
 

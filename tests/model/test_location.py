@@ -1,4 +1,5 @@
 import torch
+
 from geomoe.model.location import LocationSupervision, Space2VecGrid, supervised_contrastive
 
 

@@ -1,5 +1,6 @@
 import torch
 import torch.nn.functional as F
+
 from geomoe.model.moe_layer import MoEMlp
 
 

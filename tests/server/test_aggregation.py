@@ -1,4 +1,5 @@
 import torch
+
 from geomoe.server.aggregation import RowUpdate, mean_delta, mean_row_delta
 from geomoe.server.server_optimizer import ServerOptimizer
 

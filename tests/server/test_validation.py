@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from geomoe.server.validation import REPLY_ALLOWANCE, RejectedReply, check_size, check_update, spec_of
 
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import s2sphere
+
 from geomoe.sim.cells import (
     cell_at,
     cell_from_path,

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from geomoe.sim.hsu import read_split, write_split
 
 FIXTURE = """user_id,image_id,class,label

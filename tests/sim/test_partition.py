@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from geomoe.sim.cells import cell_from_path
 from geomoe.sim.partition import adaptive_partition, summarise
 from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies

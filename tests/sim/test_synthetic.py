@@ -1,4 +1,5 @@
 import numpy as np
+
 from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies
 
 
