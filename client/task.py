@@ -16,6 +16,7 @@ import torch
 from geomoe.model.config import ModelConfig
 from geomoe.model.experts import KeepSet, merge_expert_state, shared_state, take_expert_state
 from geomoe.model.importance import RoutingStats, routing_stats
+from geomoe.model.location import LocationSupervision
 from geomoe.model.moe_layer import EXPERT_PARAMS, MoEMlp
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import TrainConfig, evaluate, train_epochs
@@ -107,11 +108,17 @@ def train_and_delta(
     world = world_for(cfg)
     seed = training_seed(cfg.seed, server_round, index)
     train_cfg = TrainConfig(**{**cfg.train.__dict__, "seed": seed})
-    loader = world.loader(location.train, train_cfg.batch_size, shuffle=True, seed=seed)
+    use_location = train_cfg.location_weight > 0
+    loader = world.loader(location.train, train_cfg.batch_size, shuffle=True, seed=seed, with_location=use_location)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     backbone_trained = any(n.startswith("backbone.") for n in received.shared)
     metrics = train_epochs(
-        model, loader, train_cfg, trainable_names(model, received), freeze_norm_stats=not backbone_trained
+        model,
+        loader,
+        train_cfg,
+        trainable_names(model, received),
+        location=location_supervision(model, seed) if use_location else None,
+        freeze_norm_stats=not backbone_trained,
     )
     after = model.state_dict()
     now = take_expert_state(model, keep_of(received.experts))
@@ -125,6 +132,13 @@ def train_and_delta(
         deltas[name] = (after[name] - before[name]).to(received.shared[name].dtype)
     stats = routing_stats(model, world.loader(location.train, 128))
     return deltas, metrics, stats
+
+
+def location_supervision(model: GeoMoENet, seed: int) -> LocationSupervision:
+    """Fresh per-block projections for this round's local training (they never leave the node)."""
+    torch.manual_seed(seed)
+    widths = sorted(set(model.widths))
+    return LocationSupervision(widths, model.blocks)
 
 
 def evaluate_location(cfg: RunConfig, model: GeoMoENet, location: Location) -> dict[str, float | list[float]]:

@@ -250,17 +250,23 @@ def prune(
     out: Path = typer.Option(..., help="Compact model file to write."),
     percentile: float = typer.Option(90.0, help="Edge-weight percentile threshold."),
     policy: str = typer.Option("best_present", help="Patches whose expert was pruned: best_present or remove."),
+    head: str = typer.Option("local", help="local: keep the head rows of the location's species (+ other); all."),
 ) -> None:
-    """Write a compact per-location model (pruned experts) that loads on its own."""
+    """Write a compact per-location model (pruned experts and head) that loads on its own."""
     from geomoe.model.counting import parameter_count
     from geomoe.model.experts import prune_model
     from geomoe.model.importance import KeepPolicy, keep_set, routing_stats
+    from geomoe.model.network import prune_head
     from geomoe.model.training import evaluate
     from geomoe.server.checkpoint import save_model
 
     model, world, location = _location_of(run, cell)
     keep = keep_set(routing_stats(model, world.loader(location.val, 128)), KeepPolicy(percentile=percentile))
     pruned = prune_model(model, keep, absent_policy=policy)
+    if head == "local":
+        pruned = prune_head(pruned, world.species(location.train))
+    elif head != "all":
+        raise click.BadParameter(f"{head!r} is not one of local, all", param_hint="--head")
     save_model(pruned, out, cell=cell, keep=keep)
     test = world.loader(location.test, 128)
     console.print(

@@ -31,6 +31,7 @@ class ModelConfig:
     head: str = "linear"  # "linear" or "bottleneck" (256 -> 1024 -> 256 -> classes)
     drop_rate: float = 0.1  # dropout before the classifier
     expert_ids: dict[int, list[int]] = field(default_factory=dict)  # layer -> held global ids; empty: all
+    head_classes: list[int] = field(default_factory=list)  # classes a pruned head keeps (+ "other"); empty: all
 
     def __post_init__(self) -> None:
         self.moe_layers = tuple(sorted(int(layer) for layer in self.moe_layers))
@@ -43,11 +44,18 @@ class ModelConfig:
             raise ValueError(f"head {self.head!r} is not one of {HEADS}")
         if self.num_experts < 1 or self.expert_hidden < 1:
             raise ValueError("num_experts and expert_hidden must be positive")
+        self.head_classes = sorted(int(c) for c in self.head_classes)
+        if any(not 0 <= c < self.num_classes for c in self.head_classes):
+            raise ValueError(f"head_classes must lie in 0..{self.num_classes - 1}")
         for layer, ids in self.expert_ids.items():
             if layer not in self.moe_layers:
                 raise ValueError(f"expert_ids names layer {layer}, which is not an MoE layer {self.moe_layers}")
             if not ids or any(not 0 <= i < self.num_experts for i in ids):
                 raise ValueError(f"expert_ids[{layer}] must be a non-empty subset of 0..{self.num_experts - 1}")
+
+    def head_outputs(self) -> list[int]:
+        """Global class id of each head output; -1 is the "other" output of a pruned head."""
+        return [*self.head_classes, -1] if self.head_classes else list(range(self.num_classes))
 
     def held_ids(self, layer: int) -> list[int]:
         """Global ids of the experts this model holds in `layer`."""

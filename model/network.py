@@ -37,7 +37,7 @@ def layer_blocks(backbone: nn.Module) -> list[int]:
 class ClassifierHead(nn.Module):
     """Linear or bottleneck (256 -> 1024 -> 256 -> classes) head; outputs carry global class ids."""
 
-    def __init__(self, kind: str, num_classes: int, drop_rate: float) -> None:
+    def __init__(self, kind: str, class_ids: list[int], drop_rate: float) -> None:
         super().__init__()
         self.drop = nn.Dropout(drop_rate)
         if kind == "bottleneck":
@@ -46,9 +46,9 @@ class ClassifierHead(nn.Module):
             )
         else:
             self.body = nn.Identity()
-        self.fc = nn.Linear(FEATURE_DIM, num_classes)
+        self.fc = nn.Linear(FEATURE_DIM, len(class_ids))
         # Global class id of each output; -1 marks the "other" output of a pruned head.
-        self.register_buffer("class_ids", torch.arange(num_classes))
+        self.register_buffer("class_ids", torch.tensor(class_ids, dtype=torch.long))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(self.drop(features)))
@@ -61,7 +61,7 @@ class GeoMoENet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = timm.create_model(cfg.backbone, pretrained=cfg.pretrained, num_classes=0)
-        self.head = ClassifierHead(cfg.head, cfg.num_classes, cfg.drop_rate)
+        self.head = ClassifierHead(cfg.head, cfg.head_outputs(), cfg.drop_rate)
         self.widths = layer_widths(self.backbone)
         self.blocks = layer_blocks(self.backbone)
         for layer in cfg.moe_layers:
@@ -107,5 +107,29 @@ class GeoMoENet(nn.Module):
         return logits, pre_mlp
 
 
-def build_model(cfg: ModelConfig) -> GeoMoENet:
-    return GeoMoENet(cfg)
+@torch.no_grad()
+def prune_head(model: GeoMoENet, classes: list[int]) -> GeoMoENet:
+    """A model whose head keeps only `classes` plus one "other" output (in place of the dropped rows).
+
+    "other" starts as the mean of the dropped rows, its bias raised by log(count), so its logit
+    approximates the pooled evidence for any species this location has not seen.
+    """
+    keep = sorted(set(classes))
+    source = model.head.class_ids.tolist()
+    missing = sorted(set(keep) - set(source))
+    if missing:
+        raise KeyError(f"classes {missing} are not outputs of this head")
+    pruned = GeoMoENet(ModelConfig.from_dict({**model.cfg.to_dict(), "head_classes": keep}))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.fc.") and k != "head.class_ids"}
+    pruned.load_state_dict(state, strict=False)
+    rows = torch.tensor([source.index(c) for c in keep])
+    dropped = torch.tensor([i for i, c in enumerate(source) if c not in keep])
+    weight, bias = model.head.fc.weight, model.head.fc.bias
+    pruned.head.fc.weight[:-1] = weight[rows]
+    pruned.head.fc.bias[:-1] = bias[rows]
+    if len(dropped):
+        pruned.head.fc.weight[-1] = weight[dropped].mean(dim=0)
+        pruned.head.fc.bias[-1] = bias[dropped].mean() + torch.log(torch.tensor(float(len(dropped))))
+    else:
+        pruned.head.fc.bias[-1] = -1e4  # nothing was dropped: "other" never wins
+    return pruned

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from geomoe.sim.cells import centre
 from geomoe.sim.partition import adaptive_partition
@@ -57,6 +57,20 @@ def _great_circle_deg(a: tuple[float, float], b: tuple[float, float]) -> float:
     return float(np.degrees(np.arccos(np.clip(cos, -1, 1))))
 
 
+class WithLocation(Dataset):
+    """Adds each observation's (lon, lat) to its (image, label), for the location contrastive loss."""
+
+    def __init__(self, dataset: SyntheticGeoSpecies) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        image, label = self.dataset[index]
+        return image, label, torch.tensor([self.dataset.lon[index], self.dataset.lat[index]])
+
+
 class World:
     """Dataset + partition + locations, rebuilt identically wherever the config is known."""
 
@@ -98,10 +112,14 @@ class World:
     def species(self, indices: np.ndarray) -> list[int]:
         return sorted(int(s) for s in np.unique(self.dataset.labels[indices]))
 
-    def loader(self, indices: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    def loader(
+        self, indices: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0, with_location: bool = False
+    ) -> DataLoader:
+        """Batches of (images, labels) or, `with_location`, (images, labels, lon/lat in degrees)."""
         generator = torch.Generator().manual_seed(seed)
+        dataset = WithLocation(self.dataset) if with_location else self.dataset
         return DataLoader(
-            Subset(self.dataset, indices.tolist()), batch_size=batch_size, shuffle=shuffle, generator=generator
+            Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=shuffle, generator=generator
         )
 
     def tensors(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,3 +41,16 @@ def test_merging_an_expert_the_model_does_not_hold_fails(moe_model):
     pruned = prune_model(moe_model, {1: [0]})
     with pytest.raises(KeyError, match="not held"):
         merge_expert_state(pruned, take_expert_state(moe_model, {1: [2]}))
+
+
+def test_pruned_head_keeps_local_species_and_an_other_output(moe_model, images):
+    from geomoe.model.network import prune_head
+    from geomoe.model.training import head_targets
+
+    full = moe_model(images)
+    pruned = prune_head(moe_model, [2, 7]).eval()
+    assert pruned.head.class_ids.tolist() == [2, 7, -1]
+    logits = pruned(images)
+    torch.testing.assert_close(logits[:, :2], full[:, [2, 7]], rtol=1e-5, atol=1e-5)
+    assert head_targets(torch.tensor([7, 3, 2]), pruned.head.class_ids).tolist() == [1, 2, 0]
+    assert parameter_count(pruned) < parameter_count(moe_model)
