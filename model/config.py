@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ABSENT_POLICIES = ("best_present", "remove")
+ROUTINGS = ("patch", "image")
 HEADS = ("linear", "bottleneck")
 CLUSTERINGS = ("ward", "kmeans")
 
@@ -24,6 +25,7 @@ class ModelConfig:
     moe_layers: tuple[int, ...] = (1, 3, 5, 7)  # transformer layers 0..8 whose MLP becomes experts
     num_experts: int = 16  # experts per MoE layer in the global model
     expert_hidden: int = 2  # hidden units d_e of one expert MLP
+    routing: str = "patch"  # "patch": one expert per patch (Mensah et al.); "image": one per image (Mobile V-MoE)
     gate_rank: int = 0  # 0: cosine router in feature space; r > 0: low-rank (r) cosine gate
     gate_temperature: float = 0.01  # softmax temperature of the cosine router (learned from here)
     gamma_init: float = 0.9  # weight of the output correction X_corr at init
@@ -40,6 +42,8 @@ class ModelConfig:
             raise ValueError(f"moe_layers must lie in 0..8 (MobileViTV2 has 9 transformer layers): {self.moe_layers}")
         if self.absent_policy not in ABSENT_POLICIES:
             raise ValueError(f"absent_policy {self.absent_policy!r} is not one of {ABSENT_POLICIES}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing {self.routing!r} is not one of {ROUTINGS}")
         if self.head not in HEADS:
             raise ValueError(f"head {self.head!r} is not one of {HEADS}")
         if self.num_experts < 1 or self.expert_hidden < 1:

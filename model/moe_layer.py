@@ -36,6 +36,7 @@ class MoEMlp(nn.Module):
         gate_temperature: float = 0.01,
         gamma_init: float = 0.9,
         absent_policy: str = "best_present",
+        routing: str = "patch",
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
@@ -43,6 +44,7 @@ class MoEMlp(nn.Module):
         self.dim, self.expert_hidden, self.eps = dim, hidden, eps
         self.num_global_experts = num_global_experts
         self.absent_policy = absent_policy
+        self.routing = routing
         self.register_buffer("expert_ids", torch.tensor(sorted(expert_ids), dtype=torch.long))
         absent = sorted(set(range(num_global_experts)) - set(expert_ids))
         self.register_buffer("absent_ids", torch.tensor(absent, dtype=torch.long))
@@ -63,6 +65,7 @@ class MoEMlp(nn.Module):
         self.log_temperature = nn.Parameter(torch.tensor(math.log(gate_temperature)))
         self.gate_proj = nn.Parameter(torch.linalg.qr(torch.randn(dim, gate_rank))[0]) if gate_rank else None
         self.last_choice: torch.Tensor | None = None  # (B, N) global id per patch, -1 where removed
+        self.last_logits: torch.Tensor | None = None  # (B, E_held) per-image router logits (routing="image")
 
     @property
     def num_held(self) -> int:
@@ -90,6 +93,8 @@ class MoEMlp(nn.Module):
         inv_temperature = self.log_temperature.neg().exp()
         logits_held = query @ F.normalize(keys_held, dim=-1).T * inv_temperature  # (B, N, E)
         logits_absent = query @ F.normalize(keys_absent, dim=-1).T * inv_temperature  # (B, N, A)
+        if self.routing == "image":
+            self.last_logits = logits_held[:, 0]  # (B, E): for router supervision
         log_norm = torch.logsumexp(torch.cat([logits_held, logits_absent], dim=-1), dim=-1)
         best_held, choice = logits_held.max(dim=-1)
         gate = (best_held - log_norm).exp()
@@ -118,7 +123,11 @@ class MoEMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, P, N = x.shape
         tokens = self.normalize(x).permute(0, 3, 2, 1)  # [B, C, P, N] --> [B, N, P, C]
-        gate, choice, removed = self.route(tokens.mean(dim=2))  # one decision per patch: (B, N)
+        patch_embedding = tokens.mean(dim=2)  # (B, N, C)
+        if self.routing == "image":  # Mobile V-MoE: one decision per image from pooled features
+            gate, choice, removed = (t.expand(B, N) for t in self.route(patch_embedding.mean(dim=1, keepdim=True)))
+        else:
+            gate, choice, removed = self.route(patch_embedding)  # one decision per patch: (B, N)
         out = self.expert_outputs(tokens, choice) * gate[:, :, None, None]
         out = out.permute(0, 3, 2, 1)  # [B, N, P, C] --> [B, C, P, N]
         self.last_choice = torch.where(removed, -1, self.expert_ids[choice]).detach()
@@ -129,5 +138,5 @@ class MoEMlp(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, experts={self.expert_ids.tolist()} of {self.num_global_experts}, "
-            f"hidden={self.expert_hidden}, policy={self.absent_policy}"
+            f"hidden={self.expert_hidden}, policy={self.absent_policy}, routing={self.routing}"
         )

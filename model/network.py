@@ -76,6 +76,7 @@ class GeoMoENet(nn.Module):
                 cfg.gate_temperature,
                 cfg.gamma_init,
                 cfg.absent_policy,
+                cfg.routing,
             )
         self._captured: dict[int, torch.Tensor] | None = None
         for index, block in enumerate(transformer_layers(self.backbone)):
