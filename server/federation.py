@@ -152,16 +152,7 @@ class Federation:
         done = self.state.completed_round
         messages = list(self.strategy.configure_evaluate(done, ArrayRecord(), ConfigRecord(), self.grid))
         replies, _ = self.exchange(messages, "evaluation")
-        per_cell = {}
-        for reply in replies:
-            if reply.has_error() or msg.METRICS not in reply.content:
-                continue
-            metrics = reply.content[msg.METRICS]
-            per_cell[self.strategy.nodes[reply.metadata.src_node_id].cell] = {
-                "accuracy": float(metrics["accuracy"]),
-                "examples": float(metrics["examples"]),
-            }
-        self._store_evaluation(done, per_cell)
+        self._store_evaluation(done, self.strategy.per_cell_evaluation(replies))
 
     def _record_received_accuracy(self, rounds_done: int, replies: Iterable[Message]) -> None:
         """Train replies report the accuracy of the model they received: the model after `rounds_done`."""

@@ -233,14 +233,23 @@ class GeoExpertStrategy(Strategy):
             for node_id in sorted(self.nodes, key=lambda n: self.nodes[n].location)
         ]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def per_cell_evaluation(self, replies: Iterable[Message]) -> dict[str, dict]:
+        """Accuracy, examples and per-species recall of each replying node's cell."""
         per_cell = {}
         for reply in replies:
-            if reply.has_error() or msg.METRICS not in reply.content:
+            if reply.has_error() or msg.METRICS not in reply.content or reply.metadata.src_node_id not in self.nodes:
                 continue
-            node = self.nodes[reply.metadata.src_node_id]
             metrics = reply.content[msg.METRICS]
-            per_cell[node.cell] = {"accuracy": float(metrics["accuracy"]), "examples": float(metrics["examples"])}
+            recall = {str(s): r for s, r in enumerate(metrics.get("recall", [])) if r >= 0}  # -1: species absent
+            per_cell[self.nodes[reply.metadata.src_node_id].cell] = {
+                "accuracy": float(metrics["accuracy"]),
+                "examples": float(metrics["examples"]),
+                "recall": recall,
+            }
+        return per_cell
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        per_cell = self.per_cell_evaluation(replies)
         if not per_cell:
             return None
         return MetricRecord(weighted_accuracy(per_cell) | {"cells": len(per_cell)})
