@@ -52,3 +52,45 @@ def bench_model(batch_size: int, image_size: int, repeats: int) -> dict:
         name = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}"
         result["devices"][device] = {"name": name, "dense_s": d, "moe_s": m, "ratio": m / d}
     return result
+
+
+def upload_per_client_round(report: dict) -> float:
+    """Mean bytes one client uploads in one round."""
+    values = [t["up"] for row in report["rounds"] for t in row["traffic"].values()]
+    return sum(values) / max(len(values), 1)
+
+
+def accuracy_by_upload(report: dict) -> list[tuple[float, float]]:
+    """(cumulative upload bytes per client, accuracy of the model after that much upload), round 0 first."""
+    points, total = [], 0.0
+    evaluations = report["evaluations"]
+    if "0" in evaluations:
+        points.append((0.0, evaluations["0"]["accuracy"]))
+    for row in report["rounds"]:
+        total += sum(t["up"] for t in row["traffic"].values()) / max(len(row["traffic"]), 1)
+        if str(row["round"]) in evaluations:
+            points.append((total, evaluations[str(row["round"])]["accuracy"]))
+    return points
+
+
+def accuracy_at_budget(points: list[tuple[float, float]], budget: float) -> float:
+    """Best accuracy reached with at most `budget` bytes uploaded per client."""
+    return max(acc for spent, acc in points if spent <= budget)
+
+
+def compare_strategies(reports: dict[str, dict]) -> dict:
+    """Upload ratio and accuracy at equal upload of the per-expert run against dense FedAvg."""
+    dense, expert = reports["fedavg"], reports["expert"]
+    dense_points, expert_points = accuracy_by_upload(dense), accuracy_by_upload(expert)
+    budget = dense_points[1][0]  # what dense FedAvg uploads per client in its first round
+    return {
+        "upload_per_client_round": {name: upload_per_client_round(r) for name, r in reports.items()},
+        "upload_ratio_expert_over_fedavg": upload_per_client_round(expert) / upload_per_client_round(dense),
+        "final_accuracy": {name: r["final_accuracy"] for name, r in reports.items()},
+        "equal_upload_budget_bytes": budget,
+        "accuracy_at_equal_upload": {
+            "fedavg": accuracy_at_budget(dense_points, budget),
+            "expert": accuracy_at_budget(expert_points, budget),
+        },
+        "curves": {name: accuracy_by_upload(r) for name, r in reports.items()},
+    }

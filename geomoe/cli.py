@@ -295,6 +295,42 @@ def bench_model(
     console.print(f"wrote {out}")
 
 
+@bench_app.command("comm")
+def bench_comm(
+    out: Path = typer.Option(Path("runs/bench-comm"), help="Folder for the runs and bench_comm.json."),
+    rounds: int = typer.Option(5, help="Rounds of each strategy."),
+    seed: int = typer.Option(0, help="Seed shared by both runs."),
+) -> None:
+    """Dense FedAvg and per-expert averaging on the same partitions, seed and initial model."""
+    from geomoe.bench import compare_strategies
+    from geomoe.run_config import RunConfig
+    from geomoe.simulation import simulate
+
+    reports = {}
+    for strategy in ("fedavg", "expert"):
+        cfg = RunConfig(out=str(out / strategy), cache=str(out / "cache"), seed=seed)
+        cfg.federation.strategy, cfg.federation.rounds = strategy, rounds
+        console.print(f"[bold]{strategy}[/bold]: {rounds} rounds")
+        reports[strategy] = simulate(cfg)
+    result = compare_strategies(reports)
+    (out / "bench_comm.json").write_text(json.dumps(result, indent=2))
+    table = Table(title="per-expert vs dense FedAvg")
+    for column in ("strategy", "upload kB/client/round", "final accuracy", "accuracy at equal upload"):
+        table.add_column(column, justify="right")
+    for name in ("fedavg", "expert"):
+        table.add_row(
+            name,
+            f"{result['upload_per_client_round'][name] / 1e3:.1f}",
+            f"{result['final_accuracy'][name]:.3f}",
+            f"{result['accuracy_at_equal_upload'][name]:.3f}",
+        )
+    console.print(table)
+    console.print(
+        f"upload ratio expert / fedavg: {result['upload_ratio_expert_over_fedavg']:.4f}; "
+        f"wrote {out / 'bench_comm.json'}"
+    )
+
+
 def _not_yet(name: str, issue: int, what: str) -> None:
     @app.command(
         name, help=f"{what} (not available yet: issue #{issue}).", context_settings={"ignore_unknown_options": True}
@@ -303,7 +339,7 @@ def _not_yet(name: str, issue: int, what: str) -> None:
         raise click.ClickException(f"geomoe {name} is not available yet (tracked in issue #{issue})")
 
 
-_not_yet("comm", 6, "Communication cost reports and compression benchmarks")
+_not_yet("comm", 6, "Communication cost reports across runs")
 _not_yet("expert-server", 7, "Serve experts to nearby devices over gRPC")
 _not_yet("device", 8, "Camera-trap device runtime")
 _not_yet("deploy", 8, "Deploy clients to Raspberry Pis with Docker")
