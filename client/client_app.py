@@ -22,9 +22,11 @@ from geomoe.client.task import (
     train_and_delta,
     world_for,
 )
+from geomoe.compression import ErrorFeedback
 from geomoe.run_config import RunConfig
 
 app = ClientApp()
+FEEDBACK = "error-feedback"  # node state: what compression dropped from the last update
 
 
 def _run_config(message: Message) -> RunConfig:
@@ -42,11 +44,7 @@ def _base(message: Message, context: Context) -> dict[str, torch.Tensor]:
 
 def _received(message: Message) -> Received:
     content = message.content
-
-    def tensors(name: str) -> dict[str, torch.Tensor]:
-        return msg.from_record(content[name]) if name in content else {}
-
-    return Received(tensors(msg.EXPERTS), tensors(msg.ROUTER), tensors(msg.HEAD), tensors(msg.SHARED))
+    return Received(*(msg.unpack(content, name) for name in (msg.EXPERTS, msg.ROUTER, msg.HEAD, msg.SHARED)))
 
 
 @app.query()
@@ -83,13 +81,16 @@ def train(message: Message, context: Context) -> Message:
     deltas, metrics, stats = train_and_delta(cfg, model, received, location, int(config["round"]), index)
     reply = RecordDict(
         {
-            msg.UPDATE: msg.to_record(deltas),
             msg.TOKENS: msg.to_record(msg.stats_to_tensors(stats)),
             msg.METRICS: MetricRecord(
                 {**metrics, "received-accuracy": before["accuracy"], "received-loss": before["loss"]}
             ),
         }
     )
+    feedback = ErrorFeedback(msg.from_record(context.state[FEEDBACK]) if FEEDBACK in context.state else {})
+    msg.pack(reply, msg.UPDATE, deltas, cfg.federation.upload_compression, feedback)
+    if feedback.residuals:
+        context.state[FEEDBACK] = msg.to_record(feedback.residuals)
     return Message(reply, reply_to=message)
 
 

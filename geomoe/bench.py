@@ -79,18 +79,17 @@ def accuracy_at_budget(points: list[tuple[float, float]], budget: float) -> floa
 
 
 def compare_strategies(reports: dict[str, dict]) -> dict:
-    """Upload ratio and accuracy at equal upload of the per-expert run against dense FedAvg."""
-    dense, expert = reports["fedavg"], reports["expert"]
-    dense_points, expert_points = accuracy_by_upload(dense), accuracy_by_upload(expert)
+    """Upload ratios to dense FedAvg (`reports["fedavg"]`) and accuracy at equal upload, for every run."""
+    dense_points = accuracy_by_upload(reports["fedavg"])
     budget = dense_points[1][0]  # what dense FedAvg uploads per client in its first round
+    dense_upload = upload_per_client_round(reports["fedavg"])
     return {
         "upload_per_client_round": {name: upload_per_client_round(r) for name, r in reports.items()},
-        "upload_ratio_expert_over_fedavg": upload_per_client_round(expert) / upload_per_client_round(dense),
+        "upload_ratio_to_fedavg": {name: upload_per_client_round(r) / dense_upload for name, r in reports.items()},
         "final_accuracy": {name: r["final_accuracy"] for name, r in reports.items()},
         "equal_upload_budget_bytes": budget,
         "accuracy_at_equal_upload": {
-            "fedavg": accuracy_at_budget(dense_points, budget),
-            "expert": accuracy_at_budget(expert_points, budget),
+            name: accuracy_at_budget(accuracy_by_upload(r), budget) for name, r in reports.items()
         },
         "curves": {name: accuracy_by_upload(r) for name, r in reports.items()},
     }

@@ -17,9 +17,11 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 model_app = typer.Typer(no_args_is_help=True, help="Inspect model shapes, parameters and FLOPs.")
 experts_app = typer.Typer(no_args_is_help=True, help="Expert importance and keep sets for a location.")
+comm_app = typer.Typer(no_args_is_help=True, help="Communication cost of runs: tables, CSV, plots, link times.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON (speed and cost as ratios).")
 app.add_typer(model_app, name="model")
 app.add_typer(experts_app, name="experts")
+app.add_typer(comm_app, name="comm")
 app.add_typer(bench_app, name="bench")
 console = Console()
 _debug = {"on": False}
@@ -298,37 +300,74 @@ def bench_model(
 @bench_app.command("comm")
 def bench_comm(
     out: Path = typer.Option(Path("runs/bench-comm"), help="Folder for the runs and bench_comm.json."),
-    rounds: int = typer.Option(5, help="Rounds of each strategy."),
-    seed: int = typer.Option(0, help="Seed shared by both runs."),
+    rounds: int = typer.Option(5, help="Rounds of each run."),
+    compressed: str = typer.Option("int8+zstd", help="Upload pipeline of the compressed per-expert run."),
+    seed: int = typer.Option(0, help="Seed shared by all runs."),
 ) -> None:
-    """Dense FedAvg and per-expert averaging on the same partitions, seed and initial model."""
+    """Dense FedAvg, per-expert, and compressed per-expert on the same partitions, seed and initial model."""
     from geomoe.bench import compare_strategies
     from geomoe.run_config import RunConfig
     from geomoe.simulation import simulate
 
+    variants = {"fedavg": ("fedavg", "none"), "expert": ("expert", "none"), "expert-compressed": ("expert", compressed)}
     reports = {}
-    for strategy in ("fedavg", "expert"):
-        cfg = RunConfig(out=str(out / strategy), cache=str(out / "cache"), seed=seed)
-        cfg.federation.strategy, cfg.federation.rounds = strategy, rounds
-        console.print(f"[bold]{strategy}[/bold]: {rounds} rounds")
-        reports[strategy] = simulate(cfg)
-    result = compare_strategies(reports)
+    for name, (strategy, codec) in variants.items():
+        cfg = RunConfig(out=str(out / name), cache=str(out / "cache"), seed=seed)
+        cfg.federation.strategy, cfg.federation.rounds, cfg.federation.upload_compression = strategy, rounds, codec
+        console.print(f"[bold]{name}[/bold]: {strategy}, upload {codec}, {rounds} rounds")
+        reports[name] = simulate(cfg)
+    result = {**compare_strategies(reports), "compressed_pipeline": compressed}
     (out / "bench_comm.json").write_text(json.dumps(result, indent=2))
     table = Table(title="per-expert vs dense FedAvg")
-    for column in ("strategy", "upload kB/client/round", "final accuracy", "accuracy at equal upload"):
+    for column in ("run", "upload kB/client/round", "ratio to fedavg", "final accuracy", "accuracy at equal upload"):
         table.add_column(column, justify="right")
-    for name in ("fedavg", "expert"):
+    for name in variants:
         table.add_row(
             name,
             f"{result['upload_per_client_round'][name] / 1e3:.1f}",
+            f"{result['upload_ratio_to_fedavg'][name]:.4f}",
             f"{result['final_accuracy'][name]:.3f}",
             f"{result['accuracy_at_equal_upload'][name]:.3f}",
         )
     console.print(table)
-    console.print(
-        f"upload ratio expert / fedavg: {result['upload_ratio_expert_over_fedavg']:.4f}; "
-        f"wrote {out / 'bench_comm.json'}"
-    )
+    console.print(f"wrote {out / 'bench_comm.json'}")
+
+
+@comm_app.command("report")
+def comm_report(
+    runs: list[Path] = typer.Argument(..., help="Run folders holding report.json."),
+    out: Path = typer.Option(Path("."), help="Folder for comm.csv and comm.png."),
+    link: list[str] = typer.Option(
+        ["lora", "iridium", "lte-m", "wifi"],
+        help="Link profiles (lora, iridium, 3g, lte-m, wifi or name:bps:latency_s:overhead).",
+    ),
+) -> None:
+    """Per run: MB up/down per client per round, totals, accuracy, accuracy per MB and link times."""
+    from geomoe.comm_report import load_report, plot, run_label, summarise_run, write_csv
+    from geomoe.links import parse_link
+
+    links = [parse_link(text) for text in link]
+    reports = {run: load_report(run) for run in runs}
+    rows = [summarise_run(run, report, links) for run, report in reports.items()]
+    table = Table(title="communication cost per client per round")
+    columns = ["run", "up MB", "down MB", "total MB", "accuracy", "acc./upload MB", *[f"{k.name} s" for k in links]]
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            row["run"],
+            f"{row['up_mb_per_client_round']:.3f}",
+            f"{row['down_mb_per_client_round']:.3f}",
+            f"{row['total_mb']:.1f}",
+            f"{row['accuracy']:.3f}",
+            f"{row['accuracy_per_upload_mb']:.2f}",
+            *[f"{row[f'{k.name}_s_per_round']:.0f}" for k in links],
+        )
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "comm.csv")
+    plot({run_label(run, report): report for run, report in reports.items()}, out / "comm.png")
+    console.print(f"wrote {out / 'comm.csv'} and {out / 'comm.png'}")
 
 
 def _not_yet(name: str, issue: int, what: str) -> None:
@@ -339,7 +378,6 @@ def _not_yet(name: str, issue: int, what: str) -> None:
         raise click.ClickException(f"geomoe {name} is not available yet (tracked in issue #{issue})")
 
 
-_not_yet("comm", 6, "Communication cost reports across runs")
 _not_yet("expert-server", 7, "Serve experts to nearby devices over gRPC")
 _not_yet("device", 8, "Camera-trap device runtime")
 _not_yet("deploy", 8, "Deploy clients to Raspberry Pis with Docker")

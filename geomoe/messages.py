@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
 
+from geomoe.compression import ErrorFeedback, Pipeline, decode_all
 from geomoe.model.importance import RoutingStats
 
 # RecordDict entries
@@ -25,6 +26,7 @@ SHARED = "shared"  # shared (non-expert) parameters by state-dict name
 BASE = "base"  # the full initial shared state, sent once so a node can build its model
 UPDATE = "update"  # reply: deltas for exactly the tensors the node was sent to train
 TOKENS = "tokens"  # reply: routing statistics on the training set (counts.{layer}, edges.{layer})
+CODEC = ".codec"  # suffix of the ConfigRecord describing a compressed record
 INFO = "info"  # query reply: where the node is and what it has
 CONFIG = "config"  # ConfigRecord: run config (json), round, what is trainable
 METRICS = "metrics"  # reply: MetricRecord
@@ -44,13 +46,73 @@ def config_record(values: dict[str, Any]) -> ConfigRecord:
     return ConfigRecord({k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v for k, v in values.items()})
 
 
+def serialised_bytes(obj: InflatableObject) -> int:
+    """Bytes of an object and everything inside it as Flower deflates them (identical chunks once)."""
+    return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
+
+
 def content_bytes(content: RecordDict) -> dict[str, int]:
-    """Bytes of each record of `content` as Flower serialises it (deflated objects, shared chunks once)."""
-    sizes = {}
+    """Bytes of each record of `content` as Flower serialises it."""
+    return {name: serialised_bytes(record) for name, record in content.items()}
+
+
+CATEGORIES = ("experts", "router", "head", "shared", "base", "control")
+
+
+def key_category(key: str) -> str:
+    """What a tensor name is, for accounting: experts, router, head or shared."""
+    name = key.split("/", 1)[0]
+    if name.endswith("centroids"):
+        return "router"
+    if name.startswith("moe."):
+        return "experts"
+    if name.startswith("head."):
+        return "head"
+    return "shared"
+
+
+def content_traffic(content: RecordDict) -> dict[str, int]:
+    """Serialised bytes of `content` by category; `total` counts shared chunks once, as Flower sends them."""
+    traffic = dict.fromkeys(CATEGORIES, 0)
     for name, record in content.items():
-        objects = get_all_nested_objects(record)
-        sizes[name] = sum(len(obj.deflate()) for obj in objects.values())
-    return sizes
+        if isinstance(record, ArrayRecord) and name not in (TOKENS, BASE):
+            for key, array in record.items():
+                traffic[key_category(key)] += sum(len(o.deflate()) for o in get_all_nested_objects(array).values())
+            traffic["control"] += len(record.deflate())
+        else:
+            traffic["base" if name == BASE else "control"] += sum(
+                len(o.deflate()) for o in get_all_nested_objects(record).values()
+            )
+    traffic["total"] = sum(content_bytes(content).values())
+    return traffic
+
+
+def pack(
+    content: RecordDict,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    pipeline: str = "none",
+    feedback: ErrorFeedback | None = None,
+) -> None:
+    """Put `tensors` into `content[name]`, compressed by `pipeline` (described in `content[name.codec]`)."""
+    parsed = Pipeline.parse(pipeline)
+    if parsed.identity:
+        content[name] = to_record(tensors)
+        return
+    arrays, description = (feedback or ErrorFeedback()).compress(tensors, parsed)
+    content[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    content[name + CODEC] = ConfigRecord({"pipeline": pipeline, "tensors": description})
+
+
+def unpack(content: RecordDict, name: str) -> dict[str, torch.Tensor]:
+    """Tensors of `content[name]`, decompressed if they were packed compressed; {} if absent."""
+    if name not in content:
+        return {}
+    if name + CODEC not in content:
+        return from_record(content[name])
+    codec = content[name + CODEC]
+    arrays = {k: v.numpy() for k, v in content[name].items()}
+    return decode_all(arrays, str(codec["tensors"]), Pipeline.parse(str(codec["pipeline"])))
 
 
 def stats_to_tensors(stats: RoutingStats) -> dict[str, torch.Tensor]:

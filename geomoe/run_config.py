@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geomoe.compression import Pipeline
 from geomoe.model.config import ModelConfig
 from geomoe.model.conversion import ConversionConfig
 from geomoe.model.importance import KeepPolicy
@@ -43,6 +44,8 @@ class FederationConfig:
     min_nodes: int = 1  # wait for this many nodes before a round starts
     round_timeout_s: float = 600.0  # a round goes on without nodes that have not replied by then
     max_update_ratio: float = 1.5  # a reply larger than this times what was sent is rejected
+    upload_compression: str = "none"  # client -> server pipeline, e.g. "int8+zstd", "topk0.1+int8+zstd"
+    download_compression: str = "none"  # server -> client pipeline for experts, head rows, shared tensors
     pretrain_epochs: int = 4  # server-side dense pretraining on its share before conversion
     pretrain_lr: float = 2e-3  # learning rate of that pretraining
 
@@ -57,6 +60,11 @@ class FederationConfig:
                 raise ValueError(f"federation.{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.rounds < 1:
             raise ValueError(f"federation.rounds must be >= 1, got {self.rounds}")
+        for name in ("upload_compression", "download_compression"):
+            try:
+                Pipeline.parse(getattr(self, name))
+            except ValueError as error:
+                raise ValueError(f"federation.{name}: {error}") from None
         self.keep.always_keep = {int(k): list(v) for k, v in self.keep.always_keep.items()}
 
 

@@ -43,8 +43,14 @@ def same_run(saved_json: str, cfg: RunConfig) -> bool:
     return saved == now
 
 
-def message_bytes(message: Message) -> int:
-    return sum(msg.content_bytes(message.content).values())
+def merge_traffic(a: dict | None, b: dict) -> dict:
+    """Sum of two traffic entries of one node (totals and categories)."""
+    if a is None:
+        return b
+    out = {"down": a["down"] + b["down"], "up": a["up"] + b["up"]}
+    for side in ("down_by", "up_by"):
+        out[side] = {k: a[side].get(k, 0) + b[side].get(k, 0) for k in set(a[side]) | set(b[side])}
+    return out
 
 
 class Federation:
@@ -68,16 +74,18 @@ class Federation:
         self.strategy = GeoExpertStrategy(cfg, model, self.base, self.state)
 
     # --- messaging with byte accounting --------------------------------------------------------
-    def exchange(self, messages: list[Message], phase: str) -> tuple[list[Message], dict[int, dict[str, int]]]:
-        """Send, wait up to the round timeout, and count each node's bytes down and up."""
-        traffic: dict[int, dict[str, int]] = {}
+    def exchange(self, messages: list[Message], phase: str) -> tuple[list[Message], dict[int, dict]]:
+        """Send, wait up to the round timeout, and count each node's bytes down and up, by category."""
+        traffic: dict[int, dict] = {}
         for message in messages:
-            traffic[message.metadata.dst_node_id] = {"down": message_bytes(message), "up": 0}
+            down = msg.content_traffic(message.content)
+            traffic[message.metadata.dst_node_id] = {"down": down.pop("total"), "up": 0, "down_by": down, "up_by": {}}
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout_s))
         for reply in replies:
-            traffic.setdefault(reply.metadata.src_node_id, {"down": 0, "up": 0})["up"] = (
-                0 if reply.has_error() else message_bytes(reply)
-            )
+            entry = traffic.setdefault(reply.metadata.src_node_id, {"down": 0, "up": 0, "down_by": {}, "up_by": {}})
+            if not reply.has_error():
+                up = msg.content_traffic(reply.content)
+                entry["up"], entry["up_by"] = up.pop("total"), up
         missing = len(messages) - len(replies)
         if missing:
             log.warning(
@@ -106,7 +114,7 @@ class Federation:
             replies, routed = self.exchange(self.strategy.configure_query(needs_keep, with_model=True), "routing query")
             self.strategy.register(replies)
             for node, t in routed.items():
-                traffic[node] = {k: traffic.get(node, {}).get(k, 0) + t[k] for k in ("down", "up")}
+                traffic[node] = merge_traffic(traffic.get(node), t)
         if not self.strategy.nodes:
             raise RuntimeError("no node answered the query")
         return traffic

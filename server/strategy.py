@@ -116,16 +116,18 @@ class GeoExpertStrategy(Strategy):
                 msg.CONFIG: msg.config_record(
                     {"run": self.cfg.to_json(), "round": server_round, "location": node.location}
                 ),
-                msg.EXPERTS: msg.to_record(experts),
                 msg.ROUTER: msg.to_record(router),
             }
         )
+        codec = self.fed.download_compression
+        msg.pack(content, msg.EXPERTS, experts, codec)
         if head:
-            content[msg.HEAD] = msg.to_record(head)
+            msg.pack(content, msg.HEAD, head, codec)
         if shared:
-            content[msg.SHARED] = msg.to_record(shared)
+            msg.pack(content, msg.SHARED, shared, codec)
         if not node.has_base:
             content[msg.BASE] = msg.to_record(self.base)
+            node.has_base = True  # the node caches it; a node that lost it says so in its next query
         if train:
             self.sent[node_id] = spec_of({**experts, **head, **shared})
         return content
@@ -162,7 +164,7 @@ class GeoExpertStrategy(Strategy):
                 check_size(
                     sum(msg.content_bytes(reply.content).values()), self.sent[node_id], self.fed.max_update_ratio
                 )
-                update = msg.from_record(reply.content[msg.UPDATE])
+                update = msg.unpack(reply.content, msg.UPDATE)
                 check_update(update, self.sent[node_id])
                 tokens = msg.from_record(reply.content[msg.TOKENS]) if msg.TOKENS in reply.content else {}
                 metrics = dict(reply.content[msg.METRICS]) if msg.METRICS in reply.content else {}

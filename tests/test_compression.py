@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+
+from geomoe.compression import ErrorFeedback, Pipeline, decode_all, encode_all
+
+
+def round_trip(tensors, text):
+    pipeline = Pipeline.parse(text)
+    arrays, description = encode_all(tensors, pipeline)
+    return decode_all(arrays, description, pipeline), sum(a.nbytes for a in arrays.values())
+
+
+@pytest.fixture
+def tensors():
+    generator = torch.Generator().manual_seed(0)
+    return {"moe.1.w1": torch.randn(16, 64, 2, generator=generator), "moe.1.ids": torch.arange(16)}
+
+
+@pytest.mark.parametrize("text", ["zstd", "none"])
+def test_lossless_pipelines_are_exact(tensors, text):
+    back, _ = round_trip(tensors, text)
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_ids_travel_exactly_through_lossy_pipelines(tensors):
+    back, _ = round_trip(tensors, "topk0.1+int8+zstd")
+    assert torch.equal(back["moe.1.ids"], tensors["moe.1.ids"]) and back["moe.1.ids"].dtype == torch.int64
+
+
+def test_fp16_error_bound(tensors):
+    back, size = round_trip(tensors, "fp16")
+    x = tensors["moe.1.w1"]
+    assert (back["moe.1.w1"] - x).abs().max() <= x.abs().max() * 2**-10
+    assert back["moe.1.w1"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("text", ["int8", "int8c"])
+def test_int8_error_is_at_most_half_a_step(tensors, text):
+    back, size = round_trip(tensors, text)
+    x = tensors["moe.1.w1"]
+    rows = x.reshape(16, -1) if text == "int8c" else x.reshape(1, -1)
+    step = rows.abs().max(dim=1, keepdim=True).values / 127
+    error = (back["moe.1.w1"].reshape(rows.shape) - rows).abs()
+    assert torch.all(error <= step / 2 + 1e-7)
+    assert size < 0.3 * x.numel() * 4 + 16 * 8 + 64
+
+
+def test_per_row_int8_is_tighter_on_rows_of_different_scale():
+    x = {"w": torch.cat([torch.randn(1, 100) * 100, torch.randn(1, 100) * 0.01])}
+    per_tensor, _ = round_trip(x, "int8")
+    per_row, _ = round_trip(x, "int8c")
+    assert (per_row["w"][1] - x["w"][1]).abs().max() < (per_tensor["w"][1] - x["w"][1]).abs().max()
+
+
+def test_topk_keeps_exactly_the_largest_entries():
+    x = {"w": torch.tensor([0.1, -5.0, 0.2, 3.0, -0.05, 0.0, 1.0, 0.3, -0.2, 0.01])}
+    back, _ = round_trip(x, "topk0.3")
+    assert back["w"].tolist() == pytest.approx([0, -5.0, 0, 3.0, 0, 0, 1.0, 0, 0, 0])
+
+
+def test_error_feedback_carries_the_residual_to_the_next_round():
+    pipeline = Pipeline.parse("topk0.5")
+    feedback = ErrorFeedback()
+    first = {"w": torch.tensor([4.0, 1.0])}
+    arrays, description = feedback.compress(first, pipeline)
+    assert decode_all(arrays, description, pipeline)["w"].tolist() == [4.0, 0.0]
+    assert feedback.residuals["w"].tolist() == [0.0, 1.0]
+    arrays, description = feedback.compress({"w": torch.tensor([0.0, 0.5])}, pipeline)
+    assert decode_all(arrays, description, pipeline)["w"].tolist() == [0.0, 1.5]  # 0.5 + last round's 1.0
+    assert feedback.residuals["w"].tolist() == [0.0, 0.0]
+
+
+def test_zstd_shrinks_redundant_data():
+    _, raw = round_trip({"w": torch.zeros(1000)}, "none")
+    _, packed = round_trip({"w": torch.zeros(1000)}, "zstd")
+    assert packed < raw / 20
+
+
+@pytest.mark.parametrize("text", ["int9", "topk", "topk1.5", "gzip"])
+def test_bad_pipelines_are_refused(text):
+    with pytest.raises(ValueError):
+        Pipeline.parse(text)
+
+
+def test_error_feedback_ignores_residuals_of_another_shape():
+    feedback = ErrorFeedback({"w": torch.ones(3)})
+    arrays, description = feedback.compress({"w": torch.zeros(2)}, Pipeline.parse("int8"))
+    assert np.allclose(decode_all(arrays, description, Pipeline.parse("int8"))["w"].numpy(), 0)
