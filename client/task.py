@@ -77,7 +77,8 @@ def build_model(model_cfg: ModelConfig, base: dict[str, torch.Tensor], received:
     model.load_state_dict(base, strict=False)
     merge_expert_state(model, received.experts)
     for layer, module in model.moe_layers().items():
-        module.absent_centroids.copy_(received.absent_centroids[f"moe.{layer}.absent_centroids"])
+        with torch.no_grad():
+            module.absent_centroids.copy_(received.absent_centroids[f"moe.{layer}.absent_centroids"])
     if received.head:
         rows = received.head["head.ids"]
         with torch.no_grad():

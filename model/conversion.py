@@ -156,7 +156,7 @@ def init_layer(module, dense_block, sample: LayerSample, cfg: ConversionConfig) 
     centroids, assignment = cluster_centroids(scaled, module.num_held, cfg.clustering, cfg.seed)
     module.centroids.copy_(torch.from_numpy(centroids))
     # Every collected patch goes where the router will send it; MoEfication uses those tokens.
-    _, routed, _ = module.route(embeddings[None])
+    routed = module.route(embeddings[None]).choice
     routed = routed[0]
     norm_w, norm_b = dense_block.norm2.weight, dense_block.norm2.bias
     fc1 = dense_block.mlp.fc1.weight.flatten(1)  # (2C, C)

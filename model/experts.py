@@ -81,7 +81,7 @@ def global_centroids(module: MoEMlp) -> torch.Tensor:
     out = torch.empty(module.num_global_experts, module.dim, dtype=module.centroids.dtype)
     out[module.expert_ids] = module.centroids.detach()
     if module.absent_ids.numel():
-        out[module.absent_ids] = module.absent_centroids
+        out[module.absent_ids] = module.absent_centroids.detach()
     return out
 
 
@@ -105,5 +105,6 @@ def prune_model(model: GeoMoENet, keep: KeepSet, absent_policy: str | None = Non
     merge_expert_state(pruned, take_expert_state(model, new_ids))
     for layer, module in pruned.moe_layers().items():
         source = model.moe_layers()[layer]
-        module.absent_centroids.copy_(global_centroids(source)[module.absent_ids])
+        with torch.no_grad():
+            module.absent_centroids.copy_(global_centroids(source)[module.absent_ids])
     return pruned

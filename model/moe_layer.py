@@ -14,6 +14,7 @@ to an absent expert, are the same as in the full model.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,21 @@ from torch import nn
 
 # Parameters stored per expert, leading dimension = held experts. Together they are "an expert".
 EXPERT_PARAMS = ("norm_weight", "norm_bias", "w1", "b1", "w2", "b2", "gamma", "x_corr", "centroids")
+
+
+@dataclass
+class Routing:
+    """Per-patch routing decisions, all (B, N)."""
+
+    gate: torch.Tensor  # softmax gate of the best held expert
+    choice: torch.Tensor  # local index of the best held expert
+    wants_absent: torch.Tensor  # the best expert overall is one this layer does not hold
+    absent_gate: torch.Tensor  # softmax gate of the best absent expert
+    absent_choice: torch.Tensor  # index into absent_ids of the best absent expert
+
+    def expand(self, B: int, N: int) -> Routing:
+        """Per-image decisions (B, 1) broadcast to every patch."""
+        return Routing(*(getattr(self, f.name).expand(B, N) for f in fields(self)))
 
 
 class MoEMlp(nn.Module):
@@ -59,13 +75,16 @@ class MoEMlp(nn.Module):
         self.x_corr = nn.Parameter(torch.zeros(num_held, dim))
         self.centroids = nn.Parameter(F.normalize(torch.randn(num_held, dim), dim=-1))
         # Router state shared by all experts of the layer.
-        self.register_buffer("absent_centroids", torch.zeros(len(absent), dim))
+        # Centroids of experts held elsewhere: frozen on a device that only routes around them, trained
+        # when peers run those experts (expert-parallel), so the router stays exact either way.
+        self.absent_centroids = nn.Parameter(torch.zeros(len(absent), dim), requires_grad=False)
         self.register_buffer("scale_min", torch.zeros(dim))
         self.register_buffer("scale_max", torch.ones(dim))
         self.log_temperature = nn.Parameter(torch.tensor(math.log(gate_temperature)))
         self.gate_proj = nn.Parameter(torch.linalg.qr(torch.randn(dim, gate_rank))[0]) if gate_rank else None
         self.last_choice: torch.Tensor | None = None  # (B, N) global id per patch, -1 where removed
         self.last_logits: torch.Tensor | None = None  # (B, E_held) per-image router logits (routing="image")
+        self.remote = None  # expert-parallel dispatch to peers (geomoe.expert_parallel), None: local only
 
     @property
     def num_held(self) -> int:
@@ -79,8 +98,8 @@ class MoEMlp(nn.Module):
         """Min-max scaling fitted once on the clustering sample; only the router sees it."""
         return (patch_embedding - self.scale_min) / (self.scale_max - self.scale_min).clamp_min(1e-6)
 
-    def route(self, patch_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gate value, local expert index and removal flag per patch, from (B, N, C) embeddings."""
+    def route(self, patch_embedding: torch.Tensor) -> Routing:
+        """Routing decisions from (B, N, C) patch embeddings (over held and absent experts alike)."""
         query = self.scale(patch_embedding)
         keys_held, keys_absent = self.centroids, self.absent_centroids
         if self.gate_proj is not None:  # low-rank gate: compare in an r-dim projection
@@ -97,12 +116,17 @@ class MoEMlp(nn.Module):
             self.last_logits = logits_held[:, 0]  # (B, E): for router supervision
         log_norm = torch.logsumexp(torch.cat([logits_held, logits_absent], dim=-1), dim=-1)
         best_held, choice = logits_held.max(dim=-1)
-        gate = (best_held - log_norm).exp()
-        if self.absent_policy == "remove" and logits_absent.shape[-1]:
-            removed = logits_absent.max(dim=-1).values > best_held
+        if logits_absent.shape[-1]:
+            best_absent, absent_choice = logits_absent.max(dim=-1)
         else:
-            removed = torch.zeros_like(choice, dtype=torch.bool)
-        return gate, choice, removed
+            best_absent, absent_choice = torch.full_like(best_held, float("-inf")), torch.zeros_like(choice)
+        return Routing(
+            gate=(best_held - log_norm).exp(),
+            choice=choice,
+            wants_absent=best_absent > best_held,
+            absent_gate=(best_absent - log_norm).exp(),
+            absent_choice=absent_choice,
+        )
 
     def folded_first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All experts' first layer with their LayerNorm affine folded in: (C, E*H) and (E*H,)."""
@@ -125,13 +149,20 @@ class MoEMlp(nn.Module):
         tokens = self.normalize(x).permute(0, 3, 2, 1)  # [B, C, P, N] --> [B, N, P, C]
         patch_embedding = tokens.mean(dim=2)  # (B, N, C)
         if self.routing == "image":  # Mobile V-MoE: one decision per image from pooled features
-            gate, choice, removed = (t.expand(B, N) for t in self.route(patch_embedding.mean(dim=1, keepdim=True)))
+            routing = self.route(patch_embedding.mean(dim=1, keepdim=True)).expand(B, N)
         else:
-            gate, choice, removed = self.route(patch_embedding)  # one decision per patch: (B, N)
-        out = self.expert_outputs(tokens, choice) * gate[:, :, None, None]
+            routing = self.route(patch_embedding)  # one decision per patch: (B, N)
+        out = self.expert_outputs(tokens, routing.choice) * routing.gate[:, :, None, None]  # (B, N, P, C)
+        served = torch.zeros_like(routing.wants_absent)
+        if self.remote is not None and routing.wants_absent.any():  # expert-parallel: peers run absent experts
+            out, served = self.remote.dispatch(self, tokens, routing, out)
+        removed = routing.wants_absent & ~served if self.absent_policy == "remove" else torch.zeros_like(served)
+        held_choice = torch.where(removed, -1, self.expert_ids[routing.choice])
+        if self.absent_ids.numel():
+            held_choice = torch.where(served, self.absent_ids[routing.absent_choice], held_choice)
+        self.last_choice = held_choice.detach()
         out = out.permute(0, 3, 2, 1)  # [B, N, P, C] --> [B, C, P, N]
-        self.last_choice = torch.where(removed, -1, self.expert_ids[choice]).detach()
-        if self.absent_policy == "remove":
+        if removed.any():
             out = torch.where(removed[:, None, None, :], -x, out)  # MLP_e(x) <- -x zeroes the patch
         return out
 

@@ -18,7 +18,8 @@ def reference_forward(layer: MoEMlp, x: torch.Tensor) -> torch.Tensor:
     B, C, P, N = x.shape
     x_hat = F.group_norm(x, 1, eps=layer.eps)
     out = torch.zeros_like(x)
-    gate, choice, _ = layer.route(x_hat.permute(0, 3, 2, 1).mean(2))
+    routing = layer.route(x_hat.permute(0, 3, 2, 1).mean(2))
+    gate, choice = routing.gate, routing.choice
     for b in range(B):
         for n in range(N):
             e = int(choice[b, n])
@@ -40,7 +41,7 @@ def test_every_pixel_of_a_patch_goes_to_one_expert():
     x = torch.randn(2, 8, 4, 6)
     out = layer(x)
     x_hat = F.group_norm(x, 1, eps=layer.eps)
-    gate, _, _ = layer.route(x_hat.permute(0, 3, 2, 1).mean(2))
+    gate = layer.route(x_hat.permute(0, 3, 2, 1).mean(2)).gate
     for b in range(2):
         for n in range(6):
             tokens = x_hat[b, :, :, n].T  # (P, C): the patch's pixels

@@ -1,0 +1,211 @@
+"""Client side of expert-parallel mode: send the tokens routed to a peer's experts to that peer.
+
+Per MoE layer, all tokens for one peer go in one request; requests to different peers are in
+flight at once. An autograd function sends the gradient back along the same path, so training
+through peers is exact. Every call has a deadline; a peer that fails or times out is marked
+unhealthy with exponential backoff, and its tokens fall back to the layer's policy (best held
+expert, or the papers' removal); such tokens are counted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from geomoe.expert_parallel.service import MAX_MESSAGE_BYTES, TlsFiles
+from geomoe.expert_parallel.tensors import from_proto, to_proto
+from geomoe.model.moe_layer import MoEMlp, Routing
+from geomoe.model.network import GeoMoENet
+from geomoe.protos import expert_pb2, expert_pb2_grpc
+
+
+class PeerError(RuntimeError):
+    """A call to a peer failed; the peer is now in backoff."""
+
+
+@dataclass
+class PeerStats:
+    """What crossed the link to one peer."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    calls: int = 0
+    failures: int = 0
+
+
+class PeerClient:
+    """One peer's expert service, with deadlines, auth, optional TLS and health backoff."""
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
+        deadline_s: float = 5.0,
+        codec: str = "",
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        server_name: str | None = None,
+    ) -> None:
+        self.address, self.deadline_s, self.codec = address, deadline_s, codec
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if tls is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls.root_ca)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
+        self.stats = PeerStats()
+        self._consecutive_failures = 0
+        self._unhealthy_until = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return time.monotonic() >= self._unhealthy_until
+
+    def _failed(self, error: Exception) -> PeerError:
+        self._consecutive_failures += 1
+        self.stats.failures += 1
+        delay = min(self.backoff_s * 2 ** (self._consecutive_failures - 1), self.max_backoff_s)
+        self._unhealthy_until = time.monotonic() + delay
+        return PeerError(f"{self.address}: {error}")
+
+    def _call(self, method, request):
+        self.stats.calls += 1
+        self.stats.bytes_sent += request.ByteSize()
+        try:
+            reply = method(request, timeout=self.deadline_s, metadata=self.metadata)
+        except grpc.RpcError as error:
+            raise self._failed(error) from None
+        self._consecutive_failures = 0
+        self.stats.bytes_received += reply.ByteSize()
+        return reply
+
+    def describe(self) -> dict[int, list[int]]:
+        reply = self._call(self.stub.Describe, expert_pb2.DescribeRequest())
+        return {layer.layer: list(layer.expert_ids) for layer in reply.layers}
+
+    def forward_async(self, layer: int, expert_ids: torch.Tensor, tokens: torch.Tensor):
+        """Start a Forward call; `.result()` on what it returns gives the outputs or raises PeerError."""
+        request = expert_pb2.ForwardRequest(
+            layer=layer, expert_ids=expert_ids.tolist(), tokens=to_proto(tokens, self.codec), reply_codec=self.codec
+        )
+        self.stats.calls += 1
+        self.stats.bytes_sent += request.ByteSize()
+        future = self.stub.Forward.future(request, timeout=self.deadline_s, metadata=self.metadata)
+        return _PendingForward(self, future)
+
+    def backward(
+        self, layer: int, expert_ids: torch.Tensor, tokens: torch.Tensor, grad_outputs: torch.Tensor
+    ) -> torch.Tensor:
+        request = expert_pb2.BackwardRequest(
+            layer=layer, expert_ids=expert_ids.tolist(), tokens=to_proto(tokens), grad_outputs=to_proto(grad_outputs)
+        )
+        return from_proto(self._call(self.stub.Backward, request).grad_tokens)
+
+    def step(self, lr: float) -> int:
+        return self._call(self.stub.Step, expert_pb2.StepRequest(lr=lr)).parameters_updated
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class _PendingForward:
+    def __init__(self, peer: PeerClient, future) -> None:
+        self.peer, self.future = peer, future
+
+    def result(self) -> torch.Tensor:
+        try:
+            reply = self.future.result()
+        except grpc.RpcError as error:
+            raise self.peer._failed(error) from None
+        self.peer._consecutive_failures = 0
+        self.peer.stats.bytes_received += reply.ByteSize()
+        return from_proto(reply.outputs)
+
+
+class RemoteExperts(torch.autograd.Function):
+    """Identity on the outputs a peer computed; backward asks the same peer for the token gradient."""
+
+    @staticmethod
+    def forward(ctx, tokens, outputs, peer: PeerClient, layer: int, expert_ids: torch.Tensor):
+        ctx.save_for_backward(tokens)
+        ctx.peer, ctx.layer, ctx.expert_ids = peer, layer, expert_ids
+        return outputs.clone()
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        (tokens,) = ctx.saved_tensors
+        grad_tokens = ctx.peer.backward(ctx.layer, ctx.expert_ids, tokens.detach(), grad_outputs.contiguous())
+        return grad_tokens, None, None, None, None
+
+
+@dataclass
+class LayerDispatch:
+    """Which peer runs which absent expert of one layer, and what happened to the tokens sent there."""
+
+    layer: int
+    serving: dict[int, PeerClient]  # global expert id -> peer
+    sent_patches: int = 0
+    fallback_patches: int = 0  # wanted a peer's expert, but the peer was down or failed
+    errors: list[str] = field(default_factory=list)
+
+    def dispatch(self, module: MoEMlp, tokens: torch.Tensor, routing: Routing, out: torch.Tensor):
+        """Replace outputs of patches whose best expert a healthy peer runs; returns (out, served mask)."""
+        wanted = module.absent_ids[routing.absent_choice]  # (B, N) global id of the best absent expert
+        served = torch.zeros_like(routing.wants_absent)
+        pending = []
+        for peer in {id(p): p for p in self.serving.values()}.values():
+            ids = torch.tensor([e for e, p in self.serving.items() if p is peer], dtype=torch.long)
+            mask = routing.wants_absent & torch.isin(wanted, ids)
+            if not mask.any():
+                continue
+            if not peer.healthy:
+                self.fallback_patches += int(mask.sum())
+                continue
+            expert_ids, peer_tokens = wanted[mask], tokens[mask]  # (T,), (T, P, C)
+            pending.append(
+                (peer, mask, expert_ids, peer_tokens, peer.forward_async(self.layer, expert_ids, peer_tokens.detach()))
+            )
+        for peer, mask, expert_ids, peer_tokens, call in pending:
+            try:
+                outputs = call.result()
+            except PeerError as error:
+                self.fallback_patches += int(mask.sum())
+                self.errors.append(str(error))
+                continue
+            outputs = RemoteExperts.apply(peer_tokens, outputs, peer, self.layer, expert_ids)
+            out = out.index_put((mask,), outputs * routing.absent_gate[mask][:, None, None])
+            served = served | mask
+            self.sent_patches += int(mask.sum())
+        return out, served
+
+
+def attach_peers(model: GeoMoENet, peers: list[PeerClient]) -> dict[int, LayerDispatch]:
+    """Route each MoE layer's absent experts to the peers that serve them (first peer listed wins)."""
+    offers = [(peer, peer.describe()) for peer in peers]
+    dispatches = {}
+    for layer, module in model.moe_layers().items():
+        serving: dict[int, PeerClient] = {}
+        for peer, layers in offers:
+            for expert in layers.get(layer, []):
+                if expert in module.absent_ids.tolist():
+                    serving.setdefault(expert, peer)
+        module.remote = dispatches[layer] = LayerDispatch(layer, serving)
+        module.absent_centroids.requires_grad_(bool(serving))  # the router trains these rows too
+    return dispatches
+
+
+def step_peers(peers: list[PeerClient], lr: float) -> int:
+    """Apply the gradients peers kept from backward calls (the remote half of an optimiser step)."""
+    return sum(peer.step(lr) for peer in peers if peer.healthy)
