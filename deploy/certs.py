@@ -1,0 +1,87 @@
+"""A small certificate authority for a camera-trap fleet: one CA, a server certificate for the
+SuperLink / expert servers, and one certificate per device. Everything on loopback or the fleet's
+own names; keys never leave the folder they are written to (mode 0600)."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+@dataclass
+class Issued:
+    """PEM bytes of a certificate and its private key."""
+
+    certificate: bytes
+    private_key: bytes
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def make_ca(name: str = "geomoe fleet CA", days: int = 3650) -> Issued:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(certificate.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def issue(ca: Issued, name: str, hosts: list[str], server: bool = True, days: int = 825) -> Issued:
+    """A certificate for `name`, valid for `hosts` (DNS names or IP addresses), signed by `ca`."""
+    ca_cert = x509.load_pem_x509_certificate(ca.certificate)
+    ca_key = serialization.load_pem_private_key(ca.private_key, password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt_names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt_names.append(x509.DNSName(host))
+    now = datetime.datetime.now(datetime.UTC)
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return Issued(certificate.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def write(issued: Issued, folder: Path, stem: str) -> tuple[Path, Path]:
+    """`stem.pem` and `stem.key` (0600) in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / f"{stem}.pem", folder / f"{stem}.key"
+    cert_path.write_bytes(issued.certificate)
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(issued.private_key)
+    return cert_path, key_path
