@@ -93,3 +93,76 @@ def compare_strategies(reports: dict[str, dict]) -> dict:
         },
         "curves": {name: accuracy_by_upload(r) for name, r in reports.items()},
     }
+
+
+def _timed_layers(model: GeoMoENet) -> tuple[dict[int, list[float]], list]:
+    """Forward hooks that record seconds spent in each MoE layer."""
+    times: dict[int, list[float]] = {layer: [] for layer in model.moe_layers()}
+    handles, starts = [], {}
+    for layer, module in model.moe_layers().items():
+        handles.append(
+            module.register_forward_pre_hook(lambda m, a, layer=layer: starts.__setitem__(layer, time.perf_counter()))
+        )
+        handles.append(
+            module.register_forward_hook(
+                lambda m, a, o, layer=layer: times[layer].append(time.perf_counter() - starts[layer])
+            )
+        )
+    return times, handles
+
+
+def bench_expert_parallel(batch_size: int, image_size: int, repeats: int, num_experts: int = 16) -> dict:
+    """Local model vs the same model with its experts split over 2 and 3 servers on 127.0.0.1."""
+    import copy
+    from contextlib import ExitStack
+
+    from geomoe.expert_parallel.host import ExpertHost
+    from geomoe.expert_parallel.remote import PeerClient, attach_peers
+    from geomoe.expert_parallel.service import background_server
+    from geomoe.model.experts import prune_model
+
+    torch.manual_seed(0)
+    full = GeoMoENet(ModelConfig(num_classes=182, num_experts=num_experts)).eval()
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    layers = full.cfg.moe_layers
+    result: dict = {"batch_size": batch_size, "image_size": image_size, "num_experts": num_experts, "setups": {}}
+
+    def measure(model: GeoMoENet) -> dict:
+        times, handles = _timed_layers(model)
+        with torch.no_grad():
+            model(images)  # warm-up
+            for values in times.values():
+                values.clear()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model(images)
+            elapsed = (time.perf_counter() - start) / repeats
+        for handle in handles:
+            handle.remove()
+        return {
+            "images_per_s": batch_size / elapsed,
+            "batch_s": elapsed,
+            "layer_ms": {str(k): 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()},
+        }
+
+    result["setups"]["local"] = measure(full)
+    for servers in (2, 3):
+        shares = [list(range(num_experts))[i :: servers + 1] for i in range(servers + 1)]  # device + servers
+        with ExitStack() as stack:
+            device = prune_model(copy.deepcopy(full), {layer: shares[0] for layer in layers}).eval()
+            peers = []
+            for share in shares[1:]:
+                host = ExpertHost(prune_model(copy.deepcopy(full), {layer: share for layer in layers}))
+                server = stack.enter_context(background_server(host))
+                peers.append(PeerClient(server.address))
+            attach_peers(device, peers)
+            entry = measure(device)
+            images_seen = batch_size * (repeats + 1)
+            entry["bytes_per_image_per_peer"] = {
+                p.address: (p.stats.bytes_sent + p.stats.bytes_received) / images_seen for p in peers
+            }
+            entry["overhead_over_local"] = entry["batch_s"] / result["setups"]["local"]["batch_s"]
+            result["setups"][f"split_{servers}"] = entry
+            for peer in peers:
+                peer.close()
+    return result

@@ -17,11 +17,13 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 model_app = typer.Typer(no_args_is_help=True, help="Inspect model shapes, parameters and FLOPs.")
 experts_app = typer.Typer(no_args_is_help=True, help="Expert importance and keep sets for a location.")
+expert_server_app = typer.Typer(no_args_is_help=True, help="Serve experts to nearby devices over gRPC; plan placement.")
 comm_app = typer.Typer(no_args_is_help=True, help="Communication cost of runs: tables, CSV, plots, link times.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON (speed and cost as ratios).")
 app.add_typer(model_app, name="model")
 app.add_typer(experts_app, name="experts")
 app.add_typer(comm_app, name="comm")
+app.add_typer(expert_server_app, name="expert-server")
 app.add_typer(bench_app, name="bench")
 console = Console()
 _debug = {"on": False}
@@ -370,6 +372,113 @@ def comm_report(
     console.print(f"wrote {out / 'comm.csv'} and {out / 'comm.png'}")
 
 
+@expert_server_app.command("serve")
+def expert_server_serve(
+    model: Path = typer.Option(..., help="Model file (from `geomoe prune` or a run's checkpoint.pt)."),
+    address: str = typer.Option("127.0.0.1:50051", help="host:port to listen on (port 0: any free port)."),
+    token_file: Path = typer.Option(None, help="File holding the shared token callers must send."),
+    cert: Path = typer.Option(None, help="TLS certificate (PEM) of this server, e.g. from `geomoe deploy certs`."),
+    key: Path = typer.Option(None, help="TLS private key (PEM)."),
+    name: str = typer.Option("expert-server", help="Device name reported to peers."),
+) -> None:
+    """Serve the experts a model file holds until interrupted."""
+    from geomoe.expert_parallel.host import ExpertHost
+    from geomoe.expert_parallel.service import ExpertServer, TlsFiles
+    from geomoe.server.checkpoint import load_model
+
+    if (cert is None) != (key is None):
+        raise click.BadParameter("give both --cert and --key, or neither", param_hint="--cert")
+    loaded, _ = load_model(model)
+    token = token_file.read_text().strip() if token_file else None
+    tls = TlsFiles(certificate=cert.read_bytes(), private_key=key.read_bytes()) if cert else None
+    server = ExpertServer(ExpertHost(loaded), address=address, token=token, tls=tls, device=name)
+    bound = server.start()
+    held = {layer: m.expert_ids.tolist() for layer, m in loaded.moe_layers().items()}
+    console.print(
+        f"serving experts {held} on {bound} ({'TLS' if tls else 'plaintext'}, {'token' if token else 'no token'})"
+    )
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+@expert_server_app.command("plan")
+def expert_server_plan(
+    fleet: Path = typer.Option(..., help="Fleet TOML: [[device]] name, lat, lon, memory_kb, address; [rtt_ms]."),
+    run: Path = typer.Option(..., help="Run folder whose checkpoint.pt and locations give each device's needs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Assign experts to devices (own needs first, nearest peers next) and show bytes per image."""
+    from dataclasses import asdict
+
+    import torch
+
+    from geomoe.expert_parallel.placement import DeviceNeeds, plan_placement, read_fleet
+    from geomoe.model.experts import take_expert_state
+    from geomoe.model.importance import routing_stats
+    from geomoe.run_config import RunConfig
+    from geomoe.server.checkpoint import load_model
+    from geomoe.sim.world import World
+
+    devices, rtt = read_fleet(fleet)
+    model, extra = load_model(run / "checkpoint.pt")
+    run_cfg = RunConfig.from_json(extra["run_config"])
+    world = World(run_cfg.world)
+    needs = []
+    for device in devices:
+        location = min(world.locations, key=lambda loc: (loc.lat - device.lat) ** 2 + (loc.lon - device.lon) ** 2)
+        stats = routing_stats(model, world.loader(location.val, 128))
+        images = max(len(location.val), 1)
+        per = {
+            layer: {e: float(c) / images for e, c in enumerate(counts)} for layer, counts in stats.expert_counts.items()
+        }
+        needs.append(DeviceNeeds(device.name, device.lat, device.lon, device.memory_kb * 1024, per, device.address))
+    state = take_expert_state(model, {layer: [0] for layer in model.cfg.moe_layers})
+    expert_bytes = {
+        layer: sum(v.numel() * 4 for k, v in state.items() if k.startswith(f"moe.{layer}.") and not k.endswith(".ids"))
+        for layer in model.cfg.moe_layers
+    }
+    side = run_cfg.world.synthetic.image_size
+    _, pre_mlp = model.forward_with_pre_mlp(torch.zeros(1, 3, side, side))
+    tokens = {layer: int(pre_mlp[layer].shape[2]) for layer in model.cfg.moe_layers}
+    widths = {layer: model.widths[layer] for layer in model.cfg.moe_layers}
+    plan = plan_placement(needs, rtt, expert_bytes, tokens, widths)
+    if as_json:
+        print(json.dumps(asdict(plan), indent=2))
+        return
+    table = Table(title=f"expert placement for {len(devices)} devices")
+    for column in ("device", "holds (layer: experts)", "asks", "unserved", "kB/image to peers"):
+        table.add_column(column)
+    for device in devices:
+        holds = "; ".join(
+            f"{layer}: {','.join(map(str, ids))}" for layer, ids in plan.holds[device.name].items() if ids
+        )
+        asks = "; ".join(f"{layer}.{e}->{p}" for layer, m in plan.asks[device.name].items() for e, p in m.items())
+        unserved = "; ".join(f"{layer}: {ids}" for layer, ids in plan.unserved[device.name].items())
+        cost = ", ".join(f"{p} {b / 1e3:.1f}" for p, b in plan.bytes_per_image[device.name].items())
+        table.add_row(device.name, holds, asks or "-", unserved or "-", cost or "-")
+    console.print(table)
+
+
+@bench_app.command("ep")
+def bench_ep(
+    out: Path = typer.Option(Path("bench_ep.json"), help="JSON file to write."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    image_size: int = typer.Option(64, help="Image side."),
+    repeats: int = typer.Option(5, help="Timed batches per setup."),
+) -> None:
+    """Latency per MoE layer and images/s: local vs experts split over 2 and 3 servers on 127.0.0.1."""
+    from geomoe.bench import bench_expert_parallel
+
+    result = bench_expert_parallel(batch_size, image_size, repeats)
+    out.write_text(json.dumps(result, indent=2))
+    for name, entry in result["setups"].items():
+        extra = f", overhead x{entry['overhead_over_local']:.2f}" if "overhead_over_local" in entry else ""
+        console.print(f"{name}: {entry['images_per_s']:.1f} images/s, layer ms {entry['layer_ms']}{extra}")
+    console.print(f"wrote {out}")
+
+
 def _not_yet(name: str, issue: int, what: str) -> None:
     @app.command(
         name, help=f"{what} (not available yet: issue #{issue}).", context_settings={"ignore_unknown_options": True}
@@ -378,7 +487,6 @@ def _not_yet(name: str, issue: int, what: str) -> None:
         raise click.ClickException(f"geomoe {name} is not available yet (tracked in issue #{issue})")
 
 
-_not_yet("expert-server", 7, "Serve experts to nearby devices over gRPC")
 _not_yet("device", 8, "Camera-trap device runtime")
 _not_yet("deploy", 8, "Deploy clients to Raspberry Pis with Docker")
 

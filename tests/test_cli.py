@@ -82,3 +82,12 @@ def test_print_config_round_trips(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(result.output)
     assert load_run_config(path).federation.rounds == 7
+
+
+def test_bench_ep_writes_latencies_for_local_and_split_setups(tmp_path):
+    out = tmp_path / "ep.json"
+    result = geomoe("bench", "ep", "--out", str(out), "--batch-size", "2", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    setups = json.loads(out.read_text())["setups"]
+    assert set(setups) == {"local", "split_2", "split_3"}
+    assert all(v > 0 for v in setups["split_3"]["bytes_per_image_per_peer"].values())
