@@ -18,11 +18,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 model_app = typer.Typer(no_args_is_help=True, help="Inspect model shapes, parameters and FLOPs.")
 experts_app = typer.Typer(no_args_is_help=True, help="Expert importance and keep sets for a location.")
 expert_server_app = typer.Typer(no_args_is_help=True, help="Serve experts to nearby devices over gRPC; plan placement.")
+device_app = typer.Typer(no_args_is_help=True, help="Camera-trap device runtime: classify, export, update the model.")
 comm_app = typer.Typer(no_args_is_help=True, help="Communication cost of runs: tables, CSV, plots, link times.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON (speed and cost as ratios).")
 app.add_typer(model_app, name="model")
 app.add_typer(experts_app, name="experts")
 app.add_typer(comm_app, name="comm")
+app.add_typer(device_app, name="device")
 app.add_typer(expert_server_app, name="expert-server")
 app.add_typer(bench_app, name="bench")
 console = Console()
@@ -479,6 +481,65 @@ def bench_ep(
     console.print(f"wrote {out}")
 
 
+@device_app.command("run")
+def device_run(
+    watch: Path = typer.Option(..., help="Folder the camera writes images to."),
+    model: Path = typer.Option(..., help="TorchScript model (from `geomoe device export`)."),
+    results: Path = typer.Option(..., help="Append-only results file (JSON lines)."),
+    max_watch_mb: float = typer.Option(512.0, help="Disk budget of the watched folder."),
+    top_k: int = typer.Option(3, help="Species reported per image."),
+    image_size: int = typer.Option(64, help="Image side the model expects."),
+    once: bool = typer.Option(False, help="Classify what is there now, then exit."),
+    settle_s: float = typer.Option(1.0, help="Wait this long after an image was last written."),
+) -> None:
+    """Classify every new image of a folder with the location's model; resumes after power loss."""
+    from geomoe.client.device_runtime import DeviceConfig, DeviceRuntime
+
+    if not watch.is_dir():
+        raise click.BadParameter(f"{watch} is not a folder", param_hint="--watch")
+    runtime = DeviceRuntime(DeviceConfig(watch, model, results, max_watch_mb, top_k, image_size, settle_s=settle_s))
+    if once:
+        console.print(f"classified {runtime.run_once()} images into {results}")
+        return
+    console.print(f"watching {watch}; results in {results}")
+    runtime.run_forever()
+
+
+@device_app.command("export")
+def device_export(
+    model: Path = typer.Option(..., help="Model file (from `geomoe prune`)."),
+    out: Path = typer.Option(..., help="File to write."),
+    fmt: str = typer.Option("torchscript", "--format", help="torchscript or onnx."),
+    image_size: int = typer.Option(64, help="Image side."),
+) -> None:
+    """Export a model for inference without the training stack."""
+    from geomoe.client.export import export_onnx, export_torchscript
+    from geomoe.server.checkpoint import load_model
+
+    loaded, _ = load_model(model)
+    exporters = {"torchscript": export_torchscript, "onnx": export_onnx}
+    if fmt not in exporters:
+        raise click.BadParameter(f"{fmt!r} is not one of {', '.join(exporters)}", param_hint="--format")
+    exporters[fmt](loaded, out, image_size)
+    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
+@device_app.command("install-model")
+def device_install_model(
+    source: Path = typer.Argument(..., help="New TorchScript model (a downloaded file, or '-' for standard input)."),
+    model: Path = typer.Option(..., help="The model file the runtime uses; replaced atomically."),
+) -> None:
+    """Swap in a model update atomically: a crash leaves the old model or the new one, never half."""
+    from geomoe.client.device_runtime import install_model
+
+    if str(source) == "-":
+        install_model(sys.stdin.buffer, model)
+    else:
+        with source.open("rb") as f:
+            install_model(f, model)
+    console.print(f"installed {model}")
+
+
 def _not_yet(name: str, issue: int, what: str) -> None:
     @app.command(
         name, help=f"{what} (not available yet: issue #{issue}).", context_settings={"ignore_unknown_options": True}
@@ -487,7 +548,6 @@ def _not_yet(name: str, issue: int, what: str) -> None:
         raise click.ClickException(f"geomoe {name} is not available yet (tracked in issue #{issue})")
 
 
-_not_yet("device", 8, "Camera-trap device runtime")
 _not_yet("deploy", 8, "Deploy clients to Raspberry Pis with Docker")
 
 

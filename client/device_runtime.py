@@ -1,0 +1,167 @@
+"""The camera-trap runtime: classify every new image in a folder, surviving power loss.
+
+- Results go to an append-only JSON-lines file, one fsync'ed line per image. A line torn by power
+  loss is cut off at start-up, so the file only ever holds whole results.
+- Images already in the results file are skipped on restart: the run resumes where it stopped.
+- Disk use is bounded: once the watched folder exceeds its budget, the oldest classified images go.
+- Model updates are written to a temporary file, checked, fsync'ed, then renamed over the model:
+  a crash leaves either the old or the new model, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+
+from geomoe.client.export import load_torchscript
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass
+class DeviceConfig:
+    """One camera trap's runtime settings."""
+
+    watch: Path  # folder the camera writes images to
+    model: Path  # TorchScript export of the location's pruned model
+    results: Path  # append-only JSON lines: one result per image
+    max_watch_mb: float = 512.0  # budget of the watched folder; oldest classified images are deleted beyond it
+    top_k: int = 3  # species reported per image
+    image_size: int = 64  # side the model expects
+    poll_s: float = 2.0  # how often to look for new images
+    settle_s: float = 1.0  # an image younger than this may still be being written: wait for it
+
+
+def install_model(source: BinaryIO, target: Path, check: Callable[[Path], object] = load_torchscript) -> None:
+    """Copy `source` next to `target`, check that it loads, fsync, then rename it over `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            shutil.copyfileobj(source, out, length=1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        check(tmp)
+        os.replace(tmp, target)
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def repair_results(path: Path) -> set[str]:
+    """Cut a torn last line off the results file; return the images it already holds."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
+    done = set()
+    for line in keep.splitlines():
+        try:
+            done.add(json.loads(line)["image"])
+        except (json.JSONDecodeError, KeyError):  # a corrupt line: drop it and everything after
+            keep = keep[: keep.find(line)]
+            break
+    if keep != data:
+        with path.open("r+b") as f:
+            f.truncate(len(keep))
+            os.fsync(f.fileno())
+    return done
+
+
+class DeviceRuntime:
+    """Classifies images as they arrive; `run_once` handles what is there now."""
+
+    def __init__(self, cfg: DeviceConfig) -> None:
+        self.cfg = cfg
+        self.done = repair_results(cfg.results)
+        for leftover in cfg.model.parent.glob(f".{cfg.model.name}.*.part"):  # an update cut short
+            leftover.unlink()
+        self._model_mtime = -1.0
+        self._load_model()
+
+    def _load_model(self) -> None:
+        mtime = self.cfg.model.stat().st_mtime
+        if mtime != self._model_mtime:
+            self.module, self.class_ids = load_torchscript(self.cfg.model)
+            self._model_mtime = mtime
+
+    def _image(self, path: Path) -> torch.Tensor:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize((self.cfg.image_size, self.cfg.image_size))
+        return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+    def classify(self, path: Path) -> dict:
+        with torch.no_grad():
+            probabilities = self.module(self._image(path)[None]).softmax(dim=1)[0]
+        top = probabilities.topk(min(self.cfg.top_k, probabilities.numel()))
+        species = [
+            {"species": self.class_ids[i], "score": round(float(p), 5)}
+            for p, i in zip(top.values, top.indices, strict=True)
+        ]
+        return {"image": path.name, "time": time.time(), "top": species}
+
+    def _append(self, result: dict) -> None:
+        with self.cfg.results.open("ab") as f:
+            f.write((json.dumps(result) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.add(result["image"])
+
+    def pending(self) -> list[Path]:
+        settled = time.time() - self.cfg.settle_s
+        files = [
+            p
+            for p in self.cfg.watch.iterdir()
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.name not in self.done and p.stat().st_mtime <= settled
+        ]
+        return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
+
+    def enforce_budget(self) -> list[Path]:
+        """Delete the oldest classified images until the watched folder fits its budget."""
+        files = sorted((p for p in self.cfg.watch.iterdir() if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name))
+        total = sum(p.stat().st_size for p in files)
+        removed = []
+        for path in files:
+            if total <= self.cfg.max_watch_mb * 1e6:
+                break
+            if path.name in self.done:
+                total -= path.stat().st_size
+                path.unlink()
+                removed.append(path)
+        return removed
+
+    def run_once(self) -> int:
+        """Classify every pending image; returns how many."""
+        self._load_model()
+        count = 0
+        for path in self.pending():
+            try:
+                result = self.classify(path)
+            except (OSError, ValueError) as error:  # unreadable image: record why and go on
+                result = {"image": path.name, "time": time.time(), "error": str(error)}
+            self._append(result)
+            count += 1
+        self.enforce_budget()
+        return count
+
+    def run_forever(self) -> None:
+        while True:
+            self.run_once()
+            time.sleep(self.cfg.poll_s)
