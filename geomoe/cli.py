@@ -19,11 +19,13 @@ model_app = typer.Typer(no_args_is_help=True, help="Inspect model shapes, parame
 experts_app = typer.Typer(no_args_is_help=True, help="Expert importance and keep sets for a location.")
 expert_server_app = typer.Typer(no_args_is_help=True, help="Serve experts to nearby devices over gRPC; plan placement.")
 device_app = typer.Typer(no_args_is_help=True, help="Camera-trap device runtime: classify, export, update the model.")
+deploy_app = typer.Typer(no_args_is_help=True, help="Deploy to field devices with Docker: certificates and the fleet.")
 comm_app = typer.Typer(no_args_is_help=True, help="Communication cost of runs: tables, CSV, plots, link times.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON (speed and cost as ratios).")
 app.add_typer(model_app, name="model")
 app.add_typer(experts_app, name="experts")
 app.add_typer(comm_app, name="comm")
+app.add_typer(deploy_app, name="deploy")
 app.add_typer(device_app, name="device")
 app.add_typer(expert_server_app, name="expert-server")
 app.add_typer(bench_app, name="bench")
@@ -540,15 +542,111 @@ def device_install_model(
     console.print(f"installed {model}")
 
 
-def _not_yet(name: str, issue: int, what: str) -> None:
-    @app.command(
-        name, help=f"{what} (not available yet: issue #{issue}).", context_settings={"ignore_unknown_options": True}
-    )
-    def command(args: list[str] = typer.Argument(None)) -> None:
-        raise click.ClickException(f"geomoe {name} is not available yet (tracked in issue #{issue})")
+@deploy_app.command("certs")
+def deploy_certs(
+    out: Path = typer.Option(Path("certs"), help="Folder for ca.pem, server.pem/.key and one pair per device."),
+    server_host: list[str] = typer.Option(
+        ["127.0.0.1", "localhost"], help="Names/IPs of the SuperLink and expert servers."
+    ),
+    device: list[str] = typer.Option([], help="Device names to issue certificates for."),
+) -> None:
+    """A fleet CA, a server certificate, and per-device certificates (keys 0600)."""
+    from geomoe.deploy.certs import issue, make_ca, write
+
+    ca_path = out / "ca.pem"
+    if ca_path.exists():
+        raise click.ClickException(f"{ca_path} exists; refusing to replace a CA devices already trust")
+    ca = make_ca()
+    write(ca, out, "ca")
+    write(issue(ca, "geomoe-server", list(server_host)), out, "server")
+    for name in device:
+        write(issue(ca, name, [name], server=False), out / "devices", name)
+    console.print(f"wrote CA, server and {len(device)} device certificates to {out}")
 
 
-_not_yet("deploy", 8, "Deploy clients to Raspberry Pis with Docker")
+def _fleet_action(fleet_file: Path, only: str | None, action_for) -> None:
+    import docker
+
+    from geomoe.deploy.fleet import for_each, read_fleet_file
+
+    fleet = read_fleet_file(fleet_file)
+    devices = [d for d in fleet.devices if only in (None, d.name)]
+    if not devices:
+        raise click.BadParameter(f"no device {only!r} in {fleet_file}", param_hint="--device")
+    outcomes = for_each(devices, action_for(fleet), lambda host: docker.DockerClient(base_url=host, timeout=20))
+    table = Table(title=str(fleet_file))
+    for column in ("device", "ok", "detail"):
+        table.add_column(column)
+    for outcome in outcomes:
+        table.add_row(outcome.device, "yes" if outcome.ok else "[red]no[/red]", outcome.detail)
+    console.print(table)
+    if not all(o.ok for o in outcomes):
+        raise typer.Exit(1)
+
+
+FLEET_OPTION = typer.Option(Path("fleet.toml"), "--fleet", help="Fleet file (TOML).")
+DEVICE_OPTION = typer.Option(None, "--device", help="Act on this device only.")
+
+
+@deploy_app.command("up")
+def deploy_up(fleet: Path = FLEET_OPTION, device: str = DEVICE_OPTION) -> None:
+    """Start each device's container (and its data volume) if it is not running."""
+    from geomoe.deploy.fleet import up
+
+    _fleet_action(fleet, device, up)
+
+
+@deploy_app.command("down")
+def deploy_down(fleet: Path = FLEET_OPTION, device: str = DEVICE_OPTION) -> None:
+    """Remove each device's container; its data volume stays."""
+    from geomoe.deploy.fleet import down
+
+    _fleet_action(fleet, device, lambda _: down)
+
+
+@deploy_app.command("status")
+def deploy_status(fleet: Path = FLEET_OPTION, device: str = DEVICE_OPTION) -> None:
+    """State, image and start time of each device's container."""
+    from geomoe.deploy.fleet import status
+
+    _fleet_action(fleet, device, lambda _: status)
+
+
+@deploy_app.command("logs")
+def deploy_logs(fleet: Path = FLEET_OPTION, device: str = DEVICE_OPTION, tail: int = typer.Option(20)) -> None:
+    """Last lines of each device's container log."""
+    from geomoe.deploy.fleet import logs
+
+    _fleet_action(fleet, device, lambda _: logs(tail))
+
+
+@deploy_app.command("update")
+def deploy_update(fleet: Path = FLEET_OPTION, device: str = DEVICE_OPTION, image: str = typer.Option(None)) -> None:
+    """Replace each device's container with the (new) image, keeping its data volume."""
+    from geomoe.deploy.fleet import update
+
+    _fleet_action(fleet, device, lambda f: update(f, image))
+
+
+@deploy_app.command("load")
+def deploy_load(archive: Path, fleet: Path = FLEET_OPTION, device: str = DEVICE_OPTION) -> None:
+    """Load a `docker save` archive onto devices: images move without a registry."""
+    from geomoe.deploy.fleet import load_image
+
+    if not archive.is_file():
+        raise click.BadParameter(f"no archive at {archive}", param_hint="ARCHIVE")
+    _fleet_action(fleet, device, lambda _: load_image(archive))
+
+
+@deploy_app.command("save")
+def deploy_save(image: str, archive: Path) -> None:
+    """Write a local image to an archive for `geomoe deploy load`."""
+    import docker
+
+    from geomoe.deploy.fleet import save_image
+
+    save_image(docker.from_env(), image, archive)
+    console.print(f"wrote {archive} ({archive.stat().st_size / 1e6:.0f} MB)")
 
 
 def main() -> None:

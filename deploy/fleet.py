@@ -1,0 +1,225 @@
+"""The fleet tool behind `geomoe deploy`: containers on every field device through the Docker SDK.
+
+A fleet file (TOML) lists devices; each runs one container (`geomoe-<name>`) of a role (supernode,
+expert-server, runtime, superlink) with its location and limits, and keeps its data in a named
+volume (`geomoe-<name>-data`) that outlives container updates. Every action runs per device and
+reports per device: one unreachable device does not stop the others.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("supernode", "expert-server", "runtime", "superlink")
+
+
+@dataclass
+class Device:
+    """One field device of a fleet file."""
+
+    name: str  # container and volume names derive from it
+    host: str  # Docker host: unix:///var/run/docker.sock, ssh://pi@cam-07, tcp://10.0.0.7:2376
+    lat: float
+    lon: float
+    role: str = "supernode"
+    cpus: float = 0.0  # 0: no limit
+    memory: str = ""  # e.g. "1g"; "": no limit
+    environment: dict[str, str] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)  # overrides the role's command (custom entrypoints, diagnostics)
+
+
+@dataclass
+class Fleet:
+    image: str  # image every device runs (loaded with `geomoe deploy load`, no registry needed)
+    superlink: str  # address SuperNodes dial, host:port
+    devices: list[Device]
+    tls: bool = False  # SuperNodes dial with TLS and authenticate with their own key (certs in the volume)
+
+
+def read_fleet_file(path: Path) -> Fleet:
+    """Parse and check a fleet file; errors name the device and the field."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such fleet file")
+    data = tomllib.loads(path.read_text())
+    for key in ("image", "superlink"):
+        if key not in data:
+            raise ValueError(f"{path}: missing top-level '{key}'")
+    devices, names = [], set()
+    for index, entry in enumerate(data.get("device", [])):
+        label = entry.get("name", f"#{index}")
+        for key in ("name", "host", "lat", "lon"):
+            if key not in entry:
+                raise ValueError(f"{path}: device {label}: missing field '{key}'")
+        if entry["name"] in names:
+            raise ValueError(f"{path}: device {label}: name used twice")
+        names.add(entry["name"])
+        role = entry.get("role", "supernode")
+        if role not in ROLES:
+            raise ValueError(f"{path}: device {label}: role {role!r} is not one of {ROLES}")
+        lat, lon = float(entry["lat"]), float(entry["lon"])
+        if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+            raise ValueError(f"{path}: device {label}: lat/lon {lat}, {lon} out of range")
+        environment = {str(k): str(v) for k, v in entry.get("environment", {}).items()}
+        command = [str(c) for c in entry.get("command", [])]
+        devices.append(
+            Device(
+                str(entry["name"]),
+                str(entry["host"]),
+                lat,
+                lon,
+                role,
+                float(entry.get("cpus", 0.0)),
+                str(entry.get("memory", "")),
+                environment,
+                command,
+            )
+        )
+    if not devices:
+        raise ValueError(f"{path}: no [[device]] tables")
+    return Fleet(str(data["image"]), str(data["superlink"]), devices, bool(data.get("tls", False)))
+
+
+def container_name(device: Device) -> str:
+    return f"geomoe-{device.name}"
+
+
+def volume_name(device: Device) -> str:
+    return f"geomoe-{device.name}-data"
+
+
+def command_for(device: Device, fleet: Fleet) -> list[str]:
+    """What the container runs: the image's entrypoint role (or the device's own `command`)."""
+    return device.command or [device.role]
+
+
+def run_options(device: Device, fleet: Fleet, image: str | None = None) -> dict[str, Any]:
+    """Keyword arguments of `containers.run` for a device (host networking, data volume, limits)."""
+    options: dict[str, Any] = {
+        "image": image or fleet.image,
+        "command": command_for(device, fleet),
+        "name": container_name(device),
+        "detach": True,
+        "network_mode": "host",
+        "restart_policy": {"Name": "unless-stopped"},
+        "volumes": {volume_name(device): {"bind": "/data", "mode": "rw"}},
+        "environment": {
+            "GEOMOE_DEVICE": device.name,
+            "GEOMOE_LAT": str(device.lat),
+            "GEOMOE_LON": str(device.lon),
+            "GEOMOE_SUPERLINK": fleet.superlink,
+            "GEOMOE_TLS": "1" if fleet.tls else "0",
+            **device.environment,
+        },
+        "labels": {"geomoe.device": device.name, "geomoe.role": device.role},
+    }
+    if device.cpus:
+        options["nano_cpus"] = int(device.cpus * 1e9)
+    if device.memory:
+        options["mem_limit"] = device.memory
+    return options
+
+
+@dataclass
+class Outcome:
+    device: str
+    ok: bool
+    detail: str
+
+
+def for_each(
+    devices: list[Device], action: Callable[[Any, Device], str], connect: Callable[[str], Any]
+) -> list[Outcome]:
+    """Run `action(client, device)` on every device; a failure is reported for that device only."""
+    outcomes = []
+    for device in devices:
+        try:
+            client = connect(device.host)
+            outcomes.append(Outcome(device.name, True, action(client, device)))
+        except Exception as error:  # noqa: BLE001 - one device's failure must not stop the fleet
+            outcomes.append(Outcome(device.name, False, f"{type(error).__name__}: {error}".splitlines()[0]))
+    return outcomes
+
+
+def _container(client: Any, device: Device):
+    import docker
+
+    try:
+        return client.containers.get(container_name(device))
+    except docker.errors.NotFound:
+        return None
+
+
+def up(fleet: Fleet) -> Callable[[Any, Device], str]:
+    def action(client: Any, device: Device) -> str:
+        existing = _container(client, device)
+        if existing is not None:
+            if existing.status != "running":
+                existing.start()
+            return f"{container_name(device)} already there ({existing.status})"
+        client.volumes.create(volume_name(device))
+        container = client.containers.run(**run_options(device, fleet))
+        return f"started {container.name} ({device.role})"
+
+    return action
+
+
+def down(client: Any, device: Device) -> str:
+    container = _container(client, device)
+    if container is None:
+        return "nothing running"
+    container.remove(force=True)
+    return f"removed {container_name(device)}; volume {volume_name(device)} kept"
+
+
+def status(client: Any, device: Device) -> str:
+    container = _container(client, device)
+    if container is None:
+        return "not deployed"
+    container.reload()
+    image = container.image.tags[0] if container.image.tags else container.image.short_id
+    return f"{container.status} {image} since {container.attrs['State'].get('StartedAt', '?')[:19]}"
+
+
+def logs(tail: int) -> Callable[[Any, Device], str]:
+    def action(client: Any, device: Device) -> str:
+        container = _container(client, device)
+        if container is None:
+            return "not deployed"
+        return container.logs(tail=tail).decode(errors="replace").rstrip()
+
+    return action
+
+
+def update(fleet: Fleet, image: str | None) -> Callable[[Any, Device], str]:
+    """Replace the container with one of `image`, keeping the data volume."""
+
+    def action(client: Any, device: Device) -> str:
+        client.images.get(image or fleet.image)  # fail before touching a running container
+        old = _container(client, device)
+        if old is not None:
+            old.remove(force=True)
+        container = client.containers.run(**run_options(device, fleet, image))
+        return f"replaced with {image or fleet.image} ({container.short_id}); volume {volume_name(device)} kept"
+
+    return action
+
+
+def load_image(archive: Path) -> Callable[[Any, Device], str]:
+    """Load a `docker save` archive onto each device (no registry needed)."""
+
+    def action(client: Any, device: Device) -> str:
+        with archive.open("rb") as f:
+            images = client.images.load(f.read())
+        return "loaded " + ", ".join(t for image in images for t in image.tags)
+
+    return action
+
+
+def save_image(client: Any, image: str, archive: Path) -> None:
+    with archive.open("wb") as f:
+        for chunk in client.images.get(image).save(named=True):
+            f.write(chunk)

@@ -1,0 +1,156 @@
+"""The fleet file, and the fleet tool against a real Docker engine on this machine."""
+
+import os
+import uuid
+
+import pytest
+
+from geomoe.deploy.fleet import (
+    Device,
+    Fleet,
+    command_for,
+    down,
+    for_each,
+    load_image,
+    logs,
+    read_fleet_file,
+    run_options,
+    save_image,
+    status,
+    up,
+    update,
+)
+
+FLEET = """image = "geomoe:latest"
+superlink = "127.0.0.1:9092"
+
+[[device]]
+name = "cam-07"
+host = "ssh://pi@cam-07"
+lat = -1.40
+lon = 35.01
+cpus = 2
+memory = "1g"
+
+[[device]]
+name = "relay"
+host = "tcp://127.0.0.1:2376"
+lat = -1.41
+lon = 35.02
+role = "expert-server"
+"""
+
+
+def test_fleet_file(tmp_path):
+    path = tmp_path / "fleet.toml"
+    path.write_text(FLEET)
+    fleet = read_fleet_file(path)
+    assert [d.name for d in fleet.devices] == ["cam-07", "relay"]
+    assert command_for(fleet.devices[0], fleet) == ["supernode"]
+    options = run_options(fleet.devices[0], fleet)
+    assert (
+        options["environment"]["GEOMOE_LAT"] == "-1.4"
+        and options["environment"]["GEOMOE_SUPERLINK"] == "127.0.0.1:9092"
+    )
+    assert options["network_mode"] == "host" and options["nano_cpus"] == 2_000_000_000 and options["mem_limit"] == "1g"
+    assert options["volumes"] == {"geomoe-cam-07-data": {"bind": "/data", "mode": "rw"}}
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda t: t.replace('host = "ssh://pi@cam-07"\n', ""), "device cam-07: missing field 'host'"),
+        (lambda t: t.replace('role = "expert-server"', 'role = "camera"'), "device relay: role 'camera'"),
+        (lambda t: t.replace("lat = -1.40", "lat = 100"), "device cam-07: lat/lon 100.0"),
+        (lambda t: t.replace('name = "relay"', 'name = "cam-07"'), "name used twice"),
+        (lambda t: t.replace('image = "geomoe:latest"\n', ""), "missing top-level 'image'"),
+    ],
+)
+def test_bad_fleet_files_name_device_and_field(tmp_path, change, message):
+    path = tmp_path / "fleet.toml"
+    path.write_text(change(FLEET))
+    with pytest.raises(ValueError, match=message):
+        read_fleet_file(path)
+
+
+def docker_client():
+    docker = pytest.importorskip("docker")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as error:
+        pytest.skip(f"no Docker engine reachable ({error}); CI starts one")
+    base = os.environ.get("GEOMOE_DOCKER_BASE", "geomoe-base:bookworm")
+    try:
+        client.images.get(base)
+    except docker.errors.ImageNotFound:
+        pytest.skip(f"base image {base} missing: build it with deploy/base_image.sh")
+    return client, base
+
+
+@pytest.mark.docker
+def test_fleet_lifecycle_on_a_real_engine(tmp_path):
+    import docker
+
+    client, base = docker_client()
+    tag = f"geomoe-fleet-test:{uuid.uuid4().hex[:8]}"
+    client.images.get(base).tag(tag)
+    name = f"t{uuid.uuid4().hex[:6]}"
+    local = Device(
+        name,
+        "unix:///var/run/docker.sock",
+        -1.4,
+        35.0,
+        command=["sh", "-c", "echo hello from $GEOMOE_DEVICE; sleep 600"],
+    )
+    unreachable = Device(f"{name}-far", "tcp://127.0.0.1:9", 0.0, 0.0, command=["sleep", "600"])
+    fleet = Fleet(tag, "127.0.0.1:9092", [local, unreachable])
+    connect = lambda host: docker.DockerClient(base_url=host, timeout=5)  # noqa: E731
+    try:
+        outcomes = for_each(fleet.devices, up(fleet), connect)
+        assert outcomes[0].ok and "started" in outcomes[0].detail
+        assert not outcomes[1].ok and outcomes[1].device == f"{name}-far"  # reported, and did not stop the others
+
+        container = client.containers.get(f"geomoe-{name}")
+        container.exec_run(["sh", "-c", "echo kept > /data/state.txt"])
+        assert for_each([local], status, connect)[0].detail.startswith("running")
+        assert "hello from " + name in for_each([local], logs(10), connect)[0].detail
+
+        archive = tmp_path / "image.tar"
+        save_image(client, tag, archive)
+        assert for_each([local], load_image(archive), connect)[0].ok
+
+        replaced = for_each([local], update(fleet, tag), connect)[0]
+        assert replaced.ok and "volume" in replaced.detail
+        new = client.containers.get(f"geomoe-{name}")
+        assert new.id != container.id
+        assert new.exec_run(["cat", "/data/state.txt"]).output.strip() == b"kept"  # data volume survived
+
+        assert "kept" in for_each([local], down, connect)[0].detail
+        with pytest.raises(docker.errors.NotFound):
+            client.containers.get(f"geomoe-{name}")
+        client.volumes.get(f"geomoe-{name}-data")  # still there
+    finally:
+        for leftover in client.containers.list(all=True, filters={"label": f"geomoe.device={name}"}):
+            leftover.remove(force=True)
+        for volume in client.volumes.list(filters={"name": f"geomoe-{name}"}):
+            volume.remove(force=True)
+        client.images.remove(tag, force=True)
+
+
+def test_entrypoint_roles():
+    from geomoe.deploy.entrypoint import command
+
+    env = {"GEOMOE_LAT": "1.5", "GEOMOE_LON": "-2", "GEOMOE_SUPERLINK": "10.0.0.2:9092"}
+    assert command("supernode", env) == [
+        "flower-supernode",
+        "--insecure",
+        "--superlink",
+        "10.0.0.2:9092",
+        "--node-config",
+        "lat=1.5 lon=-2",
+    ]
+    assert "--auth-supernode-private-key" in command("supernode", {**env, "GEOMOE_TLS": "1"})
+    assert command("runtime", env)[:3] == ["geomoe", "device", "run"]
+    with pytest.raises(SystemExit, match="unknown role"):
+        command("camera", env)
