@@ -78,3 +78,17 @@ def test_concurrent_forward_requests_are_batched(cluster):
         thread.join()
     assert servers[0].servicer.requests_served == 3 and servers[0].servicer.batches_run == 1
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+@pytest.mark.parametrize("codec,tolerance", [("fp16", 2e-2), ("int8", 1e-1)])
+def test_compressed_token_transfer_is_close_and_smaller(cluster, codec, tolerance):
+    model = full_model()
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    exact_device, _, exact_peers, _, _ = cluster(model, [[0, 1], [2, 3, 4, 5]])
+    with torch.no_grad():
+        exact = exact_device(images)
+    device, _, peers, _, _ = cluster(model, [[0, 1], [2, 3, 4, 5]], codec=codec)
+    with torch.no_grad():
+        approx = device(images)
+    assert (approx - exact).abs().max() < tolerance * exact.abs().max()
+    assert peers[0].stats.bytes_sent < 0.7 * exact_peers[0].stats.bytes_sent
