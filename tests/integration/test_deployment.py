@@ -106,3 +106,27 @@ def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path, model_cache):
     assert [row["replies"] for row in report["rounds"]] == [2, 2]
     assert sorted(loc["cell"] for loc in report["locations"]) == sorted(loc.cell for loc in locations)
     assert report["final_accuracy"] > report["evaluations"]["0"]["accuracy"]
+
+
+def test_flwr_run_with_a_local_simulation_connection(tmp_path, model_cache):
+    cfg = small_config(tmp_path / "run", model_cache)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+        f"options.num-supernodes = {cfg.world.num_locations}\n"
+    )
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(to_toml(cfg))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home)}
+    overrides = f'config="{config_file}" federation.rounds=2 out="{cfg.out}" cache="{cfg.cache}"'
+    result = subprocess.run(
+        [str(BIN / "flwr"), "run", str(ROOT), "local", "--run-config", overrides, "--stream"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((Path(cfg.out) / "report.json").read_text())
+    assert [row["replies"] for row in report["rounds"]] == [3, 3]
