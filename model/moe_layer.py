@@ -162,7 +162,7 @@ class MoEMlp(nn.Module):
             held_choice = torch.where(served, self.absent_ids[routing.absent_choice], held_choice)
         self.last_choice = held_choice.detach()
         out = out.permute(0, 3, 2, 1)  # [B, N, P, C] --> [B, C, P, N]
-        if removed.any():
+        if self.absent_policy == "remove":  # static per model, so exports trace it correctly
             out = torch.where(removed[:, None, None, :], -x, out)  # MLP_e(x) <- -x zeroes the patch
         return out
 
