@@ -44,6 +44,22 @@ def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "") -> dict:
+    """`flwr run` this project on `connection` for two rounds of `cfg`; returns the run's report."""
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(to_toml(cfg))
+    overrides = f'config="{config_file}" federation.rounds=2 out="{cfg.out}" cache="{cfg.cache}" {extra}'
+    result = subprocess.run(
+        [str(BIN / "flwr"), "run", str(ROOT), connection, "--run-config", overrides.strip(), "--stream"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((Path(cfg.out) / "report.json").read_text())
+
+
 def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path, model_cache):
     cfg = small_config(tmp_path / "run", model_cache)
     locations = World(cfg.world).locations[:2]
@@ -86,20 +102,7 @@ def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path, model_cache):
             )
             processes.append(node)
             wait_for_port(node_port, node, tmp_path / f"supernode{i}.log")
-        config_file = tmp_path / "run.toml"
-        config_file.write_text(to_toml(cfg))
-        overrides = (
-            f'config="{config_file}" federation.rounds=2 federation.min_nodes=2 out="{cfg.out}" cache="{cfg.cache}"'
-        )
-        result = subprocess.run(
-            [str(BIN / "flwr"), "run", str(ROOT), "test", "--run-config", overrides, "--stream"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=540,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        report = json.loads((Path(cfg.out) / "report.json").read_text())
+        report = flwr_run("test", cfg, tmp_path, env, "federation.min_nodes=2")
     finally:
         for process in reversed(processes):
             stop(process)
@@ -116,17 +119,6 @@ def test_flwr_run_with_a_local_simulation_connection(tmp_path, model_cache):
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
         f"options.num-supernodes = {cfg.world.num_locations}\n"
     )
-    config_file = tmp_path / "run.toml"
-    config_file.write_text(to_toml(cfg))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home)}
-    overrides = f'config="{config_file}" federation.rounds=2 out="{cfg.out}" cache="{cfg.cache}"'
-    result = subprocess.run(
-        [str(BIN / "flwr"), "run", str(ROOT), "local", "--run-config", overrides, "--stream"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads((Path(cfg.out) / "report.json").read_text())
+    report = flwr_run("local", cfg, tmp_path, env)
     assert [row["replies"] for row in report["rounds"]] == [3, 3]
