@@ -34,6 +34,20 @@ def layer_blocks(backbone: nn.Module) -> list[int]:
     return [distinct.index(w) for w in widths]
 
 
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """timm's MobileViTV2; with `pretrained`, its ImageNet weights from the local Hugging Face cache."""
+    try:
+        return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, num_classes=0)
+    except (OSError, RuntimeError) as error:
+        if not cfg.pretrained:
+            raise
+        raise RuntimeError(
+            f"pretrained weights of {cfg.backbone} are not in the local cache ({type(error).__name__}); "
+            f"fetch them once where the Hugging Face hub is reachable (timm.create_model('{cfg.backbone}', pretrained=True)) and copy "
+            "~/.cache/huggingface here, or set model.pretrained=false"
+        ) from None
+
+
 class ClassifierHead(nn.Module):
     """Linear or bottleneck (256 -> 1024 -> 256 -> classes) head; outputs carry global class ids."""
 
@@ -60,7 +74,7 @@ class GeoMoENet(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = timm.create_model(cfg.backbone, pretrained=cfg.pretrained, num_classes=0)
+        self.backbone = create_backbone(cfg)
         self.head = ClassifierHead(cfg.head, cfg.head_outputs(), cfg.drop_rate)
         self.widths = layer_widths(self.backbone)
         self.blocks = layer_blocks(self.backbone)
