@@ -43,8 +43,9 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
             raise
         raise RuntimeError(
             f"pretrained weights of {cfg.backbone} are not in the local cache ({type(error).__name__}); "
-            f"fetch them once where the Hugging Face hub is reachable (timm.create_model('{cfg.backbone}', pretrained=True)) and copy "
-            "~/.cache/huggingface here, or set model.pretrained=false"
+            f"fetch them once where the Hugging Face hub is reachable "
+            f"(timm.create_model('{cfg.backbone}', pretrained=True)), copy ~/.cache/huggingface here, "
+            "or set model.pretrained=false"
         ) from None
 
 
