@@ -10,13 +10,19 @@ WORK=${2:-/var/tmp/geomoe-arm64}
 ROOT="$WORK/rootfs"
 PY=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
 mkdir -p "$WORK"
-if [ ! -x "$ROOT/opt/venv/bin/python" ]; then
+if [ ! -x "$ROOT/usr/bin/python3" ]; then
   debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$ROOT" \
     "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$WORK/debootstrap.log"
+fi
+if [ ! -f "$ROOT/opt/venv/.torch-installed" ]; then
   cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
-  chroot "$ROOT" python3 -m venv /opt/venv
+  # this machine's CA bundle, so pip in the root trusts the same registry proxy the host does
+  cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$ROOT/etc/ssl/certs/host-ca.crt"
+  [ -x "$ROOT/opt/venv/bin/python" ] || chroot "$ROOT" python3 -m venv /opt/venv
   # torch 2.9.1 is the aarch64 CPU build PyPI serves for Python 3.11 (what a Pi gets)
-  chroot "$ROOT" /opt/venv/bin/pip install --quiet "torch==2.9.1" numpy >"$WORK/pip.log" 2>&1
+  chroot "$ROOT" env -i PATH=/usr/bin:/bin HOME=/root PIP_CERT=/etc/ssl/certs/host-ca.crt \
+    /opt/venv/bin/pip install --quiet "torch==2.9.1" numpy >"$WORK/pip.log" 2>&1
+  touch "$ROOT/opt/venv/.torch-installed"
 fi
 mkdir -p "$ROOT/check"
 cp "$MODEL" "$ROOT/check/model.ts"

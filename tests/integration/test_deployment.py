@@ -55,6 +55,7 @@ def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "") -
         capture_output=True,
         text=True,
         timeout=540,
+        start_new_session=True,  # flwr stops the local SuperLink it starts by process group: keep pytest out of it
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((Path(cfg.out) / "report.json").read_text())
