@@ -29,7 +29,7 @@ app.add_typer(deploy_app, name="deploy")
 app.add_typer(device_app, name="device")
 app.add_typer(expert_server_app, name="expert-server")
 app.add_typer(bench_app, name="bench")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get whole tables
 _debug = {"on": False}
 
 
