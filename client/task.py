@@ -8,8 +8,9 @@ tensors it was sent to train.
 
 from __future__ import annotations
 
+import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -28,7 +29,7 @@ _WORLDS: dict[str, World] = {}  # one world per config in a process: rebuilding 
 
 
 def world_for(cfg: RunConfig) -> World:
-    key = cfg.to_json()
+    key = json.dumps(asdict(cfg.world), sort_keys=True)
     if key not in _WORLDS:
         _WORLDS.clear()
         _WORLDS[key] = World(cfg.world)
