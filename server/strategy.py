@@ -139,12 +139,16 @@ class GeoExpertStrategy(Strategy):
         """One message per sampled node with its slice (`arrays` is unused: the strategy holds the model)."""
         return [
             Message(self.node_content(node_id, server_round, train=True), dst_node_id=node_id, message_type="train")
-            for node_id in self.sample(server_round)
+            for node_id in self.sample(server_round, self.online(grid))
         ]
 
-    def sample(self, server_round: int) -> list[int]:
-        """Nodes for this round, deterministic given seed and round (ordered by location)."""
-        ordered = sorted(self.nodes, key=lambda n: self.nodes[n].location)
+    def online(self, grid: Grid) -> list[int]:
+        """Registered nodes the SuperLink still lists, by location: a node gone for good gets no more messages."""
+        connected = set(grid.get_node_ids())
+        return sorted((n for n in self.nodes if n in connected), key=lambda n: self.nodes[n].location)
+
+    def sample(self, server_round: int, ordered: list[int]) -> list[int]:
+        """Nodes for this round among `ordered`, deterministic given seed and round."""
         count = max(1, round(self.fed.fraction_train * len(ordered)))
         if count >= len(ordered):
             return ordered
@@ -232,7 +236,7 @@ class GeoExpertStrategy(Strategy):
     ) -> Iterable[Message]:
         return [
             Message(self.node_content(node_id, server_round, train=False), dst_node_id=node_id, message_type="evaluate")
-            for node_id in sorted(self.nodes, key=lambda n: self.nodes[n].location)
+            for node_id in self.online(grid)
         ]
 
     def per_cell_evaluation(self, replies: Iterable[Message]) -> dict[str, dict]:

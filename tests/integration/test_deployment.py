@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from geomoe.run_config import to_toml
 from geomoe.sim.world import World
@@ -44,72 +45,106 @@ def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "") -> dict:
-    """`flwr run` this project on `connection` for two rounds of `cfg`; returns the run's report."""
+def flwr_command(connection: str, cfg, tmp_path: Path, extra: str = "") -> list[str]:
+    """`flwr run` of this project on `connection` for two rounds of `cfg`."""
     config_file = tmp_path / "run.toml"
     config_file.write_text(to_toml(cfg))
     overrides = f'config="{config_file}" federation.rounds=2 out="{cfg.out}" cache="{cfg.cache}" {extra}'
+    return [str(BIN / "flwr"), "run", str(ROOT), connection, "--run-config", overrides.strip(), "--stream"]
+
+
+def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "") -> dict:
+    """Run it to the end (in its own session: flwr stops a local SuperLink by process group); the report."""
     result = subprocess.run(
-        [str(BIN / "flwr"), "run", str(ROOT), connection, "--run-config", overrides.strip(), "--stream"],
+        flwr_command(connection, cfg, tmp_path, extra),
         env=env,
         capture_output=True,
         text=True,
         timeout=540,
-        start_new_session=True,  # flwr stops the local SuperLink it starts by process group: keep pytest out of it
+        start_new_session=True,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((Path(cfg.out) / "report.json").read_text())
 
 
-def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path, model_cache):
-    cfg = small_config(tmp_path / "run", model_cache)
-    locations = World(cfg.world).locations[:2]
+@pytest.fixture
+def deployment(tmp_path):
+    """A SuperLink and two SuperNodes (at the first two locations of the small run) on 127.0.0.1."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(tmp_path / "flwr-home")}
     link_port = free_port()
     (tmp_path / "flwr-home").mkdir()
     (tmp_path / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
     )
+    locations = World(small_config(tmp_path, tmp_path).world).locations[:2]
     processes = []
     try:
-        link = start(
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--port",
-                str(link_port),
-                "--disable-runtime-dependency-installation",
-            ],
-            tmp_path / "superlink.log",
-            env,
-        )
+        link_command = [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--port",
+            str(link_port),
+            "--disable-runtime-dependency-installation",
+        ]
+        link = start(link_command, tmp_path / "superlink.log", env)
         processes.append(link)
         wait_for_port(link_port, link, tmp_path / "superlink.log")
+        nodes = []
         for i, location in enumerate(locations):
             node_port = free_port()
-            node = start(
-                [
-                    str(BIN / "flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link_port}",
-                    "--port",
-                    str(node_port),
-                    "--node-config",
-                    f"lat={location.lat} lon={location.lon}",
-                ],
-                tmp_path / f"supernode{i}.log",
-                env,
-            )
+            node_command = [
+                str(BIN / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{link_port}",
+                "--port",
+                str(node_port),
+                "--node-config",
+                f"lat={location.lat} lon={location.lon}",
+            ]
+            node = start(node_command, tmp_path / f"supernode{i}.log", env)
             processes.append(node)
+            nodes.append(node)
             wait_for_port(node_port, node, tmp_path / f"supernode{i}.log")
-        report = flwr_run("test", cfg, tmp_path, env, "federation.min_nodes=2")
+        yield env, nodes, locations
     finally:
         for process in reversed(processes):
             stop(process)
+
+
+def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path, model_cache, deployment):
+    env, _, locations = deployment
+    cfg = small_config(tmp_path / "run", model_cache)
+    report = flwr_run("test", cfg, tmp_path, env, "federation.min_nodes=2")
     assert [row["replies"] for row in report["rounds"]] == [2, 2]
     assert sorted(loc["cell"] for loc in report["locations"]) == sorted(loc.cell for loc in locations)
     assert report["final_accuracy"] > report["evaluations"]["0"]["accuracy"]
+
+
+def test_a_node_that_drops_out_does_not_stall_the_round(tmp_path, model_cache, deployment):
+    env, nodes, _ = deployment
+    cfg = small_config(tmp_path / "run", model_cache)
+    cfg.federation.round_timeout_s = 150.0  # in the config file: Flower overrides only pyproject's keys
+    command = flwr_command("test", cfg, tmp_path, "federation.min_nodes=2")
+    run = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        checkpoint = Path(cfg.out) / "checkpoint.pt"
+        deadline = time.monotonic() + 400
+        while not (
+            checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["server_state"]["completed_round"]
+        ):
+            assert time.monotonic() < deadline and run.poll() is None, "round 1 did not complete"
+            time.sleep(0.5)
+        stop(nodes[1])  # gone in the middle of the run
+        output, _ = run.communicate(timeout=400)
+    finally:
+        stop(run)
+    assert run.returncode == 0, output[-3000:]
+    report = json.loads((Path(cfg.out) / "report.json").read_text())
+    assert [row["replies"] for row in report["rounds"]] == [2, 1]
+    assert report["rounds"][1]["seconds"] < 150 + 60  # waited at most the timeout, then went on
 
 
 def test_flwr_run_with_a_local_simulation_connection(tmp_path, model_cache):

@@ -19,6 +19,19 @@ def task_identity():
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
+class ListedNodes:
+    """The one thing the strategy asks of a Grid here: which nodes the SuperLink lists."""
+
+    def __init__(self, node_ids):
+        self.node_ids = node_ids
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+GRID = ListedNodes([101, 202])
+
+
 def make_strategy(strategy: str = "expert") -> GeoExpertStrategy:
     cfg = RunConfig()
     cfg.conversion.num_experts = 4
@@ -50,7 +63,7 @@ def reply_to(message: Message, change=None, examples: float = 100.0) -> Message:
 
 def test_each_node_gets_only_its_experts_and_species_rows():
     strategy = make_strategy()
-    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, None)}
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, GRID)}
     experts = msg.from_record(messages[101].content[msg.EXPERTS])
     assert experts["moe.1.ids"].tolist() == [0, 1] and experts["moe.1.w1"].shape[0] == 2
     router = msg.from_record(messages[101].content[msg.ROUTER])
@@ -62,7 +75,7 @@ def test_each_node_gets_only_its_experts_and_species_rows():
 def test_experts_average_over_their_holders_only():
     strategy = make_strategy()
     before = {k: v.clone() for k, v in strategy.model.state_dict().items()}
-    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, None)}
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, GRID)}
     replies = [reply_to(messages[101], examples=50), reply_to(messages[202], examples=150)]
     strategy.aggregate_train(1, replies)
     w1 = strategy.model.moe_layers()[1].w1.detach()
@@ -87,7 +100,7 @@ def test_experts_average_over_their_holders_only():
 def test_a_bad_reply_is_rejected_and_the_round_goes_on(change, reason):
     strategy = make_strategy()
     before = strategy.model.moe_layers()[5].w1.detach().clone()
-    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, None)}
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, GRID)}
     strategy.aggregate_train(1, [reply_to(messages[101], change), reply_to(messages[202])])
     assert len(strategy.rejections) == 1 and reason in strategy.rejections[0]["reason"]
     assert strategy.rejections[0]["node"] == 101
@@ -98,7 +111,7 @@ def test_a_bad_reply_is_rejected_and_the_round_goes_on(change, reason):
 
 def test_error_replies_and_missing_nodes_do_not_stall_the_round():
     strategy = make_strategy()
-    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, None)}
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, GRID)}
     failed = Message(Error(code=1, reason="out of memory"), reply_to=messages[101])
     arrays, metrics = strategy.aggregate_train(1, [failed])
     assert arrays is None and "out of memory" in strategy.rejections[0]["reason"]
@@ -108,7 +121,7 @@ def test_error_replies_and_missing_nodes_do_not_stall_the_round():
 
 def test_dense_fedavg_sends_everything_and_averages_by_examples():
     strategy = make_strategy("fedavg")
-    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, None)}
+    messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, GRID)}
     shared = msg.from_record(messages[101].content[msg.SHARED])
     assert "backbone.stem.conv.weight" in shared
     assert msg.from_record(messages[101].content[msg.EXPERTS])["moe.1.ids"].tolist() == [0, 1, 2, 3]
@@ -122,3 +135,10 @@ def test_dense_fedavg_sends_everything_and_averages_by_examples():
     )
     after = strategy.model.state_dict()["backbone.stem.conv.weight"]
     assert torch.allclose(after, before + (1 * 100 + 3 * 300) / 400)
+
+
+def test_nodes_the_superlink_no_longer_lists_get_no_messages():
+    strategy = make_strategy()
+    messages = strategy.configure_train(2, None, None, ListedNodes([202, 999]))
+    assert [m.metadata.dst_node_id for m in messages] == [202]
+    assert [m.metadata.dst_node_id for m in strategy.configure_evaluate(2, None, None, ListedNodes([101]))] == [101]
