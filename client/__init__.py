@@ -1,1 +1,1 @@
-"""geomoe.client"""
+"""The Flower ClientApp and the camera-trap device runtime (model export, atomic updates)."""

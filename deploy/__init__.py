@@ -1,1 +1,1 @@
-"""geomoe.deploy"""
+"""Field deployment: fleet certificates, the Docker fleet tool, container entry point."""

@@ -1,1 +1,1 @@
-"""geomoe.server"""
+"""The Flower ServerApp side: per-expert strategy, reply checks, round loop, checkpoints."""
