@@ -47,6 +47,12 @@ def _received(message: Message) -> Received:
     return Received(*(msg.unpack(content, name) for name in (msg.EXPERTS, msg.ROUTER, msg.HEAD, msg.SHARED)))
 
 
+def evaluation_metrics(result: dict) -> dict:
+    """An evaluation as MetricRecord values; recall NaN (species absent here) travels as -1."""
+    recall = [r if r == r else -1.0 for r in result["recall"]]
+    return {"accuracy": result["accuracy"], "loss": result["loss"], "examples": result["examples"], "recall": recall}
+
+
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Say where this node is, whether it has the base cached, and (if sent a model) how it routes."""
@@ -83,7 +89,7 @@ def train(message: Message, context: Context) -> Message:
         {
             msg.TOKENS: msg.to_record(msg.stats_to_tensors(stats)),
             msg.METRICS: MetricRecord(
-                {**metrics, "received-accuracy": before["accuracy"], "received-loss": before["loss"]}
+                {**metrics, **{f"received-{k}": v for k, v in evaluation_metrics(before).items()}}
             ),
         }
     )
@@ -100,9 +106,5 @@ def evaluate(message: Message, context: Context) -> Message:
     cfg = _run_config(message)
     location = world_for(cfg).locations[int(message.content[msg.CONFIG]["location"])]
     model = build_model(cfg.model, _base(message, context), _received(message))
-    result = evaluate_location(cfg, model, location)
-    recall = [r if r == r else -1.0 for r in result["recall"]]  # NaN (species absent) travels as -1
-    metrics = MetricRecord(
-        {"accuracy": result["accuracy"], "loss": result["loss"], "examples": result["examples"], "recall": recall}
-    )
+    metrics = MetricRecord(evaluation_metrics(evaluate_location(cfg, model, location)))
     return Message(RecordDict({msg.METRICS: metrics}), reply_to=message)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -20,7 +20,7 @@ from geomoe.model.importance import RoutingStats, routing_stats
 from geomoe.model.location import LocationSupervision
 from geomoe.model.moe_layer import EXPERT_PARAMS, MoEMlp
 from geomoe.model.network import GeoMoENet
-from geomoe.model.training import TrainConfig, evaluate, train_epochs
+from geomoe.model.training import evaluate, train_epochs
 from geomoe.run_config import RunConfig
 from geomoe.sim.cells import cell_at, cell_from_path
 from geomoe.sim.world import Location, World
@@ -109,7 +109,7 @@ def train_and_delta(
     """Train locally; deltas for the sent tensors, metrics, and routing statistics on the training set."""
     world = world_for(cfg)
     seed = training_seed(cfg.seed, server_round, index)
-    train_cfg = TrainConfig(**{**cfg.train.__dict__, "seed": seed})
+    train_cfg = replace(cfg.train, seed=seed)
     use_location = train_cfg.location_weight > 0
     loader = world.loader(location.train, train_cfg.batch_size, shuffle=True, seed=seed, with_location=use_location)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}

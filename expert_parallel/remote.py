@@ -80,16 +80,21 @@ class PeerClient:
         self._unhealthy_until = time.monotonic() + delay
         return PeerError(f"{self.address}: {error}")
 
-    def _call(self, method, request):
+    def _sending(self, request) -> None:
         self.stats.calls += 1
         self.stats.bytes_sent += request.ByteSize()
-        try:
-            reply = method(request, timeout=self.deadline_s, metadata=self.metadata)
-        except grpc.RpcError as error:
-            raise self._failed(error) from None
+
+    def _answered(self, reply):
         self._consecutive_failures = 0
         self.stats.bytes_received += reply.ByteSize()
         return reply
+
+    def _call(self, method, request):
+        self._sending(request)
+        try:
+            return self._answered(method(request, timeout=self.deadline_s, metadata=self.metadata))
+        except grpc.RpcError as error:
+            raise self._failed(error) from None
 
     def describe(self) -> dict[int, list[int]]:
         reply = self._call(self.stub.Describe, expert_pb2.DescribeRequest())
@@ -100,8 +105,7 @@ class PeerClient:
         request = expert_pb2.ForwardRequest(
             layer=layer, expert_ids=expert_ids.tolist(), tokens=to_proto(tokens, self.codec), reply_codec=self.codec
         )
-        self.stats.calls += 1
-        self.stats.bytes_sent += request.ByteSize()
+        self._sending(request)
         future = self.stub.Forward.future(request, timeout=self.deadline_s, metadata=self.metadata)
         return _PendingForward(self, future)
 
@@ -126,11 +130,9 @@ class _PendingForward:
 
     def result(self) -> torch.Tensor:
         try:
-            reply = self.future.result()
+            reply = self.peer._answered(self.future.result())
         except grpc.RpcError as error:
             raise self.peer._failed(error) from None
-        self.peer._consecutive_failures = 0
-        self.peer.stats.bytes_received += reply.ByteSize()
         return from_proto(reply.outputs)
 
 

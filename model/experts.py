@@ -65,7 +65,7 @@ def merge_expert_state(model: GeoMoENet, state: dict[str, torch.Tensor]) -> None
 
 def shared_state(model: GeoMoENet) -> dict[str, torch.Tensor]:
     """Everything in the model's state that is not a held expert's parameter or the subset bookkeeping."""
-    expert_names = {f"{p}" for p in EXPERT_PARAMS} | {"expert_ids", "absent_ids", "absent_centroids"}
+    expert_names = {*EXPERT_PARAMS, "expert_ids", "absent_ids", "absent_centroids"}
     moe_prefixes = [name for name, m in model.named_modules() if isinstance(m, MoEMlp)]
     out = {}
     for key, value in model.state_dict().items():

@@ -164,20 +164,7 @@ class Federation:
 
     def _record_received_accuracy(self, rounds_done: int, replies: Iterable[Message]) -> None:
         """Train replies report the accuracy of the model they received: the model after `rounds_done`."""
-        per_cell = {}
-        for reply in replies:
-            if (
-                reply.has_error()
-                or msg.METRICS not in reply.content
-                or reply.metadata.src_node_id not in self.strategy.nodes
-            ):
-                continue
-            metrics = reply.content[msg.METRICS]
-            per_cell[self.strategy.nodes[reply.metadata.src_node_id].cell] = {
-                "accuracy": float(metrics["received-accuracy"]),
-                "examples": float(metrics.get("examples", 0.0)),
-            }
-        self._store_evaluation(rounds_done, per_cell)
+        self._store_evaluation(rounds_done, self.strategy.per_cell_evaluation(replies, prefix="received-"))
 
     def _store_evaluation(self, rounds_done: int, per_cell: dict) -> None:
         if per_cell:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -55,7 +55,7 @@ def initial_model(cfg: RunConfig, world: World, cache_dir: Path) -> tuple[GeoMoE
             train_epochs(
                 dense,
                 world.loader(train, cfg.train.batch_size, shuffle=True, seed=cfg.seed + epoch),
-                TrainConfig(**{**train_cfg.__dict__, "seed": cfg.seed + epoch}),
+                replace(train_cfg, seed=cfg.seed + epoch),
             )
             progress.advance(task)
     images, labels = world.tensors(train[:CONVERSION_SAMPLE])

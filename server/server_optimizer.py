@@ -17,8 +17,12 @@ class ServerOptimizer:
         self.moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
-    def apply(self, name: str, target: torch.Tensor, delta: torch.Tensor, touched: torch.Tensor) -> None:
-        """Move `target` (in place) along `delta` on the rows where `touched` is true."""
+    def apply(self, name: str, target: torch.Tensor, delta: torch.Tensor, touched: torch.Tensor | None = None) -> None:
+        """Move `target` (in place) along `delta` on the rows where `touched` is true (every row if None)."""
+        if target.dim() == 0:  # a scalar is one row
+            target, delta = target.view(1), delta.view(1)
+        if touched is None:
+            touched = torch.ones(target.shape[0], dtype=torch.bool)
         if not touched.any():
             return
         if self.kind == "fedavg":

@@ -223,12 +223,7 @@ class GeoExpertStrategy(Strategy):
             senders = [(u[name], float(m.get("examples", 1.0))) for _, u, _, m in accepted if name in u]
             if senders:
                 delta = mean_delta([d for d, _ in senders], [w for _, w in senders])
-                self.optimizer.apply(
-                    name,
-                    state[name],
-                    delta,
-                    torch.ones(state[name].shape[:1], dtype=torch.bool) if state[name].dim() else torch.tensor(True),
-                )
+                self.optimizer.apply(name, state[name], delta)
         self.state.optimizer = self.optimizer.state_dict()
 
     def configure_evaluate(
@@ -239,17 +234,20 @@ class GeoExpertStrategy(Strategy):
             for node_id in self.online(grid)
         ]
 
-    def per_cell_evaluation(self, replies: Iterable[Message]) -> dict[str, dict]:
-        """Accuracy, examples and per-species recall of each replying node's cell."""
+    def per_cell_evaluation(self, replies: Iterable[Message], prefix: str = "") -> dict[str, dict]:
+        """Accuracy, test examples and per-species recall of each replying node's cell.
+
+        Train replies carry the same figures for the model they received, under `received-`.
+        """
         per_cell = {}
         for reply in replies:
             if reply.has_error() or msg.METRICS not in reply.content or reply.metadata.src_node_id not in self.nodes:
                 continue
             metrics = reply.content[msg.METRICS]
-            recall = {str(s): r for s, r in enumerate(metrics.get("recall", [])) if r >= 0}  # -1: species absent
+            recall = {str(s): r for s, r in enumerate(metrics.get(f"{prefix}recall", [])) if r >= 0}  # -1: absent
             per_cell[self.nodes[reply.metadata.src_node_id].cell] = {
-                "accuracy": float(metrics["accuracy"]),
-                "examples": float(metrics["examples"]),
+                "accuracy": float(metrics[f"{prefix}accuracy"]),
+                "examples": float(metrics[f"{prefix}examples"]),
                 "recall": recall,
             }
         return per_cell
