@@ -6,6 +6,7 @@ but torch (TorchScript) or onnxruntime (ONNX).
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
 def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
     model = model.eval()
     example = torch.zeros(1, 3, image_size, image_size)
+    # torch >= 2.9 defaults to the dynamo exporter; Debian's torch 1.13 (the device image) has only this one.
+    exporter = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     torch.onnx.export(
         model,
         (example,),
@@ -36,7 +39,7 @@ def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
         input_names=["images"],
         output_names=["logits"],
         dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False,
+        **exporter,
     )
     path.with_suffix(".classes.json").write_text(json.dumps(model.head.class_ids.tolist()))
     return path

@@ -85,3 +85,50 @@ def write(issued: Issued, folder: Path, stem: str) -> tuple[Path, Path]:
     key_path.touch(mode=0o600)
     key_path.write_bytes(issued.private_key)
     return cert_path, key_path
+
+
+def make_auth_key() -> Issued:
+    """A SuperNode authentication key pair: OpenSSH private key and public line (NIST P-384), the
+    formats `flower-supernode --auth-supernode-private-key` and `flwr supernode register` read.
+    `certificate` holds the public line: it is what the SuperLink registers."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return Issued(public + b"\n", private)
+
+
+def write_auth_key(pair: Issued, folder: Path, stem: str) -> tuple[Path, Path]:
+    """`stem.auth` (private, 0600) and `stem.auth.pub` in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    private_path, public_path = folder / f"{stem}.auth", folder / f"{stem}.auth.pub"
+    private_path.touch(mode=0o600)
+    private_path.write_bytes(pair.private_key)
+    public_path.write_bytes(pair.certificate)
+    return private_path, public_path
+
+
+def read(folder: Path, stem: str) -> Issued:
+    return Issued((folder / f"{stem}.pem").read_bytes(), (folder / f"{stem}.key").read_bytes())
+
+
+def ensure_fleet_certs(out: Path, server_hosts: list[str], devices: list[str]) -> list[str]:
+    """The fleet's CA and server certificate (made once, never replaced: devices trust them) and,
+    for each device not yet issued, a TLS certificate and a SuperNode authentication key pair.
+    Rerunning with a new device name adds that device only. Returns what was written."""
+    written = []
+    if (out / "ca.pem").exists():
+        ca = read(out, "ca")
+    else:
+        ca = make_ca()
+        write(ca, out, "ca")
+        write(issue(ca, "geomoe-server", server_hosts), out, "server")
+        written.append(f"CA and server certificate for {', '.join(server_hosts)}")
+    for name in devices:
+        if (out / "devices" / f"{name}.auth").exists():
+            continue
+        write(issue(ca, name, [name], server=False), out / "devices", name)
+        write_auth_key(make_auth_key(), out / "devices", name)
+        written.append(f"device {name}: certificate and SuperNode key")
+    return written

@@ -1,10 +1,14 @@
-"""Container entry point: `supernode`, `expert-server`, `runtime` or `superlink`, configured by
-environment (GEOMOE_LAT, GEOMOE_LON, GEOMOE_SUPERLINK, GEOMOE_TLS) and the /data volume."""
+"""Container entry point: `supernode`, `superlink`, `expert-server` or `runtime`, configured by
+environment (GEOMOE_LAT, GEOMOE_LON, GEOMOE_SUPERLINK, GEOMOE_TLS, GEOMOE_APPIO_PORT) and the /data
+volume, where `geomoe deploy up` puts the fleet's certificates (/data/certs) when TLS is on."""
 
 from __future__ import annotations
 
 import os
 import sys
+
+CERTS = "/data/certs"
+DEFAULT_SUPERLINK = "127.0.0.1:8000"  # flower-superlink's own default (one HTTP port for all its APIs)
 
 COMMANDS = {
     "expert-server": ["geomoe", "expert-server", "serve", "--model", "/data/model.pt", "--address", "0.0.0.0:50051"],
@@ -24,17 +28,21 @@ COMMANDS = {
 
 def command(role: str, env: dict[str, str]) -> list[str]:
     tls = env.get("GEOMOE_TLS", "0") == "1"
+    superlink = env.get("GEOMOE_SUPERLINK", DEFAULT_SUPERLINK)
     if role == "supernode":
         security = (
-            ["--root-certificates", "/data/certs/ca.pem", "--auth-supernode-private-key", "/data/certs/device.key"]
+            ["--root-certificates", f"{CERTS}/ca.pem", "--auth-supernode-private-key", f"{CERTS}/device.auth"]
             if tls
             else ["--insecure"]
         )
+        # The ClientApp API stays on loopback; its port differs only where several SuperNodes share a host.
+        port = ["--port", env["GEOMOE_APPIO_PORT"]] if "GEOMOE_APPIO_PORT" in env else []
         return [
             "flower-supernode",
             *security,
             "--superlink",
-            env.get("GEOMOE_SUPERLINK", "127.0.0.1:9092"),
+            superlink,
+            *port,
             "--node-config",
             f"lat={env['GEOMOE_LAT']} lon={env['GEOMOE_LON']}",
         ]
@@ -42,17 +50,29 @@ def command(role: str, env: dict[str, str]) -> list[str]:
         security = (
             [
                 "--ssl-ca-certfile",
-                "/data/certs/ca.pem",
+                f"{CERTS}/ca.pem",
                 "--ssl-certfile",
-                "/data/certs/server.pem",
+                f"{CERTS}/server.pem",
                 "--ssl-keyfile",
-                "/data/certs/server.key",
+                f"{CERTS}/server.key",
                 "--enable-supernode-auth",
             ]
             if tls
             else ["--insecure"]
         )
-        return ["flower-superlink", *security, "--disable-runtime-dependency-installation"]
+        # It listens on the address the fleet's SuperNodes dial.
+        host, _, port = superlink.rpartition(":")
+        return [
+            "flower-superlink",
+            *security,
+            "--host",
+            host.strip("[]"),
+            "--port",
+            port,
+            "--database",
+            "/data/superlink.db",
+            "--disable-runtime-dependency-installation",
+        ]
     if role in COMMANDS:
         return COMMANDS[role]
     raise SystemExit(f"unknown role {role!r}: use supernode, superlink, expert-server or runtime")

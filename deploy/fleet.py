@@ -8,6 +8,12 @@ reports per device: one unreachable device does not stop the others.
 
 from __future__ import annotations
 
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +43,8 @@ class Fleet:
     image: str  # image every device runs (loaded with `geomoe deploy load`, no registry needed)
     superlink: str  # address SuperNodes dial, host:port
     devices: list[Device]
-    tls: bool = False  # SuperNodes dial with TLS and authenticate with their own key (certs in the volume)
+    tls: bool = False  # SuperLink serves TLS and admits only registered SuperNode keys
+    certs: Path | None = None  # `geomoe deploy certs` folder; with tls, its files go into each volume
 
 
 def read_fleet_file(path: Path) -> Fleet:
@@ -80,7 +87,20 @@ def read_fleet_file(path: Path) -> Fleet:
         )
     if not devices:
         raise ValueError(f"{path}: no [[device]] tables")
-    return Fleet(str(data["image"]), str(data["superlink"]), devices, bool(data.get("tls", False)))
+    tls = bool(data.get("tls", False))
+    certs = path.parent / str(data["certs"]) if "certs" in data else None
+    fleet = Fleet(str(data["image"]), str(data["superlink"]), devices, tls, certs)
+    if tls:
+        if certs is None:
+            raise ValueError(f"{path}: tls = true needs 'certs', the folder `geomoe deploy certs` wrote")
+        for device in devices:
+            for source in certificate_files(device, fleet).values():
+                if not source.is_file():
+                    raise ValueError(
+                        f"{path}: device {device.name}: {source} missing; "
+                        f"run `geomoe deploy certs --out {certs} --device {device.name}`"
+                    )
+    return fleet
 
 
 def container_name(device: Device) -> str:
@@ -91,18 +111,45 @@ def volume_name(device: Device) -> str:
     return f"geomoe-{device.name}-data"
 
 
+def certificate_files(device: Device, fleet: Fleet) -> dict[str, Path]:
+    """What goes into the device's /data/certs (name there -> file in the fleet's certs folder):
+    the CA for everyone, the server pair for servers, the SuperNode key for SuperNodes."""
+    assert fleet.certs is not None
+    files = {"ca.pem": fleet.certs / "ca.pem"}
+    if device.role in ("superlink", "expert-server"):
+        files |= {"server.pem": fleet.certs / "server.pem", "server.key": fleet.certs / "server.key"}
+    if device.role == "supernode":
+        files["device.auth"] = fleet.certs / "devices" / f"{device.name}.auth"
+    return files
+
+
+def certificate_archive(files: dict[str, Path], uid: int = 10001) -> bytes:
+    """A tar of `certs/<name>` owned by the image's user, keys 0600, for `put_archive` into /data."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        folder = tarfile.TarInfo("certs")
+        folder.type, folder.mode, folder.uid, folder.gid = tarfile.DIRTYPE, 0o700, uid, uid
+        archive.addfile(folder)
+        for name, source in sorted(files.items()):
+            data = source.read_bytes()
+            entry = tarfile.TarInfo(f"certs/{name}")
+            entry.size, entry.uid, entry.gid = len(data), uid, uid
+            entry.mode = 0o644 if name.endswith(".pem") else 0o600
+            archive.addfile(entry, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def command_for(device: Device, fleet: Fleet) -> list[str]:
     """What the container runs: the image's entrypoint role (or the device's own `command`)."""
     return device.command or [device.role]
 
 
 def run_options(device: Device, fleet: Fleet, image: str | None = None) -> dict[str, Any]:
-    """Keyword arguments of `containers.run` for a device (host networking, data volume, limits)."""
+    """Keyword arguments of `containers.create` for a device (host networking, data volume, limits)."""
     options: dict[str, Any] = {
         "image": image or fleet.image,
         "command": command_for(device, fleet),
         "name": container_name(device),
-        "detach": True,
         "network_mode": "host",
         "restart_policy": {"Name": "unless-stopped"},
         "volumes": {volume_name(device): {"bind": "/data", "mode": "rw"}},
@@ -153,6 +200,15 @@ def _container(client: Any, device: Device):
         return None
 
 
+def _start(client: Any, device: Device, fleet: Fleet, image: str | None = None) -> Any:
+    """Create the device's container, put its certificates into the data volume, start it."""
+    container = client.containers.create(**run_options(device, fleet, image))
+    if fleet.tls:
+        container.put_archive("/data", certificate_archive(certificate_files(device, fleet)))
+    container.start()
+    return container
+
+
 def up(fleet: Fleet) -> Callable[[Any, Device], str]:
     def action(client: Any, device: Device) -> str:
         existing = _container(client, device)
@@ -161,8 +217,8 @@ def up(fleet: Fleet) -> Callable[[Any, Device], str]:
                 existing.start()
             return f"{container_name(device)} already there ({existing.status})"
         client.volumes.create(volume_name(device))
-        container = client.containers.run(**run_options(device, fleet))
-        return f"started {container.name} ({device.role})"
+        container = _start(client, device, fleet)
+        return f"started {container.name} ({device.role}{', TLS' if fleet.tls else ''})"
 
     return action
 
@@ -202,7 +258,7 @@ def update(fleet: Fleet, image: str | None) -> Callable[[Any, Device], str]:
         old = _container(client, device)
         if old is not None:
             old.remove(force=True)
-        container = client.containers.run(**run_options(device, fleet, image))
+        container = _start(client, device, fleet, image)
         return f"replaced with {image or fleet.image} ({container.short_id}); volume {volume_name(device)} kept"
 
     return action
@@ -223,3 +279,40 @@ def save_image(client: Any, image: str, archive: Path) -> None:
     with archive.open("wb") as f:
         for chunk in client.images.get(image).save(named=True):
             f.write(chunk)
+
+
+def register(fleet: Fleet, device: Device) -> str:
+    """Register the SuperNode's public key (with its name and location) on the fleet's SuperLink,
+    which then admits that device and no unregistered one. Uses Flower's own `flwr supernode register`
+    over a TLS connection that trusts the fleet CA."""
+    if not (fleet.tls and fleet.certs):
+        raise ValueError("registration needs tls = true and certs in the fleet file")
+    if device.role != "supernode":
+        return f"skipped ({device.role})"
+    public_key = fleet.certs / "devices" / f"{device.name}.auth.pub"
+    with tempfile.TemporaryDirectory() as flwr_home:
+        (Path(flwr_home) / "config.toml").write_text(
+            '[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\n'
+            f'address = "{fleet.superlink}"\nroot-certificates = "{(fleet.certs / "ca.pem").resolve()}"\n'
+        )
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "flwr"),
+                "supernode",
+                "register",
+                str(public_key),
+                "fleet",
+                "--name",
+                device.name,
+                "--location",
+                f"{device.lat},{device.lon}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "FLWR_HOME": flwr_home},
+        )
+    output = (result.stdout + result.stderr).strip().splitlines()
+    if result.returncode != 0:
+        raise RuntimeError(output[-1] if output else f"flwr supernode register exited {result.returncode}")
+    return output[-1] if output else "registered"

@@ -544,27 +544,22 @@ def device_install_model(
 
 @deploy_app.command("certs")
 def deploy_certs(
-    out: Path = typer.Option(Path("certs"), help="Folder for ca.pem, server.pem/.key and one pair per device."),
+    out: Path = typer.Option(Path("certs"), help="Folder for ca.pem, server.pem/.key and devices/<name>.*"),
     server_host: list[str] = typer.Option(
-        ["127.0.0.1", "localhost"], help="Names/IPs of the SuperLink and expert servers."
+        ["127.0.0.1", "localhost"], help="Names/IPs of the SuperLink and expert servers (first run only)."
     ),
-    device: list[str] = typer.Option([], help="Device names to issue certificates for."),
+    device: list[str] = typer.Option([], help="Device names to issue a certificate and SuperNode key for."),
 ) -> None:
-    """A fleet CA, a server certificate, and per-device certificates (keys 0600)."""
-    from geomoe.deploy.certs import issue, make_ca, write
+    """A fleet CA and server certificate (once), and per device a TLS certificate and a SuperNode
+    authentication key (devices/<name>.auth, .auth.pub). Rerun with new names to add devices."""
+    from geomoe.deploy.certs import ensure_fleet_certs
 
-    ca_path = out / "ca.pem"
-    if ca_path.exists():
-        raise click.ClickException(f"{ca_path} exists; refusing to replace a CA devices already trust")
-    ca = make_ca()
-    write(ca, out, "ca")
-    write(issue(ca, "geomoe-server", list(server_host)), out, "server")
-    for name in device:
-        write(issue(ca, name, [name], server=False), out / "devices", name)
-    console.print(f"wrote CA, server and {len(device)} device certificates to {out}")
+    written = ensure_fleet_certs(out, list(server_host), list(device))
+    for line in written or ["nothing new: every device named already has its keys"]:
+        console.print(f"{out}: {line}")
 
 
-def _fleet_action(fleet_file: Path, only: str | None, action_for) -> None:
+def _fleet_action(fleet_file: Path, only: str | None, action_for, needs_docker: bool = True) -> None:
     import docker
 
     from geomoe.deploy.fleet import for_each, read_fleet_file
@@ -573,7 +568,8 @@ def _fleet_action(fleet_file: Path, only: str | None, action_for) -> None:
     devices = [d for d in fleet.devices if only in (None, d.name)]
     if not devices:
         raise click.BadParameter(f"no device {only!r} in {fleet_file}", param_hint="--device")
-    outcomes = for_each(devices, action_for(fleet), lambda host: docker.DockerClient(base_url=host, timeout=20))
+    connect = (lambda host: docker.DockerClient(base_url=host, timeout=20)) if needs_docker else (lambda host: None)
+    outcomes = for_each(devices, action_for(fleet), connect)
     table = Table(title=str(fleet_file))
     for column in ("device", "ok", "detail"):
         table.add_column(column)
@@ -626,6 +622,15 @@ def deploy_update(fleet: Path = FLEET_OPTION, device: str = DEVICE_OPTION, image
     from geomoe.deploy.fleet import update
 
     _fleet_action(fleet, device, lambda f: update(f, image))
+
+
+@deploy_app.command("register")
+def deploy_register(fleet: Path = FLEET_OPTION, device: str = DEVICE_OPTION) -> None:
+    """Register each SuperNode's public key (name, location) on the fleet's TLS SuperLink, which
+    admits registered devices only. Run once the SuperLink is up; devices keep retrying until then."""
+    from geomoe.deploy.fleet import register
+
+    _fleet_action(fleet, device, lambda f: lambda _client, d: register(f, d), needs_docker=False)
 
 
 @deploy_app.command("load")

@@ -7,7 +7,6 @@ hidden units and masks, so a pruned model is cheaper as well as smaller.
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from geomoe.model.experts import is_expert_key, take_expert_state
 from geomoe.model.network import GeoMoENet
@@ -24,6 +23,9 @@ def expert_parameter_count(model: GeoMoENet) -> int:
 @torch.no_grad()
 def forward_flops(model: GeoMoENet, image_size: int) -> int:
     """FLOPs of one forward pass on one image."""
+    # Imported here: torch 1.13 (Debian's, in the device image) has no flop counter, and devices never count.
+    from torch.utils.flop_counter import FlopCounterMode
+
     model.eval()
     with FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 3, image_size, image_size))

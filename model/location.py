@@ -33,7 +33,10 @@ class Space2VecGrid(nn.Module):
         )
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, std=1 / math.sqrt(layer.in_features), generator=generator)
+                # randn with a generator, not init.normal_(generator=): torch 1.13 (the device image) lacks that.
+                weight = torch.randn(layer.weight.shape, generator=generator) / math.sqrt(layer.in_features)
+                with torch.no_grad():
+                    layer.weight.copy_(weight)
                 nn.init.zeros_(layer.bias)
         self.requires_grad_(False)
 

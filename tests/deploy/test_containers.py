@@ -1,0 +1,142 @@
+"""The deployment for real: the amd64 image built from deploy/Dockerfile, a TLS SuperLink and two
+SuperNodes started by `geomoe deploy` through the Docker SDK on 127.0.0.1, registered SuperNode keys,
+one federated round, and a device whose key was never registered being refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from geomoe.deploy.certs import ensure_fleet_certs
+from geomoe.run_config import to_toml
+from geomoe.sim.world import World
+
+from ..integration.conftest import small_config
+from .test_fleet import docker_client
+
+pytestmark = [pytest.mark.docker, pytest.mark.integration]
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+IMAGE = "geomoe:container-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port}")
+
+
+def geomoe(*args: str) -> str:
+    result = subprocess.run([str(BIN / "geomoe"), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def file_archive(name: str, text: str, uid: int = 10001) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        entry = tarfile.TarInfo(name)
+        entry.size, entry.uid, entry.gid = len(text.encode()), uid, uid
+        archive.addfile(entry, io.BytesIO(text.encode()))
+    return buffer.getvalue()
+
+
+def read_file(container, path: str) -> str:
+    chunks, _ = container.get_archive(path)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as archive:
+        return archive.extractfile(archive.getmembers()[0]).read().decode()
+
+
+@pytest.fixture(scope="module")
+def image():
+    """The amd64 image, built from this checkout on the locally built Debian base."""
+    client, base = docker_client()
+    client.images.build(
+        path=str(ROOT), dockerfile="deploy/Dockerfile", buildargs={"BASE": base}, tag=IMAGE, network_mode="host"
+    )
+    return client
+
+
+def test_federated_round_in_containers_with_tls_and_registered_supernodes(image, tmp_path):
+    client = image
+    tag = uuid.uuid4().hex[:6]
+    link, cells, intruder = f"link-{tag}", [f"cell-a-{tag}", f"cell-b-{tag}"], f"intruder-{tag}"
+    ensure_fleet_certs(tmp_path / "certs", ["127.0.0.1"], [*cells, intruder])
+    link_port = free_port()
+    locations = World(small_config(tmp_path, tmp_path).world).locations[:2]
+    local = 'host = "unix:///var/run/docker.sock"'
+    devices = [f'[[device]]\nname = "{link}"\n{local}\nlat = 0\nlon = 0\nrole = "superlink"\n']
+    for name, location in zip([*cells, intruder], [*locations, locations[0]], strict=True):
+        devices.append(
+            f'[[device]]\nname = "{name}"\n{local}\n'
+            f"lat = {location.lat}\nlon = {location.lon}\n"
+            f'environment = {{ GEOMOE_APPIO_PORT = "{free_port()}" }}\n'
+        )
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        f'image = "{IMAGE}"\nsuperlink = "127.0.0.1:{link_port}"\ntls = true\ncerts = "certs"\n\n' + "\n".join(devices)
+    )
+    # The run's configuration, where the ServerApp (inside the SuperLink) and the ClientApps read it.
+    run_toml = to_toml(small_config("/data/runs/test", "/data/cache", rounds=1))
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\naddress = "127.0.0.1:{link_port}"\n'
+        f'root-certificates = "{tmp_path / "certs" / "ca.pem"}"\n'
+    )
+    try:
+        assert "superlink, TLS" in geomoe("deploy", "up", "--fleet", str(fleet), "--device", link)
+        wait_for_port(link_port)
+        registered = geomoe("deploy", "register", "--fleet", str(fleet), "--device", cells[0])
+        registered += geomoe("deploy", "register", "--fleet", str(fleet), "--device", cells[1])
+        assert registered.count("registered successfully") == 2
+        started = geomoe("deploy", "up", "--fleet", str(fleet))
+        assert started.count("supernode, TLS") == 3  # both cells and the unregistered device
+        for name in (link, *cells):
+            client.containers.get(f"geomoe-{name}").put_archive("/data", file_archive("run.toml", run_toml))
+
+        overrides = 'config="/data/run.toml" federation.rounds=1 federation.min_nodes=2 out="/data/runs/test"'
+        result = subprocess.run(
+            [str(BIN / "flwr"), "run", str(ROOT), "fleet", "--run-config", overrides, "--stream"],
+            env={**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+            capture_output=True,
+            text=True,
+            timeout=540,
+            start_new_session=True,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        report = json.loads(read_file(client.containers.get(f"geomoe-{link}"), "/data/runs/test/report.json"))
+        assert [row["replies"] for row in report["rounds"]] == [2]
+        assert sorted(loc["cell"] for loc in report["locations"]) == sorted(loc.cell for loc in locations)
+
+        refused = client.containers.get(f"geomoe-{intruder}").logs().decode(errors="replace")
+        assert "Failed to activate SuperNode" in refused and "SuperNode ID" not in refused
+        for name in cells:
+            assert "SuperNode ID" in client.containers.get(f"geomoe-{name}").logs().decode(errors="replace")
+
+        status = geomoe("deploy", "status", "--fleet", str(fleet), "--device", link)
+        assert "running" in status and IMAGE.split(":")[0] in status
+    finally:
+        subprocess.run([str(BIN / "geomoe"), "deploy", "down", "--fleet", str(fleet)], capture_output=True, check=False)
+        for volume in client.volumes.list(filters={"name": tag}):
+            volume.remove(force=True)
