@@ -1,4 +1,4 @@
-"""Container entry point: `supernode`, `superlink`, `expert-server` or `runtime`, configured by
+"""Container entry point: `supernode`, `superlink`, `serverapp`, `expert-server` or `runtime`, configured by
 environment (GEOMOE_LAT, GEOMOE_LON, GEOMOE_SUPERLINK, GEOMOE_TLS, GEOMOE_APPIO_PORT) and the /data
 volume, where `geomoe deploy up` puts the fleet's certificates (/data/certs) when TLS is on."""
 
@@ -60,11 +60,13 @@ def command(role: str, env: dict[str, str]) -> list[str]:
             if tls
             else ["--insecure"]
         )
-        # It listens on the address the fleet's SuperNodes dial.
+        # It listens on the address the fleet's SuperNodes dial; ServerApps run in the `serverapp` container.
         host, _, port = superlink.rpartition(":")
         return [
             "flower-superlink",
             *security,
+            "--isolation",
+            "process",
             "--host",
             host.strip("[]"),
             "--port",
@@ -73,9 +75,13 @@ def command(role: str, env: dict[str, str]) -> list[str]:
             "/data/superlink.db",
             "--disable-runtime-dependency-installation",
         ]
+    if role == "serverapp":
+        # Runs each submitted run's ServerApp (geomoe's, installed here) against the SuperLink's runtime API.
+        security = ["--root-certificates", f"{CERTS}/ca.pem"] if tls else ["--insecure"]
+        return ["flower-superexec", "--plugin-type", "serverapp", "--runtime-api-address", superlink, *security]
     if role in COMMANDS:
         return COMMANDS[role]
-    raise SystemExit(f"unknown role {role!r}: use supernode, superlink, expert-server or runtime")
+    raise SystemExit(f"unknown role {role!r}: use supernode, superlink, serverapp, expert-server or runtime")
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """The fleet tool behind `geomoe deploy`: containers on every field device through the Docker SDK.
 
 A fleet file (TOML) lists devices; each runs one container (`geomoe-<name>`) of a role (supernode,
-expert-server, runtime, superlink) with its location and limits, and keeps its data in a named
+superlink, serverapp, expert-server, runtime) with its location and limits, and keeps its data in a named
 volume (`geomoe-<name>-data`) that outlives container updates. Every action runs per device and
 reports per device: one unreachable device does not stop the others.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROLES = ("supernode", "expert-server", "runtime", "superlink")
+ROLES = ("supernode", "expert-server", "runtime", "superlink", "serverapp")
 
 
 @dataclass

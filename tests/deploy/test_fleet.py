@@ -1,13 +1,18 @@
 """The fleet file, and the fleet tool against a real Docker engine on this machine."""
 
+import io
 import os
+import tarfile
 import uuid
 
 import pytest
 
+from geomoe.deploy.certs import ensure_fleet_certs
 from geomoe.deploy.fleet import (
     Device,
     Fleet,
+    certificate_archive,
+    certificate_files,
     command_for,
     down,
     for_each,
@@ -39,6 +44,43 @@ lat = -1.41
 lon = 35.02
 role = "expert-server"
 """
+
+
+def tls_fleet(tmp_path, devices=("cam-07",)):
+    ensure_fleet_certs(tmp_path / "certs", ["127.0.0.1"], list(devices))
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        FLEET.replace('superlink = "127.0.0.1:9092"', 'superlink = "127.0.0.1:9092"\ntls = true\ncerts = "certs"')
+    )
+    return path
+
+
+def test_tls_fleet_puts_each_role_its_certificates(tmp_path):
+    fleet = read_fleet_file(tls_fleet(tmp_path, ["cam-07"]))
+    camera, relay = fleet.devices
+    assert certificate_files(camera, fleet) == {
+        "ca.pem": tmp_path / "certs" / "ca.pem",
+        "device.auth": tmp_path / "certs" / "devices" / "cam-07.auth",
+    }
+    assert set(certificate_files(relay, fleet)) == {"ca.pem", "server.pem", "server.key"}
+    with tarfile.open(fileobj=io.BytesIO(certificate_archive(certificate_files(camera, fleet)))) as archive:
+        entries = {entry.name: entry for entry in archive.getmembers()}
+        assert entries["certs"].isdir() and entries["certs"].mode == 0o700
+        assert entries["certs/device.auth"].mode == 0o600 and entries["certs/ca.pem"].mode == 0o644
+        assert {entry.uid for entry in entries.values()} == {10001}  # the image's user reads them
+        key = archive.extractfile("certs/device.auth").read()
+    assert key == (tmp_path / "certs" / "devices" / "cam-07.auth").read_bytes()
+
+
+def test_tls_fleet_names_what_is_missing(tmp_path):
+    path = tls_fleet(tmp_path, ["cam-07"])  # the relay, an expert server, needs the server pair only
+    read_fleet_file(path)
+    path.write_text(path.read_text().replace('name = "cam-07"', 'name = "cam-09"'))
+    with pytest.raises(ValueError, match=r"device cam-09: .*cam-09.auth missing; run `geomoe deploy certs"):
+        read_fleet_file(path)
+    path.write_text(path.read_text().replace('certs = "certs"\n', ""))
+    with pytest.raises(ValueError, match="tls = true needs 'certs'"):
+        read_fleet_file(path)
 
 
 def test_fleet_file(tmp_path):
@@ -150,7 +192,15 @@ def test_entrypoint_roles():
         "--node-config",
         "lat=1.5 lon=-2",
     ]
-    assert "--auth-supernode-private-key" in command("supernode", {**env, "GEOMOE_TLS": "1"})
+    secure = command("supernode", {**env, "GEOMOE_TLS": "1", "GEOMOE_APPIO_PORT": "9105"})
+    assert (
+        "--insecure" not in secure
+        and secure[secure.index("--auth-supernode-private-key") + 1] == "/data/certs/device.auth"
+    )
+    assert secure[secure.index("--port") + 1] == "9105"
+    link = command("superlink", {**env, "GEOMOE_TLS": "1"})
+    assert link[link.index("--host") + 1] == "10.0.0.2" and link[link.index("--port") + 1] == "9092"  # where nodes dial
+    assert "--enable-supernode-auth" in link and "--database" in link  # registrations outlive the container
     assert command("runtime", env)[:3] == ["geomoe", "device", "run"]
     with pytest.raises(SystemExit, match="unknown role"):
         command("camera", env)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 
 import pytest
@@ -29,6 +30,13 @@ def small_config(out, cache, strategy: str = "expert", rounds: int = 2) -> RunCo
     set_override(cfg, "federation.strategy", f'"{strategy}"')
     set_override(cfg, "federation.rounds", str(rounds))
     return cfg
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

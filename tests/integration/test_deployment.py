@@ -16,17 +16,11 @@ import torch
 from geomoe.run_config import to_toml
 from geomoe.sim.world import World
 
-from .conftest import small_config, stop
+from .conftest import free_port, small_config, stop
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:

@@ -1,0 +1,37 @@
+"""The fleet CA and device keys: formats Flower and gRPC read, added devices keep the CA."""
+
+import stat
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from geomoe.deploy.certs import ensure_fleet_certs
+
+
+def test_fleet_certs_once_then_devices_added(tmp_path):
+    out = tmp_path / "certs"
+    written = ensure_fleet_certs(out, ["127.0.0.1", "link.local"], ["cam-07"])
+    assert len(written) == 2
+    ca = (out / "ca.pem").read_bytes()
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "link.local" in names.get_values_for_type(x509.DNSName)
+
+    assert ensure_fleet_certs(out, ["127.0.0.1"], ["cam-07", "cam-08"]) == [
+        "device cam-08: certificate and SuperNode key"
+    ]
+    assert (out / "ca.pem").read_bytes() == ca  # devices that trust the CA keep trusting it
+    device = x509.load_pem_x509_certificate((out / "devices" / "cam-08.pem").read_bytes())
+    assert device.issuer == x509.load_pem_x509_certificate(ca).subject
+
+
+def test_supernode_key_is_what_flower_reads(tmp_path):
+    ensure_fleet_certs(tmp_path, ["127.0.0.1"], ["cam-07"])
+    private_path = tmp_path / "devices" / "cam-07.auth"
+    private = load_ssh_private_key(private_path.read_bytes(), None)  # flower-supernode --auth-supernode-private-key
+    public = load_ssh_public_key((tmp_path / "devices" / "cam-07.auth.pub").read_bytes())  # flwr supernode register
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP384R1)
+    assert public.public_numbers() == private.public_key().public_numbers()
+    assert stat.S_IMODE(private_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "devices" / "cam-07.key").stat().st_mode) == 0o600
