@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds a Debian bookworm base image locally (debootstrap + docker import), for machines that reach
+# Builds a Debian bookworm base image locally (debootstrap + docker load), for machines that reach
 # Debian's mirror but no image registry. Usage: deploy/base_image.sh [TAG] [ARCH]
 # The tag is passed to `docker build --build-arg BASE=TAG`. Does nothing if TAG already exists.
 set -euo pipefail
@@ -20,5 +20,17 @@ for cert in /usr/local/share/ca-certificates/*.crt; do
   cp "$cert" "$ROOT/usr/local/share/ca-certificates/"
   cat "$cert" >> "$ROOT/etc/ssl/certs/ca-certificates.crt"
 done
-tar -C "$ROOT" -c . | docker import --platform "linux/$ARCH" - "$TAG" >/dev/null
+# `docker load` of a one-layer image archive rather than `docker import`, which (in Debian's
+# docker.io 20.10) records the host's architecture whatever --platform says; an arm64 base must say
+# arm64, or builds for linux/arm64 refuse it.
+ARCHIVE=$(mktemp -d)
+trap 'rm -rf "$ROOT" "$ARCHIVE"' EXIT
+tar -C "$ROOT" --numeric-owner -cf "$ARCHIVE/layer.tar" .
+LAYER=$(sha256sum "$ARCHIVE/layer.tar" | cut -d' ' -f1)
+printf '{"architecture":"%s","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["/bin/bash"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+  "$ARCH" "$LAYER" >"$ARCHIVE/config.json"
+CONFIG=$(sha256sum "$ARCHIVE/config.json" | cut -d' ' -f1)
+mv "$ARCHIVE/config.json" "$ARCHIVE/$CONFIG.json"
+printf '[{"Config":"%s.json","RepoTags":["%s"],"Layers":["layer.tar"]}]' "$CONFIG" "$TAG" >"$ARCHIVE/manifest.json"
+tar -C "$ARCHIVE" -cf - manifest.json "$CONFIG.json" layer.tar | docker load >/dev/null
 echo "built $TAG"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -138,3 +139,34 @@ def test_federated_round_in_containers_with_tls_and_registered_supernodes(image,
         subprocess.run([str(BIN / "geomoe"), "deploy", "down", "--fleet", str(fleet)], capture_output=True, check=False)
         for volume in client.volumes.list(filters={"name": tag}):
             volume.remove(force=True)
+
+
+def test_compose_trial_runs_a_round(image, tmp_path):
+    """deploy/compose.yaml as its header says to use it: SuperLink, ServerApp side, three SuperNodes."""
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose missing; CI installs Debian's")
+    client, project, port = image, f"trial{uuid.uuid4().hex[:6]}", free_port()
+    env = {**os.environ, "GEOMOE_IMAGE": IMAGE, "GEOMOE_PORT": str(port), "FLWR_HOME": str(tmp_path)}
+    (tmp_path / "config.toml").write_text(
+        f'[superlink]\ndefault = "trial"\n\n[superlink.trial]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    base = [compose, "-f", str(ROOT / "deploy" / "compose.yaml"), "-p", project]
+    try:
+        subprocess.run([*base, "up", "-d"], env=env, check=True, capture_output=True, timeout=120)
+        wait_for_port(port)
+        overrides = 'federation.rounds=1 federation.min_nodes=3 out="/data/runs/trial"'
+        result = subprocess.run(
+            [str(BIN / "flwr"), "run", str(ROOT), "trial", "--run-config", overrides, "--stream"],
+            env={**env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+            capture_output=True,
+            text=True,
+            timeout=540,
+            start_new_session=True,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        server = client.containers.get(f"{project}_serverapp_1")
+        report = json.loads(read_file(server, "/data/runs/trial/report.json"))
+        assert [row["replies"] for row in report["rounds"]] == [3]
+    finally:
+        subprocess.run([*base, "down", "-v"], env=env, capture_output=True, check=False, timeout=120)
