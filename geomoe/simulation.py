@@ -6,6 +6,7 @@ the `partition-id` Flower gives it. Set `ray_address` to run on an existing Ray 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ def simulate(
     verbose: bool = False,
 ) -> dict:
     """Run the job to completion and return its report (also written to `cfg.out/report.json`)."""
+    if importlib.util.find_spec("ray") is None:
+        raise RuntimeError("local simulation needs Ray: pip install 'geomoe[simulation]' (device images leave it out)")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per virtual client: Ray runs them side by side
     init_args: dict = {"include_dashboard": False, "log_to_driver": verbose}

@@ -201,6 +201,13 @@ def test_entrypoint_roles():
     link = command("superlink", {**env, "GEOMOE_TLS": "1"})
     assert link[link.index("--host") + 1] == "10.0.0.2" and link[link.index("--port") + 1] == "9092"  # where nodes dial
     assert "--enable-supernode-auth" in link and "--database" in link  # registrations outlive the container
+    assert link[link.index("--isolation") + 1] == "process"  # ServerApps run in the serverapp container
+    assert command("serverapp", {**env, "GEOMOE_TLS": "1"})[-4:] == [
+        "--runtime-api-address",
+        "10.0.0.2:9092",
+        "--root-certificates",
+        "/data/certs/ca.pem",
+    ]
     assert command("runtime", env)[:3] == ["geomoe", "device", "run"]
     with pytest.raises(SystemExit, match="unknown role"):
         command("camera", env)
