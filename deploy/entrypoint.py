@@ -11,7 +11,6 @@ CERTS = "/data/certs"
 DEFAULT_SUPERLINK = "127.0.0.1:8000"  # flower-superlink's own default (one HTTP port for all its APIs)
 
 COMMANDS = {
-    "expert-server": ["geomoe", "expert-server", "serve", "--model", "/data/model.pt", "--address", "0.0.0.0:50051"],
     "runtime": [
         "geomoe",
         "device",
@@ -79,6 +78,11 @@ def command(role: str, env: dict[str, str]) -> list[str]:
         # Runs each submitted run's ServerApp (geomoe's, installed here) against the SuperLink's runtime API.
         security = ["--root-certificates", f"{CERTS}/ca.pem"] if tls else ["--insecure"]
         return ["flower-superexec", "--plugin-type", "serverapp", "--runtime-api-address", superlink, *security]
+    if role == "expert-server":
+        # Peers on the field LAN call it; with TLS it presents the fleet CA's server certificate.
+        security = ["--cert", f"{CERTS}/server.pem", "--key", f"{CERTS}/server.key"] if tls else []
+        serve = ["geomoe", "expert-server", "serve", "--model", "/data/model.pt", "--address", "0.0.0.0:50051"]
+        return [*serve, "--name", env.get("GEOMOE_DEVICE", "expert-server"), *security]
     if role in COMMANDS:
         return COMMANDS[role]
     raise SystemExit(f"unknown role {role!r}: use supernode, superlink, serverapp, expert-server or runtime")

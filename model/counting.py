@@ -23,8 +23,13 @@ def expert_parameter_count(model: GeoMoENet) -> int:
 @torch.no_grad()
 def forward_flops(model: GeoMoENet, image_size: int) -> int:
     """FLOPs of one forward pass on one image."""
-    # Imported here: torch 1.13 (Debian's, in the device image) has no flop counter, and devices never count.
-    from torch.utils.flop_counter import FlopCounterMode
+    # Imported here: torch 1.13 (Debian's, in the device image) has no flop counter; devices never count.
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError as missing:
+        raise RuntimeError(
+            f"counting FLOPs needs torch >= 2.1 (torch.utils.flop_counter); this is {torch.__version__}"
+        ) from missing
 
     model.eval()
     with FlopCounterMode(display=False) as counter:

@@ -208,6 +208,8 @@ def test_entrypoint_roles():
         "--root-certificates",
         "/data/certs/ca.pem",
     ]
+    relay = command("expert-server", {**env, "GEOMOE_TLS": "1", "GEOMOE_DEVICE": "relay"})
+    assert relay[relay.index("--cert") + 1] == "/data/certs/server.pem" and relay[relay.index("--name") + 1] == "relay"
     assert command("runtime", env)[:3] == ["geomoe", "device", "run"]
     with pytest.raises(SystemExit, match="unknown role"):
         command("camera", env)
