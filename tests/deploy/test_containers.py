@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -108,7 +109,8 @@ def test_federated_round_in_containers_with_tls_and_registered_supernodes(image,
         wait_for_port(link_port)
         registered = geomoe("deploy", "register", "--fleet", str(fleet), "--device", cells[0])
         registered += geomoe("deploy", "register", "--fleet", str(fleet), "--device", cells[1])
-        assert registered.count("registered successfully") == 2
+        node_ids = set(re.findall(r"SuperNode (\d+) registered successfully", registered))
+        assert len(node_ids) == 2
         started = geomoe("deploy", "up", "--fleet", str(fleet))
         assert started.count("supernode, TLS") == 3 and "serverapp, TLS" in started  # with the unregistered device
         for name in (server, *cells):
@@ -135,6 +137,18 @@ def test_federated_round_in_containers_with_tls_and_registered_supernodes(image,
 
         status = geomoe("deploy", "status", "--fleet", str(fleet))
         assert status.count("running") >= 4 and IMAGE.split(":")[0] in status
+
+        # A new SuperLink container (same image here) keeps the registrations: they live in its volume.
+        assert "volume" in geomoe("deploy", "update", "--fleet", str(fleet), "--device", link)
+        wait_for_port(link_port)
+        listing = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "ls", "fleet", "--format", "json"],
+            env={**os.environ, "FLWR_HOME": str(flwr_home)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert node_ids <= set(re.findall(r'"node-id": "(\d+)"', listing.stdout)), listing.stdout + listing.stderr
     finally:
         subprocess.run([str(BIN / "geomoe"), "deploy", "down", "--fleet", str(fleet)], capture_output=True, check=False)
         for volume in client.volumes.list(filters={"name": tag}):
