@@ -99,14 +99,18 @@ def make_auth_key() -> Issued:
     return Issued(public + b"\n", private)
 
 
-def write_auth_key(pair: Issued, folder: Path, stem: str) -> tuple[Path, Path]:
-    """`stem.auth` (private, 0600) and `stem.auth.pub` in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    private_path, public_path = folder / f"{stem}.auth", folder / f"{stem}.auth.pub"
+def device_auth_key(certs: Path, name: str) -> tuple[Path, Path]:
+    """Where a device's SuperNode key pair lives in a fleet's certs folder: private, public."""
+    return certs / "devices" / f"{name}.auth", certs / "devices" / f"{name}.auth.pub"
+
+
+def write_auth_key(pair: Issued, certs: Path, name: str) -> None:
+    """The device's key pair at `device_auth_key` (private 0600)."""
+    private_path, public_path = device_auth_key(certs, name)
+    private_path.parent.mkdir(parents=True, exist_ok=True)
     private_path.touch(mode=0o600)
     private_path.write_bytes(pair.private_key)
     public_path.write_bytes(pair.certificate)
-    return private_path, public_path
 
 
 def read(folder: Path, stem: str) -> Issued:
@@ -126,9 +130,9 @@ def ensure_fleet_certs(out: Path, server_hosts: list[str], devices: list[str]) -
         write(issue(ca, "geomoe-server", server_hosts), out, "server")
         written.append(f"CA and server certificate for {', '.join(server_hosts)}")
     for name in devices:
-        if (out / "devices" / f"{name}.auth").exists():
+        if device_auth_key(out, name)[0].exists():
             continue
         write(issue(ca, name, [name], server=False), out / "devices", name)
-        write_auth_key(make_auth_key(), out / "devices", name)
+        write_auth_key(make_auth_key(), out, name)
         written.append(f"device {name}: certificate and SuperNode key")
     return written

@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geomoe.deploy.certs import device_auth_key
+
 ROLES = ("supernode", "expert-server", "runtime", "superlink", "serverapp")
+IMAGE_UID = 10001  # the user deploy/Dockerfile runs as; it must own what goes into /data
 
 
 @dataclass
@@ -119,11 +122,11 @@ def certificate_files(device: Device, fleet: Fleet) -> dict[str, Path]:
     if device.role in ("superlink", "expert-server"):
         files |= {"server.pem": fleet.certs / "server.pem", "server.key": fleet.certs / "server.key"}
     if device.role == "supernode":
-        files["device.auth"] = fleet.certs / "devices" / f"{device.name}.auth"
+        files["device.auth"] = device_auth_key(fleet.certs, device.name)[0]
     return files
 
 
-def certificate_archive(files: dict[str, Path], uid: int = 10001) -> bytes:
+def certificate_archive(files: dict[str, Path], uid: int = IMAGE_UID) -> bytes:
     """A tar of `certs/<name>` owned by the image's user, keys 0600, for `put_archive` into /data."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
@@ -285,11 +288,11 @@ def register(fleet: Fleet, device: Device) -> str:
     """Register the SuperNode's public key (with its name and location) on the fleet's SuperLink,
     which then admits that device and no unregistered one. Uses Flower's own `flwr supernode register`
     over a TLS connection that trusts the fleet CA."""
-    if not (fleet.tls and fleet.certs):
-        raise ValueError("registration needs tls = true and certs in the fleet file")
+    if not fleet.tls:  # a TLS fleet always has its certs folder (read_fleet_file checks)
+        raise ValueError("registration needs tls = true in the fleet file")
     if device.role != "supernode":
         return f"skipped ({device.role})"
-    public_key = fleet.certs / "devices" / f"{device.name}.auth.pub"
+    public_key = device_auth_key(fleet.certs, device.name)[1]
     with tempfile.TemporaryDirectory() as flwr_home:
         (Path(flwr_home) / "config.toml").write_text(
             '[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\n'

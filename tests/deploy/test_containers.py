@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from geomoe.deploy.certs import ensure_fleet_certs
+from geomoe.deploy.fleet import IMAGE_UID
 from geomoe.run_config import to_toml
 from geomoe.sim.world import World
 
@@ -48,7 +49,7 @@ def geomoe(*args: str) -> str:
     return result.stdout
 
 
-def file_archive(name: str, text: str, uid: int = 10001) -> bytes:
+def file_archive(name: str, text: str, uid: int = IMAGE_UID) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
         entry = tarfile.TarInfo(name)
