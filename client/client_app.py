@@ -1,32 +1,39 @@
 """The Flower ClientApp: one camera-trap device or one simulated S2 cell.
 
-The same code runs in simulation (`partition-id` in the node config) and on a device (`lat`,
-`lon` in the node config). The run's configuration arrives with every message from the server.
+The same code runs in simulation and on devices; only the node config differs:
+`partition-id` (a simulated cell of the server's world file), `data=/path` (the device's own
+labelled images, with `lat`/`lon`), or only `lat`/`lon` (a cell of the world file found by its
+coordinates, for trials on the server's host). The run's configuration arrives with every message;
+what the query told the node (species names, client cells, world file) is kept in its node state.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from geomoe import messages as msg
+from geomoe.client.data import LocalData, cell_data, device_data
 from geomoe.client.task import (
     Received,
     build_model,
-    evaluate_location,
+    coordinates,
+    evaluate_local,
     locate,
     routing_on_validation,
     train_and_delta,
-    world_for,
 )
 from geomoe.compression import ErrorFeedback
 from geomoe.run_config import RunConfig
 
 app = ClientApp()
 FEEDBACK = "error-feedback"  # node state: what compression dropped from the last update
+RUN = "run-world"  # node state: the query's species names, client cells and world file
+_LOCAL: dict[str, LocalData] = {}  # this process's node data, keyed by source (reading a folder is costly)
 
 
 def _run_config(message: Message) -> RunConfig:
@@ -47,6 +54,46 @@ def _received(message: Message) -> Received:
     return Received(*(msg.unpack(content, name) for name in (msg.EXPERTS, msg.ROUTER, msg.HEAD, msg.SHARED)))
 
 
+def _world(message: Message, context: Context) -> dict:
+    """What the server said of the run's world: from a query (then kept in node state), else the node state."""
+    config = message.content[msg.CONFIG]
+    if msg.WORLD_FILE in config:
+        context.state[RUN] = ConfigRecord({k: config[k] for k in msg.WORLD_KEYS})
+    if RUN not in context.state:
+        raise RuntimeError("this node was never queried by this run's server: it does not know the run's species")
+    record = context.state[RUN]
+    return {
+        "species": json.loads(str(record[msg.SPECIES_NAMES])),
+        "cells": json.loads(str(record[msg.CELLS])),
+        "file": Path(str(record[msg.WORLD_FILE])),
+        "sha256": str(record[msg.WORLD_SHA256]),
+    }
+
+
+def local_data(cfg: RunConfig, world: dict, node_config: dict) -> tuple[LocalData, int]:
+    """This node's data and client index, built once per process and source."""
+    if "data" in node_config:
+        path = Path(str(node_config["data"]))
+        key = json.dumps(["device", str(path), world["sha256"], sorted(node_config.items())], default=str)
+        if key not in _LOCAL:
+            lat, lon = coordinates(node_config) if "lat" in node_config and "lon" in node_config else (None, None)
+            _LOCAL.clear()
+            _LOCAL[key] = device_data(path, world["species"], cfg.world.split, cfg.world.images, lat, lon)
+        local = _LOCAL[key]
+        return local, locate(world["cells"], node_config, local)
+    index = locate(world["cells"], node_config)
+    key = json.dumps(["cell", world["sha256"], index])
+    if key not in _LOCAL:
+        if not world["file"].is_file():
+            raise ValueError(
+                "this node has no data: set its node config 'data' to a folder of labelled images "
+                "(DIR/<species>/*.jpg, manifest.csv or a Camtrap DP package)"
+            )
+        _LOCAL.clear()
+        _LOCAL[key] = cell_data(world["file"], world["sha256"], index, cfg.world.images)
+    return _LOCAL[key], index
+
+
 def evaluation_metrics(result: dict) -> dict:
     """An evaluation as MetricRecord values; recall NaN (species absent here) travels as -1."""
     recall = [r if r == r else -1.0 for r in result["recall"]]
@@ -55,22 +102,24 @@ def evaluation_metrics(result: dict) -> dict:
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Say where this node is, whether it has the base cached, and (if sent a model) how it routes."""
+    """Say where this node is, what it holds, what it left out, and (if sent a model) how it routes."""
     cfg = _run_config(message)
-    world = world_for(cfg)
-    index = locate(world, dict(context.node_config))
-    location = world.locations[index]
+    world = _world(message, context)
+    local, index = local_data(cfg, world, dict(context.node_config))
     info = {
         "location": index,
-        "cell": location.cell,
+        "cell": world["cells"][index],
         "has-base": msg.BASE in context.state,
-        "species": json.dumps(world.species(location.train)),
-        "train-examples": len(location.train),
+        "species": json.dumps(local.species()),
+        "train-examples": len(local.train),
+        "source": local.source,
+        "unknown-species": json.dumps(dict(local.unknown_species)),
+        "skipped": json.dumps(dict(local.skipped)),
     }
     content = RecordDict({msg.INFO: ConfigRecord(info)})
     if msg.EXPERTS in message.content:
         model = build_model(cfg.model, _base(message, context), _received(message))
-        content[msg.TOKENS] = msg.to_record(msg.stats_to_tensors(routing_on_validation(cfg, model, location)))
+        content[msg.TOKENS] = msg.to_record(msg.stats_to_tensors(routing_on_validation(model, local)))
     return Message(content, reply_to=message)
 
 
@@ -79,17 +128,21 @@ def train(message: Message, context: Context) -> Message:
     """Evaluate what was received, train it locally, and send back deltas of what was sent."""
     cfg = _run_config(message)
     config = message.content[msg.CONFIG]
-    index = int(config["location"])
-    location = world_for(cfg).locations[index]
+    local, index = local_data(cfg, _world(message, context), dict(context.node_config))
     received = _received(message)
     model = build_model(cfg.model, _base(message, context), received)
-    before = evaluate_location(cfg, model, location)
-    deltas, metrics, stats = train_and_delta(cfg, model, received, location, int(config["round"]), index)
+    before = evaluate_local(cfg, model, local)
+    deltas, metrics, stats = train_and_delta(cfg, model, received, local, int(config["round"]), index)
     reply = RecordDict(
         {
             msg.TOKENS: msg.to_record(msg.stats_to_tensors(stats)),
             msg.METRICS: MetricRecord(
-                {**metrics, **{f"received-{k}": v for k, v in evaluation_metrics(before).items()}}
+                {
+                    **metrics,
+                    **{f"received-{k}": v for k, v in evaluation_metrics(before).items()},
+                    "unknown-species-images": float(sum(local.unknown_species.values())),
+                    "skipped-images": float(local.skipped_images()),
+                }
             ),
         }
     )
@@ -104,7 +157,7 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Accuracy, loss and per-species recall of the received model on the local test split."""
     cfg = _run_config(message)
-    location = world_for(cfg).locations[int(message.content[msg.CONFIG]["location"])]
+    local, _ = local_data(cfg, _world(message, context), dict(context.node_config))
     model = build_model(cfg.model, _base(message, context), _received(message))
-    metrics = MetricRecord(evaluation_metrics(evaluate_location(cfg, model, location)))
+    metrics = MetricRecord(evaluation_metrics(evaluate_local(cfg, model, local)))
     return Message(RecordDict({msg.METRICS: metrics}), reply_to=message)

@@ -8,12 +8,12 @@ tensors it was sent to train.
 
 from __future__ import annotations
 
-import json
 import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 
+from geomoe.client.data import LocalData
 from geomoe.model.config import ModelConfig
 from geomoe.model.experts import KeepSet, merge_expert_state, shared_state, take_expert_state
 from geomoe.model.importance import RoutingStats, routing_stats
@@ -23,34 +23,34 @@ from geomoe.model.network import GeoMoENet
 from geomoe.model.training import evaluate, train_epochs
 from geomoe.run_config import RunConfig
 from geomoe.sim.cells import cell_at, cell_from_path
-from geomoe.sim.world import Location, World
-
-_WORLDS: dict[str, World] = {}  # one world per config in a process: rebuilding it per message is waste
 
 
-def world_for(cfg: RunConfig) -> World:
-    key = json.dumps(asdict(cfg.world), sort_keys=True)
-    if key not in _WORLDS:
-        _WORLDS.clear()
-        _WORLDS[key] = World(cfg.world)
-    return _WORLDS[key]
+def coordinates(node_config: dict, local: LocalData | None = None) -> tuple[float, float]:
+    """The node's (lat, lon): from its node config, else from its data (manifest, Camtrap DP deployments)."""
+    if "lat" in node_config and "lon" in node_config:
+        return float(node_config["lat"]), float(node_config["lon"])
+    if local is not None and local.lat is not None and local.lon is not None:
+        return local.lat, local.lon
+    raise ValueError("node config needs 'lat' and 'lon' (e.g. --node-config \"lat=12.3 lon=45.6\")")
 
 
-def locate(world: World, node_config: dict) -> int:
-    """Index of this node's location: `partition-id` in simulation, else the cell holding `lat`/`lon`."""
+def locate(cells: list[str], node_config: dict, local: LocalData | None = None) -> int:
+    """Index of this node's client cell: `partition-id` in simulation, else the cell holding its coordinates."""
     if "partition-id" in node_config:
         index = int(node_config["partition-id"])
-        if not 0 <= index < len(world.locations):
-            raise ValueError(f"partition-id {index} has no location (the run has {len(world.locations)})")
+        if not 0 <= index < len(cells):
+            raise ValueError(f"partition-id {index} has no location (the run has {len(cells)})")
         return index
-    if "lat" not in node_config or "lon" not in node_config:
-        raise ValueError("node config needs 'lat' and 'lon' (e.g. --node-config \"lat=12.3 lon=45.6\")")
-    point = cell_at(float(node_config["lat"]), float(node_config["lon"]), 30)
-    for index, location in enumerate(world.locations):
-        if cell_from_path(location.cell).contains(point):
-            return index
-    cells = ", ".join(loc.cell for loc in world.locations)
-    raise ValueError(f"lat={node_config['lat']} lon={node_config['lon']} lies in none of the run's cells ({cells})")
+    lat, lon = coordinates(node_config, local)
+    point = cell_at(lat, lon, 30)
+    for index, cell in enumerate(cells):
+        try:
+            if cell_from_path(cell).contains(point):
+                return index
+        except ValueError:
+            continue  # a client id that is not an S2 cell (a camera cluster) holds no coordinates
+    shown = ", ".join(cells[:20]) + (f" and {len(cells) - 20} more" if len(cells) > 20 else "")
+    raise ValueError(f"lat={lat} lon={lon} lies in none of the run's cells ({shown})")
 
 
 @dataclass
@@ -70,7 +70,8 @@ def keep_of(experts: dict[str, torch.Tensor]) -> KeepSet:
 def build_model(model_cfg: ModelConfig, base: dict[str, torch.Tensor], received: Received) -> GeoMoENet:
     """The compact model: base shared state + received experts, router rows, head rows, shared tensors."""
     keep = keep_of(received.experts)
-    cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "expert_ids": keep})
+    # Weights come from the server (base + what was sent): never load pretrained ones on the node.
+    cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "expert_ids": keep, "pretrained": False, "pretrained_file": ""})
     model = GeoMoENet(cfg)
     expected = set(shared_state(model))
     if set(base) != expected:
@@ -104,14 +105,13 @@ def training_seed(run_seed: int, server_round: int, location: int) -> int:
 
 
 def train_and_delta(
-    cfg: RunConfig, model: GeoMoENet, received: Received, location: Location, server_round: int, index: int
+    cfg: RunConfig, model: GeoMoENet, received: Received, local: LocalData, server_round: int, index: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], RoutingStats]:
     """Train locally; deltas for the sent tensors, metrics, and routing statistics on the training set."""
-    world = world_for(cfg)
     seed = training_seed(cfg.seed, server_round, index)
     train_cfg = replace(cfg.train, seed=seed)
     use_location = train_cfg.location_weight > 0
-    loader = world.loader(location.train, train_cfg.batch_size, shuffle=True, seed=seed, with_location=use_location)
+    loader = local.loader("train", train_cfg.batch_size, shuffle=True, seed=seed, with_location=use_location)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     backbone_trained = any(n.startswith("backbone.") for n in received.shared)
     metrics = train_epochs(
@@ -132,7 +132,7 @@ def train_and_delta(
         deltas["head.ids"] = rows
     for name in received.shared:
         deltas[name] = (after[name] - before[name]).to(received.shared[name].dtype)
-    stats = routing_stats(model, world.loader(location.train, 128))
+    stats = routing_stats(model, local.loader("train", 128))
     return deltas, metrics, stats
 
 
@@ -143,9 +143,10 @@ def location_supervision(model: GeoMoENet, seed: int) -> LocationSupervision:
     return LocationSupervision(widths, model.blocks)
 
 
-def evaluate_location(cfg: RunConfig, model: GeoMoENet, location: Location) -> dict[str, float | list[float]]:
-    return evaluate(model, world_for(cfg).loader(location.test, 128), cfg.model.num_classes)
+def evaluate_local(cfg: RunConfig, model: GeoMoENet, local: LocalData) -> dict[str, float | list[float]]:
+    return evaluate(model, local.loader("test", 128), cfg.model.num_classes)
 
 
-def routing_on_validation(cfg: RunConfig, model: GeoMoENet, location: Location) -> RoutingStats:
-    return routing_stats(model, world_for(cfg).loader(location.val, 128))
+def routing_on_validation(model: GeoMoENet, local: LocalData) -> RoutingStats:
+    """How the node's validation images route (its training images when it has no validation split)."""
+    return routing_stats(model, local.loader("val" if len(local.val) else "train", 128))

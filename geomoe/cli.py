@@ -106,7 +106,7 @@ def partition(
     seed: int = typer.Option(0, help="Seed of the synthetic world."),
 ) -> None:
     """Partition a dataset into adaptive S2 cells and write a Hsu et al. split CSV."""
-    from geomoe.sim.hsu import write_split
+    from geomoe.data.hsu import write_split
     from geomoe.sim.partition import adaptive_partition, summarise
 
     records = _load_records(dataset, annotations, locations, metadata, gps, seed)
@@ -131,10 +131,10 @@ def partition(
 
 def _load_records(dataset: str, annotations, locations, metadata, gps, seed: int):
     """Observations of the named dataset; each needs its own files."""
-    from geomoe.sim.records import GeoRecords
+    from geomoe.data.records import GeoRecords
 
     if dataset == "synthetic":
-        from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies
+        from geomoe.data.synthetic import SyntheticConfig, SyntheticGeoSpecies
 
         data = SyntheticGeoSpecies(SyntheticConfig(seed=seed))
         return GeoRecords(
@@ -150,13 +150,13 @@ def _load_records(dataset: str, annotations, locations, metadata, gps, seed: int
             raise click.BadParameter(
                 "--dataset inat needs --annotations (and --locations for 2017)", param_hint="--annotations"
             )
-        from geomoe.sim.inat import load_inat
+        from geomoe.data.inat import load_inat
 
         return load_inat(annotations, locations)
     if dataset == "wilds":
         if metadata is None or gps is None:
             raise click.BadParameter("--dataset wilds needs --metadata and --gps", param_hint="--metadata")
-        from geomoe.sim.wilds import load_wilds
+        from geomoe.data.wilds import load_wilds
 
         return load_wilds(metadata, gps)
     raise click.BadParameter(f"{dataset!r} is not one of synthetic, inat, wilds", param_hint="--dataset")
@@ -215,7 +215,7 @@ def _location_of(run_dir: Path, cell: str):
 
     model, extra = load_model(run_dir / "checkpoint.pt")
     cfg = RunConfig.from_json(extra["run_config"])
-    world = World(cfg.world)
+    world, _, _ = World.cached(cfg.world, Path(cfg.cache) if cfg.cache else Path(cfg.out) / "cache")
     matches = [loc for loc in world.locations if loc.cell == cell]
     if not matches:
         raise click.BadParameter(

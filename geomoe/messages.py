@@ -31,6 +31,12 @@ INFO = "info"  # query reply: where the node is and what it has
 CONFIG = "config"  # ConfigRecord: run config (json), round, what is trainable
 METRICS = "metrics"  # reply: MetricRecord
 HEAD_IDS = "head.ids"
+# query config: what a node needs to know of the run's world (kept in its node state)
+SPECIES_NAMES = "species-names"  # JSON list: the run's species, by class index
+CELLS = "cells"  # JSON list: the client cells, by client index
+WORLD_FILE = "world-file"  # absolute path of the world file (simulated cells read it)
+WORLD_SHA256 = "world-sha256"  # its SHA-256: a node refuses any other file
+WORLD_KEYS = (SPECIES_NAMES, CELLS, WORLD_FILE, WORLD_SHA256)
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -41,6 +41,7 @@ class FederationConfig:
     server_lr: float = 1.0  # step on the aggregated pseudo-gradient (use ~0.01 with fedadam/fedyogi)
     keep: KeepPolicy = field(default_factory=KeepPolicy)  # how each location's experts are chosen
     fraction_train: float = 1.0  # share of nodes sampled per round
+    clients_per_round: int = 0  # nodes sampled per round (Hsu et al.'s K); 0 = fraction_train of them
     min_nodes: int = 1  # wait for this many nodes before a round starts
     round_timeout_s: float = 600.0  # a round goes on without nodes that have not replied by then
     max_update_ratio: float = 1.5  # a reply larger than this times what was sent is rejected
@@ -58,6 +59,8 @@ class FederationConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"federation.{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.clients_per_round < 0:
+            raise ValueError(f"federation.clients_per_round must be >= 0, got {self.clients_per_round}")
         if self.rounds < 1:
             raise ValueError(f"federation.rounds must be >= 1, got {self.rounds}")
         for name in ("upload_compression", "download_compression"):
@@ -82,8 +85,10 @@ class RunConfig:
     seed: int = 0  # seeds model init, data order and sampling
 
     def __post_init__(self) -> None:
-        # The classifier and the MoE layout follow the data and the conversion settings.
-        self.model.num_classes = self.world.synthetic.num_species
+        # The classifier and the MoE layout follow the data and the conversion settings. A file-backed
+        # dataset's class count is known once it is loaded: the server sets it (`with_classes`).
+        if self.world.dataset == "synthetic":
+            self.model.num_classes = self.world.synthetic.num_species
         self.model.moe_layers = tuple(self.conversion.moe_layers)
         self.model.num_experts = self.conversion.num_experts
         self.model.expert_hidden = self.conversion.expert_hidden

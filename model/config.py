@@ -22,6 +22,7 @@ class ModelConfig:
     num_classes: int = 32  # output species (plus nothing: "other" is added by head pruning)
     backbone: str = "mobilevitv2_050"  # timm model name of the dense backbone
     pretrained: bool = False  # load timm's ImageNet weights (needs them cached locally)
+    pretrained_file: str = ""  # backbone weights from a local file in timm's format (.pth, .bin, .safetensors)
     moe_layers: tuple[int, ...] = (1, 3, 5, 7)  # transformer layers 0..8 whose MLP becomes experts
     num_experts: int = 16  # experts per MoE layer in the global model
     expert_hidden: int = 2  # hidden units d_e of one expert MLP

@@ -7,6 +7,10 @@ across MobileViTV2's three transformer blocks (2, 4 and 3 layers; widths 64, 96,
 
 from __future__ import annotations
 
+import pickle
+import struct
+from pathlib import Path
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -35,7 +39,10 @@ def layer_blocks(backbone: nn.Module) -> list[int]:
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
-    """timm's MobileViTV2; with `pretrained`, its ImageNet weights from the local Hugging Face cache."""
+    """timm's MobileViTV2; with `pretrained_file`, weights from that file (machines with no hub access);
+    with `pretrained`, timm's ImageNet weights from the local Hugging Face cache."""
+    if cfg.pretrained_file:
+        return _backbone_from_file(cfg.backbone, Path(cfg.pretrained_file))
     try:
         return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, num_classes=0)
     except (OSError, RuntimeError) as error:
@@ -45,8 +52,28 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
             f"pretrained weights of {cfg.backbone} are not in the local cache ({type(error).__name__}); "
             f"fetch them once where the Hugging Face hub is reachable "
             f"(timm.create_model('{cfg.backbone}', pretrained=True)), copy ~/.cache/huggingface here, "
-            "or set model.pretrained=false"
+            "set model.pretrained_file to a local copy, or set model.pretrained=false"
         ) from None
+
+
+def _backbone_from_file(name: str, path: Path) -> nn.Module:
+    """Weights in any format timm reads (a bare or wrapped state dict, .safetensors); every backbone tensor
+    must be there with its shape, and nothing else but the ImageNet classifier timm's own files carry."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model.pretrained_file: {path}: no such file")
+    backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    classifier = str(backbone.pretrained_cfg.get("classifier", "head.fc"))
+    try:
+        state = timm.models.load_state_dict(str(path))
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, struct.error, pickle.UnpicklingError) as error:
+        raise ValueError(f"model.pretrained_file: {path} cannot be read as weights: {error}") from None
+    state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:300]
+        raise ValueError(f"model.pretrained_file: {path} does not fit the backbone {name}: {detail}") from None
+    return backbone
 
 
 class ClassifierHead(nn.Module):

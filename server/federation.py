@@ -60,7 +60,10 @@ class Federation:
         self.grid, self.cfg = grid, cfg
         self.out = Path(cfg.out)
         self.console = console or Console(stderr=True)
-        self.world = World(cfg.world)
+        cache_dir = Path(cfg.cache) if cfg.cache else self.out / "cache"
+        with self.console.status("loading the world (dataset, partition, clients)"):
+            self.world, world_file, world_sha = World.cached(cfg.world, cache_dir)
+        cfg.model.num_classes = self.world.num_classes
         checkpoint = self.out / CHECKPOINT
         if resume and checkpoint.is_file():
             model, extra = load_model(checkpoint)
@@ -69,9 +72,15 @@ class Federation:
             self.base, self.state, self.setup = extra["base"], ServerState(**extra["server_state"]), extra["setup"]
             self.console.print(f"resuming {checkpoint} after round {self.state.completed_round}")
         else:
-            model, self.setup = initial_model(cfg, self.world, Path(cfg.cache) if cfg.cache else self.out / "cache")
+            model, self.setup = initial_model(cfg, self.world, cache_dir)
             self.base, self.state = {k: v.clone() for k, v in shared_state(model).items()}, ServerState()
-        self.strategy = GeoExpertStrategy(cfg, model, self.base, self.state)
+        world_info = {
+            msg.SPECIES_NAMES: self.world.data.class_names,
+            msg.CELLS: [location.cell for location in self.world.locations],
+            msg.WORLD_FILE: str(world_file.resolve()),
+            msg.WORLD_SHA256: world_sha,
+        }
+        self.strategy = GeoExpertStrategy(cfg, model, self.base, self.state, world_info)
 
     # --- messaging with byte accounting --------------------------------------------------------
     def exchange(self, messages: list[Message], phase: str) -> tuple[list[Message], dict[int, dict]]:
@@ -105,18 +114,32 @@ class Federation:
         return nodes
 
     def set_up_nodes(self) -> dict[int, dict[str, int]]:
-        """Query nodes for their location; nodes of locations without a keep set also route the full model."""
+        """Query nodes for their location and data; with location clients, also route the full model.
+
+        With every cell a client, a cell routes the full model only when first sampled (`route_new`):
+        sending 4 MB to thousands of nodes at set-up would dwarf the training traffic.
+        """
         nodes = self.wait_for_nodes()
-        replies, traffic = self.exchange(self.strategy.configure_query(nodes, with_model=False), "query")
+        with self.console.status(f"querying {len(nodes)} nodes"):
+            replies, traffic = self.exchange(self.strategy.configure_query(nodes, with_model=False), "query")
         self.strategy.register(replies)
-        needs_keep = [n for n, info in self.strategy.nodes.items() if info.location not in self.state.keep]
-        if needs_keep and not self.strategy.dense:
-            replies, routed = self.exchange(self.strategy.configure_query(needs_keep, with_model=True), "routing query")
-            self.strategy.register(replies)
-            for node, t in routed.items():
-                traffic[node] = merge_traffic(traffic.get(node), t)
         if not self.strategy.nodes:
             raise RuntimeError("no node answered the query")
+        if self.cfg.world.clients == "locations":
+            for node, t in self.route_new(list(self.strategy.nodes)).items():
+                traffic[node] = merge_traffic(traffic.get(node), t)
+        return traffic
+
+    def route_new(self, nodes: list[int]) -> dict[int, dict]:
+        """Nodes of locations without a keep set route the full model on their validation images."""
+        needs_keep = [n for n in nodes if self.strategy.nodes[n].location not in self.state.keep]
+        if not needs_keep or self.strategy.dense:
+            return {}
+        with self.console.status(f"routing query: {len(needs_keep)} nodes route the full model"):
+            replies, traffic = self.exchange(
+                self.strategy.configure_query(needs_keep, with_model=True), "routing query"
+            )
+        self.strategy.register(replies)
         return traffic
 
     # --- the run -------------------------------------------------------------------------------
@@ -127,6 +150,12 @@ class Federation:
         self.setup["traffic"][str(self.state.completed_round)] = self._by_cell(setup_traffic)
         for server_round in range(self.state.completed_round + 1, fed.rounds + 1):
             started = time.monotonic()
+            sampled = self.strategy.round_nodes(server_round, self.grid)
+            routed = self._by_cell(self.route_new(sampled))
+            if routed:
+                setup = self.setup["traffic"].setdefault(str(server_round - 1), {})
+                for cell, t in routed.items():
+                    setup[cell] = merge_traffic(setup.get(cell), t)
             messages = list(self.strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), self.grid))
             replies, traffic = self.exchange(messages, f"round {server_round}")
             self._record_received_accuracy(server_round - 1, replies)
@@ -145,6 +174,9 @@ class Federation:
                     if n in self.strategy.nodes
                 },
                 "rejected": [r for r in self.strategy.rejections if r["round"] == server_round],
+                "sampled": [self.strategy.nodes[n].cell for n in sampled],
+                "unknown_species_images": int(train_metrics["unknown_species_images"]) if train_metrics else 0,
+                "skipped_images": int(train_metrics["skipped_images"]) if train_metrics else 0,
             }
             self.state.rounds.append(row)
             self.state.completed_round = server_round
@@ -175,7 +207,7 @@ class Federation:
             }
 
     def server_accuracy(self) -> float:
-        """The full global model on the union of the locations' test splits."""
+        """The full global model on the union of the clients' test splits."""
         indices = torch.cat([torch.from_numpy(loc.test) for loc in self.world.locations]).numpy()
         return float(evaluate(self.strategy.model, self.world.loader(indices, 256))["accuracy"])
 
@@ -200,6 +232,8 @@ class Federation:
             f"round {row['round']}/{self.cfg.federation.rounds}: {row['replies']} replies, "
             f"train loss {row['train_loss'] or float('nan'):.3f}, accuracy before round {acc_text}, "
             f"upload {up / 1e3:.1f} kB/client, {row['seconds']:.1f} s"
+            + (f", {row['unknown_species_images']} images of unknown species" if row["unknown_species_images"] else "")
+            + (f", {row['skipped_images']} unreadable images skipped" if row["skipped_images"] else "")
         )
 
     def report(self) -> dict:
@@ -213,7 +247,9 @@ class Federation:
                     "cell": n.cell,
                     "species": n.species,
                     "train_examples": n.train_examples,
-                    "keep": self.strategy.keep_for(n),
+                    "source": n.source,
+                    "unknown_species": n.unknown_species,
+                    "keep": self.strategy.keep_for(n) if self.strategy.dense or n.location in self.state.keep else None,
                 }
                 for n in sorted(self.strategy.nodes.values(), key=lambda n: n.location)
             ],

@@ -54,7 +54,7 @@ def initial_model(cfg: RunConfig, world: World, cache_dir: Path) -> tuple[GeoMoE
         for epoch in range(cfg.federation.pretrain_epochs):
             train_epochs(
                 dense,
-                world.loader(train, cfg.train.batch_size, shuffle=True, seed=cfg.seed + epoch),
+                world.loader(train, cfg.train.batch_size, shuffle=True, seed=cfg.seed + epoch, train=True),
                 replace(train_cfg, seed=cfg.seed + epoch),
             )
             progress.advance(task)

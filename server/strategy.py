@@ -42,6 +42,8 @@ class NodeInfo:
     has_base: bool  # the node holds the initial shared state
     species: list[int]  # species in its training data
     train_examples: int
+    source: str = ""  # where its data comes from ("cell 3/30", "folder /data/labelled (folders)")
+    unknown_species: dict[str, int] = field(default_factory=dict)  # images of species the run lacks, by name
 
 
 @dataclass
@@ -58,8 +60,11 @@ class ServerState:
 class GeoExpertStrategy(Strategy):
     """Sends each node its slice of the global model and aggregates per expert / per row."""
 
-    def __init__(self, cfg: RunConfig, model: GeoMoENet, base: dict[str, torch.Tensor], state: ServerState):
-        self.cfg, self.model, self.base, self.state = cfg, model, base, state
+    def __init__(
+        self, cfg: RunConfig, model: GeoMoENet, base: dict[str, torch.Tensor], state: ServerState, world: dict
+    ):
+        """`world` holds what every node is told in its query (msg.WORLD_KEYS: species, cells, world file)."""
+        self.cfg, self.model, self.base, self.state, self.world = cfg, model, base, state, world
         self.fed = cfg.federation
         self.optimizer = ServerOptimizer(self.fed.server_optimizer, self.fed.server_lr)
         self.optimizer.load_state_dict(state.optimizer)
@@ -139,8 +144,12 @@ class GeoExpertStrategy(Strategy):
         """One message per sampled node with its slice (`arrays` is unused: the strategy holds the model)."""
         return [
             Message(self.node_content(node_id, server_round, train=True), dst_node_id=node_id, message_type="train")
-            for node_id in self.sample(server_round, self.online(grid))
+            for node_id in self.round_nodes(server_round, grid)
         ]
+
+    def round_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """The nodes sampled for `server_round` (deterministic, so the loop can prepare them first)."""
+        return self.sample(server_round, self.online(grid))
 
     def online(self, grid: Grid) -> list[int]:
         """Registered nodes the SuperLink still lists, by location: a node gone for good gets no more messages."""
@@ -149,7 +158,7 @@ class GeoExpertStrategy(Strategy):
 
     def sample(self, server_round: int, ordered: list[int]) -> list[int]:
         """Nodes for this round among `ordered`, deterministic given seed and round."""
-        count = max(1, round(self.fed.fraction_train * len(ordered)))
+        count = self.fed.clients_per_round or max(1, round(self.fed.fraction_train * len(ordered)))
         if count >= len(ordered):
             return ordered
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + server_round)
@@ -189,7 +198,16 @@ class GeoExpertStrategy(Strategy):
         self.apply_updates([(node, update, tokens, metrics) for node, update, tokens, metrics in accepted])
         examples = sum(m.get("examples", 0.0) for *_, m in accepted)
         loss = sum(m.get("train_loss", 0.0) * m.get("examples", 0.0) for *_, m in accepted) / max(examples, 1)
-        return ArrayRecord(), MetricRecord({"train_loss": loss, "examples": examples, "replies": len(accepted)})
+        left_out = {
+            name: sum(m.get(key, 0.0) for *_, m in accepted)
+            for name, key in (
+                ("unknown_species_images", "unknown-species-images"),
+                ("skipped_images", "skipped-images"),
+            )
+        }
+        return ArrayRecord(), MetricRecord(
+            {"train_loss": loss, "examples": examples, "replies": len(accepted), **left_out}
+        )
 
     def apply_updates(self, accepted: list[tuple[NodeInfo, dict, dict, dict]]) -> None:
         """Per-expert and per-head-row weighted means, FedAvg for shared tensors, through the optimiser."""
@@ -232,6 +250,7 @@ class GeoExpertStrategy(Strategy):
         return [
             Message(self.node_content(node_id, server_round, train=False), dst_node_id=node_id, message_type="evaluate")
             for node_id in self.online(grid)
+            if self.dense or self.nodes[node_id].location in self.state.keep  # never-sampled cells have no keep set
         ]
 
     def per_cell_evaluation(self, replies: Iterable[Message], prefix: str = "") -> dict[str, dict]:
@@ -273,7 +292,7 @@ class GeoExpertStrategy(Strategy):
         """Ask nodes where they are; with the full model attached they also report how they route."""
         messages = []
         for node_id in node_ids:
-            content = RecordDict({msg.CONFIG: msg.config_record({"run": self.cfg.to_json()})})
+            content = RecordDict({msg.CONFIG: msg.config_record({"run": self.cfg.to_json(), **self.world})})
             if with_model:
                 full = {layer: list(range(self.cfg.model.num_experts)) for layer in self.cfg.model.moe_layers}
                 content[msg.EXPERTS] = msg.to_record(take_expert_state(self.model, full))
@@ -300,7 +319,16 @@ class GeoExpertStrategy(Strategy):
                 bool(info["has-base"]) or msg.TOKENS in reply.content,
                 json.loads(str(info["species"])),
                 int(info["train-examples"]),
+                str(info.get("source", "")),
+                json.loads(str(info.get("unknown-species", "{}"))),
             )
+            if node.unknown_species:
+                log.warning(
+                    "node %s (%s): images of species this run does not know: %s",
+                    reply.metadata.src_node_id,
+                    node.cell,
+                    ", ".join(f"{name} ({n})" for name, n in sorted(node.unknown_species.items())),
+                )
             self.nodes[reply.metadata.src_node_id] = node
             if msg.TOKENS in reply.content and node.location not in self.state.keep:
                 stats = msg.stats_from_tensors(msg.from_record(reply.content[msg.TOKENS]))

@@ -1,1 +1,1 @@
-"""Data: S2 cells, Hsu et al. partitions and splits, real-format loaders, the synthetic world."""
+"""Simulation: S2 cells, Hsu et al. adaptive partitions, the run's world (clients and splits) and its export."""

@@ -1,54 +1,63 @@
-"""The federated world of a run: a dataset, its S2 partition, the evaluation locations and splits.
+"""The federated world of a run: a dataset, its S2 partition, the clients and their splits.
 
-Server and clients rebuild the same world from the same `WorldConfig` (deterministic and fast),
-so only the config travels. A share of the data stays with the server to pretrain the dense model
-and to initialise the experts, as the papers do before deployment; the rest belongs to cells.
+The server builds the world once from its `WorldConfig` and writes it to a world file
+(`geomoe.data.world_file`), cached by config; simulated clients load that file instead of
+re-reading annotations. A share of the data stays with the server to pretrain the dense model and
+to initialise the experts, as the papers do before deployment; the rest belongs to cells.
+
+Clients are either the papers' evaluation locations L1..Ln (large, well-separated cells) or, with
+`clients = "cells"`, every cell of the partition with enough data (Hsu et al.'s FedAvg setting).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
 
-from geomoe.sim.cells import centre
+from geomoe.data.datasets import DataFiles, GeoData, WithLocation, batches, load_dataset
+from geomoe.data.images import ImageConfig
+from geomoe.data.synthetic import SyntheticConfig
+from geomoe.data.world_file import Location, WorldContents, read_world_file, sha256_of, write_world_file
+from geomoe.sim.cells import cell_at, cell_from_path, centre
 from geomoe.sim.partition import adaptive_partition
-from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies
+
+CLIENT_MODES = ("locations", "cells")
 
 
 @dataclass
 class WorldConfig:
     """Which data, how it is split into cells and which cells become clients."""
 
-    dataset: str = "synthetic"  # dataset registry name
+    dataset: str = "synthetic"  # synthetic | inat2017 | inat2021 | iwildcam | hsu
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # used when dataset == "synthetic"
+    files: DataFiles = field(default_factory=DataFiles)  # where a file-backed dataset lives
+    images: ImageConfig = field(default_factory=ImageConfig)  # decoding, augmentation, cache of image files
     n_max: int = 500  # Hsu et al. N_max: split a cell while its top species has more examples
-    num_locations: int = 6  # cells that become clients (L1..L6)
+    clients: str = "locations"  # "locations": L1..Ln below; "cells": every cell with >= min_examples
+    num_locations: int = 6  # cells that become clients in "locations" mode (L1..L6)
     min_separation_deg: float = 20.0  # minimum great-circle distance between chosen cell centres
-    min_examples: int = 60  # a location needs at least this many examples
+    min_examples: int = 60  # a client cell needs at least this many examples
     server_fraction: float = 0.3  # share of all examples kept by the server for pretraining
-    split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train / val / test per location
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train / val / test per client
     seed: int = 0  # splits
 
+    def __post_init__(self) -> None:
+        if self.clients not in CLIENT_MODES:
+            raise ValueError(f"world.clients={self.clients!r} is not one of {CLIENT_MODES}")
+        if not 0 <= self.server_fraction < 1:
+            raise ValueError(f"world.server_fraction must lie in [0, 1), got {self.server_fraction}")
 
-@dataclass
-class Location:
-    """One client's cell and its splits (indices into the dataset)."""
-
-    cell: str
-    lat: float
-    lon: float
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-
-
-def build_dataset(cfg: WorldConfig) -> SyntheticGeoSpecies:
-    if cfg.dataset != "synthetic":
-        raise ValueError(f"dataset {cfg.dataset!r} cannot be simulated yet: only 'synthetic' is registered")
-    return SyntheticGeoSpecies(cfg.synthetic)
+    def key(self) -> str:
+        """Identity of the world this config builds (the image pipeline does not change it)."""
+        data = dataclasses.asdict(self)
+        data.pop("images")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _great_circle_deg(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -57,71 +66,120 @@ def _great_circle_deg(a: tuple[float, float], b: tuple[float, float]) -> float:
     return float(np.degrees(np.arccos(np.clip(cos, -1, 1))))
 
 
-class WithLocation(Dataset):
-    """Adds each observation's (lon, lat) to its (image, label), for the location contrastive loss."""
+def cell_centre(cell: str, lat: np.ndarray, lon: np.ndarray) -> tuple[float, float]:
+    """Centre of an S2 token; for other client ids (camera clusters), the mean of its rows' coordinates."""
+    try:
+        return centre(cell)
+    except ValueError:
+        return float(np.mean(lat)), float(np.mean(lon))
 
-    def __init__(self, dataset: SyntheticGeoSpecies) -> None:
-        self.dataset = dataset
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-        image, label = self.dataset[index]
-        return image, label, torch.tensor([self.dataset.lon[index], self.dataset.lat[index]])
+def in_cell(cell: str, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """Which points lie in an S2 cell (all False for a client id that is not a cell token)."""
+    try:
+        region = cell_from_path(cell)
+    except ValueError:
+        return np.zeros(len(lat), dtype=bool)
+    return np.array([region.contains(cell_at(float(a), float(b), 30)) for a, b in zip(lat, lon, strict=True)])
 
 
 class World:
-    """Dataset + partition + locations, rebuilt identically wherever the config is known."""
+    """Data + partition + clients. `World(cfg)` builds it; `World.cached(cfg, folder)` builds it once."""
 
-    def __init__(self, cfg: WorldConfig) -> None:
+    def __init__(self, cfg: WorldConfig, contents: WorldContents | None = None) -> None:
         self.cfg = cfg
-        self.dataset = build_dataset(cfg)
-        self.num_classes = int(self.dataset.cfg.num_species)
-        labels = self.dataset.labels
-        rng = np.random.default_rng(cfg.seed)
-        order = rng.permutation(labels.size)
-        cut = int(cfg.server_fraction * labels.size)
-        self.server_indices = np.sort(order[:cut])
-        client_pool = np.sort(order[cut:])
-        self.cells = adaptive_partition(self.dataset.lat, self.dataset.lon, labels, cfg.n_max)
-        self.locations = self._pick_locations(client_pool, rng)
+        self.contents = contents or self._build()
+        self.data: GeoData = self.contents.data
+        self.cells = self.contents.cells
+        self.server_indices = self.contents.server_rows
+        self.locations = self.contents.locations
+        self.num_classes = self.data.num_classes
 
-    def _pick_locations(self, pool: np.ndarray, rng: np.random.Generator) -> list[Location]:
-        cells, counts = np.unique(self.cells[pool], return_counts=True)
+    @classmethod
+    def cached(cls, cfg: WorldConfig, folder: Path) -> tuple[World, Path, str]:
+        """The world of `cfg` from its world file in `folder` (written first if missing), the file and its hash."""
+        path = folder / f"world-{cfg.key()}.npz"
+        if path.is_file():
+            return cls(cfg, read_world_file(path)), path, sha256_of(path)
+        world = cls(cfg)
+        return world, path, write_world_file(path, world.contents)
+
+    def _build(self) -> WorldContents:
+        cfg = self.cfg
+        data = load_dataset(cfg.dataset, cfg.synthetic, cfg.files)
+        if len(data.labels) == 0:
+            raise ValueError(f"world.dataset={cfg.dataset!r}: no observation with a location ({data.skipped})")
+        own_test = np.zeros(len(data.labels), dtype=bool)
+        if data.test_rows is not None:
+            own_test[data.test_rows] = True
+        if data.cells is not None:
+            cells = np.array([str(c) for c in data.cells], dtype=object)
+        else:
+            cells = adaptive_partition(data.lat, data.lon, data.labels, cfg.n_max).astype(object)
+        cells[own_test] = ""
+        rng = np.random.default_rng(cfg.seed)
+        candidates = np.flatnonzero(~own_test)
+        order = rng.permutation(candidates)
+        cut = int(cfg.server_fraction * order.size)
+        server_rows = np.sort(order[:cut])
+        pool = np.sort(order[cut:])
+        locations = self._pick_locations(data, cells, pool, np.flatnonzero(own_test), rng)
+        return WorldContents(data, cells, server_rows, locations)
+
+    def _pick_locations(
+        self, data: GeoData, cells: np.ndarray, pool: np.ndarray, own_test: np.ndarray, rng: np.random.Generator
+    ) -> list[Location]:
+        cfg = self.cfg
+        names, counts = np.unique(cells[pool].astype(str), return_counts=True)
+        every_cell = cfg.clients == "cells"
         chosen: list[Location] = []
-        for index in np.lexsort((cells, -counts)):
-            if counts[index] < self.cfg.min_examples or len(chosen) == self.cfg.num_locations:
+        for index in np.lexsort((names, -counts)):
+            if counts[index] < cfg.min_examples or (not every_cell and len(chosen) == cfg.num_locations):
                 break
-            cell_centre = centre(str(cells[index]))
-            if any(_great_circle_deg(cell_centre, (c.lat, c.lon)) < self.cfg.min_separation_deg for c in chosen):
+            cell = str(names[index])
+            members = pool[cells[pool] == cell]
+            lat, lon = cell_centre(cell, data.lat[members], data.lon[members])
+            if not every_cell and any(
+                _great_circle_deg((lat, lon), (c.lat, c.lon)) < cfg.min_separation_deg for c in chosen
+            ):
                 continue
-            members = rng.permutation(pool[self.cells[pool] == cells[index]])
-            n_train = int(self.cfg.split[0] * members.size)
-            n_val = int(self.cfg.split[1] * members.size)
-            train, val, test = members[:n_train], members[n_train : n_train + n_val], members[n_train + n_val :]
-            seen = np.isin(self.dataset.labels[test], self.dataset.labels[train])  # test keeps seen species only
-            chosen.append(Location(str(cells[index]), *cell_centre, np.sort(train), np.sort(val), np.sort(test[seen])))
-        if len(chosen) < self.cfg.num_locations:
+            members = rng.permutation(members)
+            n_train = int(cfg.split[0] * members.size)
+            n_val = int(cfg.split[1] * members.size)
+            train, val = members[:n_train], members[n_train : n_train + n_val]
+            test = members[n_train + n_val :]
+            if own_test.size:  # the dataset's own test set: its rows inside this cell
+                test = own_test[in_cell(cell, data.lat[own_test], data.lon[own_test])]
+            test = test[np.isin(data.labels[test], data.labels[train])]  # test keeps species seen in training
+            chosen.append(Location(cell, lat, lon, np.sort(train), np.sort(val), np.sort(test)))
+        if not chosen or (not every_cell and len(chosen) < cfg.num_locations):
             raise ValueError(
-                f"only {len(chosen)} cells have >= {self.cfg.min_examples} examples and lie "
-                f"{self.cfg.min_separation_deg} deg apart; asked for num_locations={self.cfg.num_locations}"
+                f"only {len(chosen)} cells have >= {cfg.min_examples} examples"
+                + ("" if every_cell else f" and lie {cfg.min_separation_deg} deg apart")
+                + f"; asked for {'at least one' if every_cell else f'num_locations={cfg.num_locations}'}"
             )
         return chosen
 
     def species(self, indices: np.ndarray) -> list[int]:
-        return sorted(int(s) for s in np.unique(self.dataset.labels[indices]))
+        return sorted(int(s) for s in np.unique(self.data.labels[indices]))
 
     def loader(
-        self, indices: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0, with_location: bool = False
-    ) -> DataLoader:
+        self,
+        indices: np.ndarray,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        with_location: bool = False,
+        train: bool = False,
+    ):
         """Batches of (images, labels) or, `with_location`, (images, labels, lon/lat in degrees)."""
-        generator = torch.Generator().manual_seed(seed)
-        dataset = WithLocation(self.dataset) if with_location else self.dataset
-        return DataLoader(
-            Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=shuffle, generator=generator
-        )
+        items = self.data.images(indices, self.cfg.images, train=train, seed=seed)
+        if with_location:
+            items = WithLocation(items, np.stack([self.data.lon[indices], self.data.lat[indices]], axis=1))
+        return batches(items, batch_size, shuffle=shuffle, seed=seed)
 
     def tensors(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([torch.from_numpy(self.dataset.image(int(i))) for i in indices])
-        return images, torch.from_numpy(self.dataset.labels[indices].astype(np.int64))
+        """Images and labels of `indices` as two tensors (unreadable images left out)."""
+        dataset = self.data.images(indices, self.cfg.images)
+        items = [item for item in (dataset[i] for i in range(len(dataset))) if item is not None]
+        return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])

@@ -63,7 +63,7 @@ def test_model_info_json():
 
 
 def test_partition_writes_a_split_the_hsu_loader_reads_back(tmp_path):
-    from geomoe.sim.hsu import read_split, write_split
+    from geomoe.data.hsu import read_split, write_split
 
     out, plot = tmp_path / "p.csv", tmp_path / "p.png"
     result = geomoe("partition", "--dataset", "synthetic", "--nmax", "500", "--out", str(out), "--plot", str(plot))

@@ -1,21 +1,25 @@
 import pytest
 import torch
 
-from geomoe.client.task import Received, build_model, locate, world_for
+from geomoe.client.task import Received, build_model, locate
 from geomoe.model.experts import global_centroids, shared_state, take_expert_state
 from geomoe.model.network import GeoMoENet
 from geomoe.run_config import RunConfig
+from geomoe.sim.world import World
 
 
 @pytest.fixture(scope="module")
-def world():
-    return world_for(RunConfig())
+def cells():
+    return [location.cell for location in World(RunConfig().world).locations]
 
 
-def test_a_node_finds_its_location_by_partition_or_coordinates(world):
-    assert locate(world, {"partition-id": 2, "num-partitions": 6}) == 2
-    second = world.locations[1]
-    assert locate(world, {"lat": second.lat, "lon": second.lon}) == 1
+def test_a_node_finds_its_location_by_partition_or_coordinates(cells):
+    from geomoe.sim.cells import centre
+
+    assert locate(cells, {"partition-id": 2, "num-partitions": 6}) == 2
+    lat, lon = centre(cells[1])
+    assert locate(cells, {"lat": lat, "lon": lon}) == 1
+    assert locate(["cluster-4", *cells], {"lat": lat, "lon": lon}) == 2  # client ids that are no S2 cell are passed
 
 
 @pytest.mark.parametrize(
@@ -26,9 +30,9 @@ def test_a_node_finds_its_location_by_partition_or_coordinates(world):
         ({"lat": 89.0, "lon": 10.0}, "lies in none of the run's cells"),
     ],
 )
-def test_a_node_outside_the_run_is_told_why(world, node_config, message):
+def test_a_node_outside_the_run_is_told_why(cells, node_config, message):
     with pytest.raises(ValueError, match=message):
-        locate(world, node_config)
+        locate(cells, node_config)
 
 
 def test_the_compact_model_holds_only_what_was_sent():

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+from geomoe.data.synthetic import SyntheticConfig, SyntheticGeoSpecies
 from geomoe.model.config import ModelConfig
 from geomoe.model.conversion import ConversionConfig, convert_to_moe, representative_patches, resample_classes
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import TrainConfig, evaluate, train_epochs
-from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies
 
 
 def test_representative_patches_pick_the_tight_group():

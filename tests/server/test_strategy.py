@@ -41,7 +41,7 @@ def make_strategy(strategy: str = "expert") -> GeoExpertStrategy:
     torch.manual_seed(0)
     model = GeoMoENet(cfg.model)
     keep = {0: {1: [0, 1], 3: [2], 5: [3], 7: [0]}, 1: {1: [1, 2], 3: [2], 5: [0], 7: [1]}}
-    s = GeoExpertStrategy(cfg, model, shared_state(model), ServerState(keep=keep))
+    s = GeoExpertStrategy(cfg, model, shared_state(model), ServerState(keep=keep), world={})
     s.nodes = {101: NodeInfo(0, "0/", True, [1, 2], 50), 202: NodeInfo(1, "4/", True, [2, 5], 150)}
     return s
 

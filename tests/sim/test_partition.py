@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from geomoe.data.synthetic import SyntheticConfig, SyntheticGeoSpecies
 from geomoe.sim.cells import cell_from_path
 from geomoe.sim.partition import adaptive_partition, summarise
-from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies
 
 
 @pytest.fixture(scope="module")

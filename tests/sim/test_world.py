@@ -18,7 +18,7 @@ def test_locations_are_well_separated_cells_with_enough_data(world):
 
 
 def test_splits_are_disjoint_and_test_keeps_only_species_seen_in_training(world):
-    labels = world.dataset.labels
+    labels = world.data.labels
     for location in world.locations:
         assert not set(location.train) & set(location.val) and not set(location.train) & set(location.test)
         assert set(labels[location.test]) <= set(labels[location.train])

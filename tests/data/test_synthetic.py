@@ -1,6 +1,6 @@
 import numpy as np
 
-from geomoe.sim.synthetic import SyntheticConfig, SyntheticGeoSpecies
+from geomoe.data.synthetic import SyntheticConfig, SyntheticGeoSpecies
 
 
 def test_same_seed_same_world_and_images_in_any_order():

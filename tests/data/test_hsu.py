@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from geomoe.sim.hsu import read_split, write_split
+from geomoe.data.hsu import read_split, write_split
 
 FIXTURE = """user_id,image_id,class,label
 2/1,img_0001,Turdus migratorius,3

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from geomoe.sim.records import GeoRecords, check_coordinate
+from geomoe.data.records import GeoRecords, check_coordinate
 
 REQUIRED = ("split", "location", "y", "filename")
 EARTH_RADIUS_KM = 6371.0

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from geomoe.sim.records import GeoRecords, check_coordinate
+from geomoe.data.records import GeoRecords, check_coordinate
 
 
 def _load_json(path: Path) -> Any:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from geomoe.sim.inat import load_inat
-from geomoe.sim.wilds import camera_clusters, load_wilds
+from geomoe.data.inat import load_inat
+from geomoe.data.wilds import camera_clusters, load_wilds
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
