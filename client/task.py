@@ -22,7 +22,7 @@ from geomoe.model.moe_layer import EXPERT_PARAMS, MoEMlp
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import evaluate, train_epochs
 from geomoe.run_config import RunConfig
-from geomoe.sim.cells import cell_at, cell_from_path
+from geomoe.sim.cells import cell_at, parse_cell
 
 
 def coordinates(node_config: dict, local: LocalData | None = None) -> tuple[float, float]:
@@ -45,7 +45,7 @@ def locate(cells: list[str], node_config: dict, local: LocalData | None = None) 
     point = cell_at(lat, lon, 30)
     for index, cell in enumerate(cells):
         try:
-            if cell_from_path(cell).contains(point):
+            if parse_cell(cell).contains(point):
                 return index
         except ValueError:
             continue  # a client id that is not an S2 cell (a camera cluster) holds no coordinates

@@ -72,10 +72,10 @@ def decode(path: Path, size: int, reduced: bool = True) -> np.ndarray:
 
 def to_tensor(pixels: np.ndarray, cfg: ImageConfig) -> torch.Tensor:
     """(H, W, 3) uint8 -> normalised (3, H, W) float32."""
-    image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(cfg.mean).view(3, 1, 1)
-    std = torch.tensor(cfg.std).view(3, 1, 1)
-    return (image - mean) / std
+    image = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1).float().div_(255)
+    if cfg.mean != (0.0, 0.0, 0.0) or cfg.std != (1.0, 1.0, 1.0):
+        image.sub_(torch.tensor(cfg.mean).view(3, 1, 1)).div_(torch.tensor(cfg.std).view(3, 1, 1))
+    return image
 
 
 def augmenter(cfg: ImageConfig, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:

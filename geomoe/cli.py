@@ -22,6 +22,7 @@ device_app = typer.Typer(no_args_is_help=True, help="Camera-trap device runtime:
 deploy_app = typer.Typer(no_args_is_help=True, help="Deploy to field devices with Docker: certificates and the fleet.")
 comm_app = typer.Typer(no_args_is_help=True, help="Communication cost of runs: tables, CSV, plots, link times.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON (speed and cost as ratios).")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: export the synthetic world in published formats; prepare.")
 app.add_typer(model_app, name="model")
 app.add_typer(experts_app, name="experts")
 app.add_typer(comm_app, name="comm")
@@ -29,6 +30,7 @@ app.add_typer(deploy_app, name="deploy")
 app.add_typer(device_app, name="device")
 app.add_typer(expert_server_app, name="expert-server")
 app.add_typer(bench_app, name="bench")
+app.add_typer(data_app, name="data")
 console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get whole tables
 _debug = {"on": False}
 
@@ -48,7 +50,9 @@ def sim(
     cells: int = typer.Option(None, help="Locations (S2 cells) that become clients [default: 6]."),
     local_epochs: int = typer.Option(None, help="Local epochs per round [default: 1]."),
     experts: int = typer.Option(None, help="Experts per MoE layer [default: 16]."),
-    dataset: str = typer.Option(None, help="Dataset: synthetic."),
+    dataset: str = typer.Option(
+        None, help="synthetic | inat2017 | inat2021 | iwildcam | hsu (files: --set world.files.*)."
+    ),
     seed: int = typer.Option(None, help="Seed of everything [default: 0]."),
     config: Path = typer.Option(
         None, help="TOML file with [world], [model], [conversion], [train], [federation] tables."
@@ -60,11 +64,10 @@ def sim(
     print_config: bool = typer.Option(False, help="Print the effective config as TOML (for --config) and exit."),
 ) -> None:
     """Simulate federated training on Flower's simulation engine, one virtual SuperNode per cell."""
-    from geomoe.run_config import RunConfig, load_run_config, set_override, to_toml
+    from geomoe.run_config import to_toml
     from geomoe.server.federation import summary_table
     from geomoe.simulation import simulate
 
-    cfg = load_run_config(config) if config is not None else RunConfig()
     flags = {
         "federation.rounds": rounds,
         "federation.strategy": strategy,
@@ -75,21 +78,93 @@ def sim(
         "world.dataset": dataset,
         "seed": seed,
     }
-    for key, value in flags.items():
-        if value is not None:
-            set_override(cfg, key, json.dumps(str(value) if isinstance(value, Path) else value))
-    for item in set_:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        set_override(cfg, key.strip(), value.strip())
-    cfg.__post_init__()
+    cfg = _run_config(config, flags, set_)
     if print_config:
         print(to_toml(cfg), end="")
         return
     report = simulate(cfg, resume=resume, ray_address=ray_address, verbose=verbose)
     console.print(summary_table(report))
     console.print(f"final accuracy {report['final_accuracy']:.3f}; report: {Path(cfg.out) / 'report.json'}")
+
+
+def _run_config(config: Path | None, flags: dict, overrides: list[str]):
+    """RunConfig from a TOML file (or defaults), then flags, then `--set KEY=VALUE` overrides."""
+    from geomoe.run_config import RunConfig, load_run_config, set_override
+
+    cfg = load_run_config(config) if config is not None else RunConfig()
+    for key, value in flags.items():
+        if value is not None:
+            set_override(cfg, key, json.dumps(str(value) if isinstance(value, Path) else value))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        set_override(cfg, key.strip(), value.strip())
+    cfg.__post_init__()
+    return cfg
+
+
+CONFIG_OPTION = typer.Option(None, help="TOML file with [world], [model], [conversion], [train], [federation] tables.")
+SET_OPTION = typer.Option([], "--set", help="Override any field: --set world.synthetic.num_observations=20000.")
+
+
+# --- data -----------------------------------------------------------------------------------------
+@data_app.command("export")
+def data_export(
+    fmt: str = typer.Option(..., "--format", help="inat2017 | inat2021 | hsu | iwildcam | folders."),
+    out: Path = typer.Option(..., help="Folder to write."),
+    at: str = typer.Option(None, help="folders: only the device folder of the location holding LAT,LON."),
+    config: Path = CONFIG_OPTION,
+    set_: list[str] = SET_OPTION,
+) -> None:
+    """Write the synthetic world in a published format (JPEGs + annotations), to run the real-data path."""
+    from geomoe.sim.export import export_world, location_at
+    from geomoe.sim.world import World
+
+    cfg = _run_config(config, {}, set_)
+    locations = None
+    if at is not None:
+        try:
+            lat, lon = (float(v) for v in at.split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected LAT,LON, got {at!r}", param_hint="--at") from None
+        locations = [location_at(World(cfg.world), lat, lon)]
+    summary = export_world(cfg.world, fmt, out, locations, progress=sys.stderr.isatty())
+    console.print_json(json.dumps(summary))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    cache: Path = typer.Option(Path("runs/sim/cache"), help="Folder for the world file (a run's cache folder)."),
+    config: Path = CONFIG_OPTION,
+    set_: list[str] = SET_OPTION,
+) -> None:
+    """Load and partition the run's dataset once; write the world file clients load; a table of clients."""
+    from geomoe.sim.world import World
+
+    cfg = _run_config(config, {}, set_)
+    with console.status(f"loading {cfg.world.dataset} and partitioning it"):
+        world, path, sha = World.cached(cfg.world, cache)
+    if world.data.skipped:
+        console.print(f"left out while loading: {world.data.skipped}")
+    table = Table(title=f"{len(world.locations)} clients ({cfg.world.clients}), {world.num_classes} species")
+    for column in ("client", "cell", "lat", "lon", "train", "val", "test", "species"):
+        table.add_column(column, justify="right")
+    for k, loc in enumerate(world.locations[:50]):
+        table.add_row(
+            str(k),
+            loc.cell,
+            f"{loc.lat:.2f}",
+            f"{loc.lon:.2f}",
+            str(len(loc.train)),
+            str(len(loc.val)),
+            str(len(loc.test)),
+            str(len(world.species(loc.train))),
+        )
+    console.print(table)
+    if len(world.locations) > 50:
+        console.print(f"... and {len(world.locations) - 50} more clients")
+    console.print(f"world file: {path} (sha256 {sha[:16]}...), server keeps {len(world.server_indices)} images")
 
 
 # --- partition --------------------------------------------------------------------------------
@@ -301,6 +376,30 @@ def bench_model(
             f"{device}: dense {r['dense_s'] * 1e3:.1f} ms, moe {r['moe_s'] * 1e3:.1f} ms, ratio {r['ratio']:.2f}"
         )
     console.print(f"wrote {out}")
+
+
+@bench_app.command("data")
+def bench_data(
+    out: Path = typer.Option(Path("bench_data.json"), help="JSON file to write."),
+    images: int = typer.Option(300, help="JPEGs to write and read."),
+    size: int = typer.Option(224, help="Model input side."),
+    source: str = typer.Option("640x480", help="Size of the written JPEGs, WxH (iNat images are up to 800 px)."),
+    repeats: int = typer.Option(3, help="Interleaved timed passes of each pipeline."),
+) -> None:
+    """Images/s per core: plain JPEG decoding vs DCT-scaled decoding vs the decoded cache."""
+    import tempfile
+
+    from geomoe.bench import bench_data as run_bench
+
+    width, _, height = source.partition("x")
+    with tempfile.TemporaryDirectory(prefix="geomoe-bench-data-") as folder:
+        result = run_bench(images, size, int(width), int(height), repeats, Path(folder))
+    out.write_text(json.dumps(result, indent=2))
+    rates = result["images_per_s_per_core"]
+    console.print(
+        f"images/s per core: plain {rates['plain_decode']:.0f}, reduced decode {rates['reduced_decode']:.0f}, "
+        f"cached {rates['cached']:.0f} ({result['cached_over_plain']:.1f}x plain); wrote {out}"
+    )
 
 
 @bench_app.command("comm")

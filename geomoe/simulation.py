@@ -1,7 +1,9 @@
 """`geomoe sim`: the federated job on Flower's simulation engine (Ray backend).
 
-One virtual SuperNode per location (S2 cell); each ClientApp instance learns its location from
-the `partition-id` Flower gives it. Set `ray_address` to run on an existing Ray cluster.
+One virtual SuperNode per client (an S2 cell); each ClientApp instance learns its client from the
+`partition-id` Flower gives it. The world (dataset, partition, clients) is built and written to its
+world file before Ray starts, so bad data fails fast and the number of clients is known.
+Set `ray_address` to run on an existing Ray cluster.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from geomoe.client.client_app import app as client_app
 from geomoe.run_config import RunConfig
 from geomoe.server.federation import REPORT
 from geomoe.server.server_app import make_server_app
+from geomoe.sim.world import World
 
 
 def simulate(
@@ -31,6 +34,7 @@ def simulate(
     if importlib.util.find_spec("ray") is None:
         raise RuntimeError("local simulation needs Ray: pip install 'geomoe[simulation]' (device images leave it out)")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    world, _, _ = World.cached(cfg.world, Path(cfg.cache) if cfg.cache else Path(cfg.out) / "cache")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per virtual client: Ray runs them side by side
     init_args: dict = {"include_dashboard": False, "log_to_driver": verbose}
     if ray_address:
@@ -42,7 +46,7 @@ def simulate(
     run_simulation(
         server_app=make_server_app(cfg, resume),
         client_app=client_app,
-        num_supernodes=cfg.world.num_locations,
+        num_supernodes=len(world.locations),
         backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}, "init_args": init_args},
         verbose_logging=verbose,
     )

@@ -17,9 +17,9 @@ def make_server_app(cfg: RunConfig | None = None, resume: bool = False) -> Serve
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg or from_flat(context.run_config)
-        report = Federation(grid, run_cfg, resume=resume).run()
-        Console(stderr=True).print(summary_table(report))
+        report = Federation(grid, cfg or from_flat(context.run_config), resume=resume).run()
+        if cfg is None:  # under `flwr run`; `geomoe sim` prints the table itself
+            Console(stderr=True).print(summary_table(report))
 
     return server_app
 

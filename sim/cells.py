@@ -25,6 +25,19 @@ def cell_from_path(path: str) -> s2sphere.CellId:
     return s2sphere.CellId(cell_id)
 
 
+def parse_cell(token: str) -> s2sphere.CellId:
+    """CellId of a client id that names an S2 cell: face/child-path notation or an S2 hex token."""
+    try:
+        return cell_from_path(token)
+    except ValueError:
+        pass
+    if token and len(token) <= 16 and all(c in "0123456789abcdef" for c in token.lower()):
+        cell = s2sphere.CellId.from_token(token)
+        if cell.is_valid():
+            return cell
+    raise ValueError(f"client id {token!r} is neither a face/child-path cell ('2/13') nor an S2 token ('89c25')")
+
+
 def path_from_cell(cell: s2sphere.CellId) -> str:
     """Token for a CellId (inverse of `cell_from_path`)."""
     raw, level = cell.id(), cell.level()

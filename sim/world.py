@@ -24,7 +24,7 @@ from geomoe.data.datasets import DataFiles, GeoData, WithLocation, batches, load
 from geomoe.data.images import ImageConfig
 from geomoe.data.synthetic import SyntheticConfig
 from geomoe.data.world_file import Location, WorldContents, read_world_file, sha256_of, write_world_file
-from geomoe.sim.cells import cell_at, cell_from_path, centre
+from geomoe.sim.cells import cell_at, parse_cell
 from geomoe.sim.partition import adaptive_partition
 
 CLIENT_MODES = ("locations", "cells")
@@ -69,15 +69,16 @@ def _great_circle_deg(a: tuple[float, float], b: tuple[float, float]) -> float:
 def cell_centre(cell: str, lat: np.ndarray, lon: np.ndarray) -> tuple[float, float]:
     """Centre of an S2 token; for other client ids (camera clusters), the mean of its rows' coordinates."""
     try:
-        return centre(cell)
+        lat_lng = parse_cell(cell).to_lat_lng()
     except ValueError:
         return float(np.mean(lat)), float(np.mean(lon))
+    return lat_lng.lat().degrees, lat_lng.lng().degrees
 
 
 def in_cell(cell: str, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     """Which points lie in an S2 cell (all False for a client id that is not a cell token)."""
     try:
-        region = cell_from_path(cell)
+        region = parse_cell(cell)
     except ValueError:
         return np.zeros(len(lat), dtype=bool)
     return np.array([region.contains(cell_at(float(a), float(b), 30)) for a, b in zip(lat, lon, strict=True)])
