@@ -196,12 +196,13 @@ def bench_data(images: int, size: int, source_width: int, source_height: int, re
     started = time.perf_counter()
     DecodedCache(folder / "cache", folder, files, size)
     build_s = time.perf_counter() - started
-    cached = ImageFiles(
-        folder, files, np.zeros(images, dtype=np.int64), ImageConfig(size=size, cache=str(folder / "cache"))
-    )
-    passes = {
-        "plain_decode": lambda: [decode(folder / f, size, reduced=False) for f in files],
-        "reduced_decode": lambda: [decode(folder / f, size) for f in files],
+    labels = np.zeros(images, dtype=np.int64)
+    plain_cfg = ImageConfig(size=size)
+    reduced = ImageFiles(folder, files, labels, plain_cfg)
+    cached = ImageFiles(folder, files, labels, ImageConfig(size=size, cache=str(folder / "cache")))
+    passes = {  # each yields model-ready tensors
+        "plain_decode": lambda: [to_tensor(decode(folder / f, size, reduced=False), plain_cfg) for f in files],
+        "reduced_decode": lambda: [reduced[i] for i in range(images)],
         "cached": lambda: [cached[i] for i in range(images)],
     }
     times: dict[str, list[float]] = {name: [] for name in passes}
