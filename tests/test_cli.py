@@ -28,6 +28,7 @@ def test_help_lists_every_subcommand():
         "device",
         "deploy",
         "bench",
+        "data",
     ):
         assert command in result.output
 
@@ -91,3 +92,76 @@ def test_bench_ep_writes_latencies_for_local_and_split_setups(tmp_path):
     setups = json.loads(out.read_text())["setups"]
     assert set(setups) == {"local", "split_2", "split_3"}
     assert all(v > 0 for v in setups["split_3"]["bytes_per_image_per_peer"].values())
+
+
+SMALL_WORLD = [
+    "--set",
+    "world.synthetic.num_observations=800",
+    "--set",
+    "world.n_max=80",
+    "--set",
+    "world.num_locations=2",
+]
+
+
+def test_data_export_then_prepare_on_the_exported_files(tmp_path):
+    exported = geomoe("data", "export", "--format", "inat2017", "--out", str(tmp_path / "inat"), *SMALL_WORLD)
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["images"] == 800
+    files = [
+        "--set",
+        f'world.files.root="{tmp_path / "inat"}"',
+        "--set",
+        f'world.files.annotations=["{tmp_path / "inat" / "train2017.json"}"]',
+        "--set",
+        f'world.files.locations=["{tmp_path / "inat" / "train2017_locations.json"}"]',
+    ]
+    prepared = geomoe(
+        "data",
+        "prepare",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--set",
+        'world.dataset="inat2017"',
+        *files,
+        "--set",
+        "world.n_max=80",
+        "--set",
+        "world.num_locations=2",
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    assert "2 clients (locations), 24 species" in prepared.stdout
+    assert len(list((tmp_path / "cache").glob("world-*.npz"))) == 1
+
+
+def test_data_export_of_one_device_folder(tmp_path):
+    from geomoe.sim.world import World, WorldConfig
+
+    cfg = WorldConfig()
+    cfg.synthetic.num_observations, cfg.n_max, cfg.num_locations = 800, 80, 2
+    second = World(cfg).locations[1]
+    result = geomoe(
+        "data",
+        "export",
+        "--format",
+        "folders",
+        "--out",
+        str(tmp_path),
+        "--at",
+        f"{second.lat},{second.lon}",
+        *SMALL_WORLD,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["devices"] == ["L2"] and (tmp_path / "L2").is_dir()
+    bad = geomoe("data", "export", "--format", "folders", "--out", str(tmp_path), "--at", "north")
+    assert bad.returncode == 2 and "expected LAT,LON" in bad.stderr  # a usage error
+
+
+def test_bench_data_writes_its_figures(tmp_path):
+    result = geomoe(
+        "bench", "data", "--out", str(tmp_path / "b.json"), "--images", "12", "--size", "64", "--repeats", "1"
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert set(figures["images_per_s_per_core"]) == {"plain_decode", "reduced_decode", "cached"}
+    assert figures["cached_over_plain"] > 0

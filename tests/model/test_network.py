@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from geomoe.model.config import ModelConfig
@@ -40,3 +41,32 @@ def test_missing_pretrained_weights_say_what_to_do():
     assert (
         result.returncode != 0 and "pretrained weights of mobilevitv2_050 are not in the local cache" in result.stderr
     )
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_weights_from_a_local_file(tmp_path, suffix):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    source = timm.create_model("mobilevitv2_050", num_classes=1000)  # timm's own files carry the classifier
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save(source.state_dict(), path)
+    else:
+        save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = GeoMoENet(ModelConfig(num_classes=7, moe_layers=(), pretrained_file=str(path)))
+    torch.testing.assert_close(model.backbone.stem.conv.weight, source.stem.conv.weight, rtol=0, atol=0)
+
+
+def test_a_weights_file_that_is_missing_or_does_not_fit_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model.pretrained_file: .*absent.pth: no such file"):
+        GeoMoENet(ModelConfig(pretrained_file=str(tmp_path / "absent.pth")))
+    other = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, other)
+    with pytest.raises(ValueError, match=r"resnet.pth does not fit the backbone mobilevitv2_050: .*Missing key"):
+        GeoMoENet(ModelConfig(pretrained_file=str(other)))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00 not weights")
+    with pytest.raises(ValueError, match=r"junk.pth cannot be read as weights"):
+        GeoMoENet(ModelConfig(pretrained_file=str(junk)))
