@@ -1,10 +1,15 @@
 """Container entry point: `supernode`, `superlink`, `serverapp`, `expert-server` or `runtime`, configured by
-environment (GEOMOE_LAT, GEOMOE_LON, GEOMOE_SUPERLINK, GEOMOE_TLS, GEOMOE_APPIO_PORT) and the /data
-volume, where `geomoe deploy up` puts the fleet's certificates (/data/certs) when TLS is on."""
+environment (GEOMOE_LAT, GEOMOE_LON, GEOMOE_SUPERLINK, GEOMOE_TLS, GEOMOE_APPIO_PORT, GEOMOE_DATA) and the /data
+volume, where `geomoe deploy up` puts the fleet's certificates (/data/certs) when TLS is on.
+
+A SuperNode trains on the labelled images at GEOMOE_DATA (the fleet mounts the device's folder there). For a
+trial without real images, GEOMOE_DEMO_DATA=1 first writes the synthetic world's images of the device's
+location into that folder (`geomoe data export --format folders --at LAT,LON`), once."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 CERTS = "/data/certs"
@@ -36,15 +41,10 @@ def command(role: str, env: dict[str, str]) -> list[str]:
         )
         # The ClientApp API stays on loopback; its port differs only where several SuperNodes share a host.
         port = ["--port", env["GEOMOE_APPIO_PORT"]] if "GEOMOE_APPIO_PORT" in env else []
-        return [
-            "flower-supernode",
-            *security,
-            "--superlink",
-            superlink,
-            *port,
-            "--node-config",
-            f"lat={env['GEOMOE_LAT']} lon={env['GEOMOE_LON']}",
-        ]
+        node_config = f"lat={env['GEOMOE_LAT']} lon={env['GEOMOE_LON']}"
+        if "GEOMOE_DATA" in env:
+            node_config += f' data="{env["GEOMOE_DATA"]}"'
+        return ["flower-supernode", *security, "--superlink", superlink, *port, "--node-config", node_config]
     if role == "superlink":
         security = (
             [
@@ -88,8 +88,22 @@ def command(role: str, env: dict[str, str]) -> list[str]:
     raise SystemExit(f"unknown role {role!r}: use supernode, superlink, serverapp, expert-server or runtime")
 
 
+def demo_data(env: dict[str, str]) -> None:
+    """Write the synthetic images of this device's location into GEOMOE_DATA, unless already there."""
+    folder = env["GEOMOE_DATA"]
+    if os.path.isdir(folder) and os.listdir(folder):
+        return
+    staging = folder.rstrip("/") + ".export"
+    at = f"{env['GEOMOE_LAT']},{env['GEOMOE_LON']}"
+    subprocess.run(["geomoe", "data", "export", "--format", "folders", "--out", staging, "--at", at], check=True)
+    (device,) = [d for d in os.listdir(staging) if os.path.isdir(os.path.join(staging, d))]
+    os.replace(os.path.join(staging, device), folder)
+
+
 def main() -> None:
     args = sys.argv[1:] or ["supernode"]
+    if args[0] == "supernode" and os.environ.get("GEOMOE_DEMO_DATA") == "1" and "GEOMOE_DATA" in os.environ:
+        demo_data(dict(os.environ))
     argv = command(args[0], dict(os.environ)) + args[1:]
     os.execvp(argv[0], argv)
 

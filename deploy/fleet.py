@@ -23,6 +23,7 @@ from typing import Any
 from geomoe.deploy.certs import device_auth_key
 
 ROLES = ("supernode", "expert-server", "runtime", "superlink", "serverapp")
+LABELLED = "/data/labelled"  # where a SuperNode container sees its device's labelled images
 IMAGE_UID = 10001  # the user deploy/Dockerfile runs as; it must own what goes into /data
 
 
@@ -39,6 +40,7 @@ class Device:
     memory: str = ""  # e.g. "1g"; "": no limit
     environment: dict[str, str] = field(default_factory=dict)
     command: list[str] = field(default_factory=list)  # overrides the role's command (custom entrypoints, diagnostics)
+    data: str = ""  # supernode: folder of labelled images on the device, mounted read-only at /data/labelled
 
 
 @dataclass
@@ -75,6 +77,9 @@ def read_fleet_file(path: Path) -> Fleet:
             raise ValueError(f"{path}: device {label}: lat/lon {lat}, {lon} out of range")
         environment = {str(k): str(v) for k, v in entry.get("environment", {}).items()}
         command = [str(c) for c in entry.get("command", [])]
+        labelled = str(entry.get("data", ""))
+        if labelled and role != "supernode":
+            raise ValueError(f"{path}: device {label}: 'data' is for supernodes (labelled images to train on)")
         devices.append(
             Device(
                 str(entry["name"]),
@@ -86,6 +91,7 @@ def read_fleet_file(path: Path) -> Fleet:
                 str(entry.get("memory", "")),
                 environment,
                 command,
+                labelled,
             )
         )
     if not devices:
@@ -166,6 +172,9 @@ def run_options(device: Device, fleet: Fleet, image: str | None = None) -> dict[
         },
         "labels": {"geomoe.device": device.name, "geomoe.role": device.role},
     }
+    if device.data:  # the device's own labelled images, read-only: training never changes them
+        options["volumes"][device.data] = {"bind": LABELLED, "mode": "ro"}
+        options["environment"] = {"GEOMOE_DATA": LABELLED, **options["environment"]}
     if device.cpus:
         options["nano_cpus"] = int(device.cpus * 1e9)
     if device.memory:

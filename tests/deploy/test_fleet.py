@@ -98,6 +98,17 @@ def test_fleet_file(tmp_path):
     assert options["volumes"] == {"geomoe-cam-07-data": {"bind": "/data", "mode": "rw"}}
 
 
+def test_a_device_trains_on_its_own_folder_mounted_read_only(tmp_path):
+    path = tmp_path / "fleet.toml"
+    path.write_text(FLEET.replace('name = "cam-07"', 'name = "cam-07"\ndata = "/srv/camera/labelled"'))
+    options = run_options(read_fleet_file(path).devices[0], read_fleet_file(path))
+    assert options["volumes"]["/srv/camera/labelled"] == {"bind": "/data/labelled", "mode": "ro"}
+    assert options["environment"]["GEOMOE_DATA"] == "/data/labelled"
+    path.write_text(FLEET.replace('role = "expert-server"', 'role = "expert-server"\ndata = "/srv/x"'))
+    with pytest.raises(ValueError, match="device relay: 'data' is for supernodes"):
+        read_fleet_file(path)
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
@@ -192,6 +203,7 @@ def test_entrypoint_roles():
         "--node-config",
         "lat=1.5 lon=-2",
     ]
+    assert command("supernode", {**env, "GEOMOE_DATA": "/data/labelled"})[-1] == 'lat=1.5 lon=-2 data="/data/labelled"'
     secure = command("supernode", {**env, "GEOMOE_TLS": "1", "GEOMOE_APPIO_PORT": "9105"})
     assert (
         "--insecure" not in secure

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 from geomoe.run_config import to_toml
+from geomoe.sim.export import export_world
 from geomoe.sim.world import World
 
 from .conftest import free_port, small_config, stop
@@ -61,16 +64,15 @@ def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "") -
     return json.loads((Path(cfg.out) / "report.json").read_text())
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    """A SuperLink and two SuperNodes (at the first two locations of the small run) on 127.0.0.1."""
+@contextmanager
+def federation(tmp_path, node_configs: list[str]):
+    """A SuperLink and one SuperNode per node config on 127.0.0.1; yields the env for `flwr run` and the nodes."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(tmp_path / "flwr-home")}
     link_port = free_port()
     (tmp_path / "flwr-home").mkdir()
     (tmp_path / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
     )
-    locations = World(small_config(tmp_path, tmp_path).world).locations[:2]
     processes = []
     try:
         link_command = [
@@ -84,7 +86,7 @@ def deployment(tmp_path):
         processes.append(link)
         wait_for_port(link_port, link, tmp_path / "superlink.log")
         nodes = []
-        for i, location in enumerate(locations):
+        for i, node_config in enumerate(node_configs):
             node_port = free_port()
             node_command = [
                 str(BIN / "flower-supernode"),
@@ -94,25 +96,24 @@ def deployment(tmp_path):
                 "--port",
                 str(node_port),
                 "--node-config",
-                f"lat={location.lat} lon={location.lon}",
+                node_config,
             ]
             node = start(node_command, tmp_path / f"supernode{i}.log", env)
             processes.append(node)
             nodes.append(node)
             wait_for_port(node_port, node, tmp_path / f"supernode{i}.log")
-        yield env, nodes, locations
+        yield env, nodes
     finally:
         for process in reversed(processes):
             stop(process)
 
 
-def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path, model_cache, deployment):
-    env, _, locations = deployment
-    cfg = small_config(tmp_path / "run", model_cache)
-    report = flwr_run("test", cfg, tmp_path, env, "federation.min_nodes=2")
-    assert [row["replies"] for row in report["rounds"]] == [2, 2]
-    assert sorted(loc["cell"] for loc in report["locations"]) == sorted(loc.cell for loc in locations)
-    assert report["final_accuracy"] > report["evaluations"]["0"]["accuracy"]
+@pytest.fixture
+def deployment(tmp_path):
+    """Two SuperNodes at the first two locations of the small run, on the server's world file (same host)."""
+    locations = World(small_config(tmp_path, tmp_path).world).locations[:2]
+    with federation(tmp_path, [f"lat={loc.lat} lon={loc.lon}" for loc in locations]) as (env, nodes):
+        yield env, nodes, locations
 
 
 def test_a_node_that_drops_out_does_not_stall_the_round(tmp_path, model_cache, deployment):
@@ -152,3 +153,27 @@ def test_flwr_run_with_a_local_simulation_connection(tmp_path, model_cache):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home)}
     report = flwr_run("local", cfg, tmp_path, env)
     assert [row["replies"] for row in report["rounds"]] == [3, 3]
+
+
+def test_devices_on_a_superlink_train_on_their_own_labelled_folders(tmp_path, model_cache):
+    """Two rounds on a real SuperLink with three SuperNodes with JPEG folders with JPEG folders (`geomoe data export --format folders`); one also holds a species the
+    run does not know, which is reported and left out while it trains on the rest."""
+    cfg = small_config(tmp_path / "run", model_cache)
+    export_world(cfg.world, "folders", tmp_path / "devices")
+    third = tmp_path / "devices" / "L3"
+    shutil.copytree(third / sorted(p.name for p in third.iterdir())[0], third / "Panthera leo")
+    lions = len(list((third / "Panthera leo").iterdir()))
+    locations = World(cfg.world).locations
+    configs = [
+        f'lat={loc.lat} lon={loc.lon} data="{tmp_path / "devices" / f"L{k + 1}"}"' for k, loc in enumerate(locations)
+    ]
+    with federation(tmp_path, configs) as (env, _):
+        report = flwr_run("test", cfg, tmp_path, env, "federation.min_nodes=3")
+    assert [row["replies"] for row in report["rounds"]] == [3, 3]
+    by_cell = {loc["cell"]: loc for loc in report["locations"]}
+    assert sorted(by_cell) == sorted(loc.cell for loc in locations)  # each device found its cell
+    assert all(loc["source"].startswith("folder ") for loc in by_cell.values())
+    assert by_cell[locations[2].cell]["unknown_species"] == {"Panthera leo": lions}
+    assert by_cell[locations[0].cell]["unknown_species"] == {}
+    assert [row["unknown_species_images"] for row in report["rounds"]] == [lions, lions]
+    assert report["final_accuracy"] > report["evaluations"]["0"]["accuracy"]
