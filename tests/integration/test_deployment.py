@@ -156,8 +156,8 @@ def test_flwr_run_with_a_local_simulation_connection(tmp_path, model_cache):
 
 
 def test_devices_on_a_superlink_train_on_their_own_labelled_folders(tmp_path, model_cache):
-    """Two rounds on a real SuperLink with three SuperNodes with JPEG folders with JPEG folders (`geomoe data export --format folders`); one also holds a species the
-    run does not know, which is reported and left out while it trains on the rest."""
+    """Two rounds on a real SuperLink; three SuperNodes hold JPEG folders (`geomoe data export --format folders`).
+    One also holds a species the run does not know: reported and left out, and it trains on the rest."""
     cfg = small_config(tmp_path / "run", model_cache)
     export_world(cfg.world, "folders", tmp_path / "devices")
     third = tmp_path / "devices" / "L3"
