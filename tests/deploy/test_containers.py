@@ -1,6 +1,7 @@
-"""The deployment for real: the amd64 image built from deploy/Dockerfile, a TLS SuperLink and two
-SuperNodes started by `geomoe deploy` through the Docker SDK on 127.0.0.1, registered SuperNode keys,
-one federated round, and a device whose key was never registered being refused."""
+"""The deployment for real: the amd64 image built from deploy/Dockerfile, a TLS SuperLink and SuperNodes
+started by `geomoe deploy` through the Docker SDK on 127.0.0.1, registered SuperNode keys, one federated
+round on the devices' own JPEG folders (mounted read-only), and a device whose key was never registered
+being refused."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +26,7 @@ from geomoe.deploy.fleet import IMAGE_UID
 from geomoe.run_config import to_toml
 from geomoe.sim.world import World
 
-from ..integration.conftest import free_port, small_config
+from ..integration.conftest import SMALL_RUN, free_port, small_config
 from .test_fleet import docker_client
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
@@ -41,6 +43,9 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port}")
+
+
+SMALL_WORLD = [a for item in SMALL_RUN for a in ("--set", item)]
 
 
 def geomoe(*args: str) -> str:
@@ -74,23 +79,41 @@ def image():
     return client
 
 
-def test_federated_round_in_containers_with_tls_and_registered_supernodes(image, tmp_path):
+@pytest.fixture
+def labelled_folders(tmp_path):
+    """Device folders from `geomoe data export --format folders`, the third with a species the run lacks;
+    in a folder the containers' user can read (pytest's own tmp folders are private to root)."""
+    folder = Path(tempfile.mkdtemp(prefix="geomoe-devices-"))
+    try:
+        geomoe("data", "export", "--format", "folders", "--out", str(folder), *SMALL_WORLD)
+        third = folder / "L3"
+        shutil.copytree(third / sorted(p.name for p in third.iterdir())[0], third / "Panthera leo")
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield folder, len(list((third / "Panthera leo").iterdir()))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_federated_round_in_containers_with_tls_and_registered_supernodes(image, tmp_path, labelled_folders):
     client = image
+    folders, lions = labelled_folders
     tag = uuid.uuid4().hex[:6]
     link, server = f"link-{tag}", f"server-{tag}"
-    cells, intruder = [f"cell-a-{tag}", f"cell-b-{tag}"], f"intruder-{tag}"
+    cells, intruder = [f"cell-a-{tag}", f"cell-b-{tag}", f"cell-c-{tag}"], f"intruder-{tag}"
     ensure_fleet_certs(tmp_path / "certs", ["127.0.0.1"], [*cells, intruder])
     link_port = free_port()
-    locations = World(small_config(tmp_path, tmp_path).world).locations[:2]
+    locations = World(small_config(tmp_path, tmp_path).world).locations
     local = 'host = "unix:///var/run/docker.sock"'
     devices = [
         f'[[device]]\nname = "{name}"\n{local}\nlat = 0\nlon = 0\nrole = "{role}"\n'
         for name, role in ((link, "superlink"), (server, "serverapp"))
     ]
-    for name, location in zip([*cells, intruder], [*locations, locations[0]], strict=True):
+    for k, (name, location) in enumerate(zip([*cells, intruder], [*locations, locations[0]], strict=True)):
         devices.append(
             f'[[device]]\nname = "{name}"\n{local}\n'
             f"lat = {location.lat}\nlon = {location.lon}\n"
+            f'data = "{folders / f"L{k % 3 + 1}"}"\n'
             f'environment = {{ GEOMOE_APPIO_PORT = "{free_port()}" }}\n'
         )
     fleet = tmp_path / "fleet.toml"
@@ -108,16 +131,15 @@ def test_federated_round_in_containers_with_tls_and_registered_supernodes(image,
     try:
         assert "superlink, TLS" in geomoe("deploy", "up", "--fleet", str(fleet), "--device", link)
         wait_for_port(link_port)
-        registered = geomoe("deploy", "register", "--fleet", str(fleet), "--device", cells[0])
-        registered += geomoe("deploy", "register", "--fleet", str(fleet), "--device", cells[1])
+        registered = "".join(geomoe("deploy", "register", "--fleet", str(fleet), "--device", c) for c in cells)
         node_ids = set(re.findall(r"SuperNode (\d+) registered successfully", registered))
-        assert len(node_ids) == 2
+        assert len(node_ids) == 3
         started = geomoe("deploy", "up", "--fleet", str(fleet))
-        assert started.count("supernode, TLS") == 3 and "serverapp, TLS" in started  # with the unregistered device
+        assert started.count("supernode, TLS") == 4 and "serverapp, TLS" in started  # with the unregistered device
         for name in (server, *cells):
             client.containers.get(f"geomoe-{name}").put_archive("/data", file_archive("run.toml", run_toml))
 
-        overrides = 'config="/data/run.toml" federation.rounds=1 federation.min_nodes=2 out="/data/runs/test"'
+        overrides = 'config="/data/run.toml" federation.rounds=1 federation.min_nodes=3 out="/data/runs/test"'
         result = subprocess.run(
             [str(BIN / "flwr"), "run", str(ROOT), "fleet", "--run-config", overrides, "--stream"],
             env={**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
@@ -128,8 +150,12 @@ def test_federated_round_in_containers_with_tls_and_registered_supernodes(image,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         report = json.loads(read_file(client.containers.get(f"geomoe-{server}"), "/data/runs/test/report.json"))
-        assert [row["replies"] for row in report["rounds"]] == [2]
-        assert sorted(loc["cell"] for loc in report["locations"]) == sorted(loc.cell for loc in locations)
+        assert [row["replies"] for row in report["rounds"]] == [3]
+        by_cell = {loc["cell"]: loc for loc in report["locations"]}
+        assert sorted(by_cell) == sorted(loc.cell for loc in locations)
+        assert all(loc["source"].startswith("folder /data/labelled") for loc in by_cell.values())  # not generated
+        assert by_cell[locations[2].cell]["unknown_species"] == {"Panthera leo": lions}
+        assert report["rounds"][0]["unknown_species_images"] == lions
 
         refused = client.containers.get(f"geomoe-{intruder}").logs().decode(errors="replace")
         assert "Failed to activate SuperNode" in refused and "SuperNode ID" not in refused
