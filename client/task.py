@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from geomoe.client.data import LocalData
+from geomoe.data.cells import cell_at, parse_cell
 from geomoe.model.config import ModelConfig
 from geomoe.model.experts import KeepSet, merge_expert_state, shared_state, take_expert_state
 from geomoe.model.importance import RoutingStats, routing_stats
@@ -22,7 +23,6 @@ from geomoe.model.moe_layer import EXPERT_PARAMS, MoEMlp
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import evaluate, train_epochs
 from geomoe.run_config import RunConfig
-from geomoe.sim.cells import cell_at, parse_cell
 
 
 def coordinates(node_config: dict, local: LocalData | None = None) -> tuple[float, float]:

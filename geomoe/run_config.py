@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from geomoe.compression import Pipeline
+from geomoe.data.world_config import WorldConfig
 from geomoe.model.config import ModelConfig
 from geomoe.model.conversion import ConversionConfig
 from geomoe.model.importance import KeepPolicy
 from geomoe.model.training import TrainConfig
-from geomoe.sim.world import WorldConfig
 
 STRATEGIES = ("expert", "fedavg")
 TRAINABLE = ("experts", "experts+head", "all")

@@ -1,1 +1,1 @@
-"""Simulation: S2 cells, Hsu et al. adaptive partitions, the run's world (clients and splits) and its export."""
+"""Simulation: Hsu et al. adaptive partitions, the run's world (clients and splits) and its export."""

@@ -23,7 +23,8 @@ from PIL import Image
 from geomoe.data.datasets import GeoData
 from geomoe.data.hsu import TEST_COLUMNS, TRAIN_COLUMNS
 from geomoe.data.synthetic import SyntheticGeoSpecies
-from geomoe.sim.world import World, WorldConfig
+from geomoe.data.world_config import WorldConfig
+from geomoe.sim.world import World
 
 FORMATS = ("inat2017", "inat2021", "hsu", "iwildcam", "folders")
 SUPERCATEGORY = "Synthetica"
@@ -181,7 +182,7 @@ def _folders(world: World, generator: SyntheticGeoSpecies, out: Path, progress: 
 
 def location_at(world: World, lat: float, lon: float) -> int:
     """Index of the world's location whose cell holds (lat, lon); a clear error if none does."""
-    from geomoe.sim.cells import cell_at, parse_cell
+    from geomoe.data.cells import cell_at, parse_cell
 
     point = cell_at(lat, lon, 30)
     for k, location in enumerate(world.locations):

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from geomoe.sim.cells import cell_from_path, centre, leaf_ids, parent_ids  # noqa: E402
+from geomoe.data.cells import cell_from_path, centre, leaf_ids, parent_ids  # noqa: E402
 from geomoe.sim.partition import CellSummary  # noqa: E402
 
 

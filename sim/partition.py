@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import s2sphere
 
-from geomoe.sim.cells import leaf_ids, parent_ids, path_from_cell
+from geomoe.data.cells import leaf_ids, parent_ids, path_from_cell
 
 
 @dataclass

@@ -11,53 +11,16 @@ Clients are either the papers' evaluation locations L1..Ln (large, well-separate
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from geomoe.data.datasets import DataFiles, GeoData, WithLocation, batches, load_dataset
-from geomoe.data.images import ImageConfig
-from geomoe.data.synthetic import SyntheticConfig
+from geomoe.data.cells import cell_at, parse_cell
+from geomoe.data.datasets import GeoData, WithLocation, batches, load_dataset
+from geomoe.data.world_config import WorldConfig
 from geomoe.data.world_file import Location, WorldContents, read_world_file, sha256_of, write_world_file
-from geomoe.sim.cells import cell_at, parse_cell
 from geomoe.sim.partition import adaptive_partition
-
-CLIENT_MODES = ("locations", "cells")
-
-
-@dataclass
-class WorldConfig:
-    """Which data, how it is split into cells and which cells become clients."""
-
-    dataset: str = "synthetic"  # synthetic | inat2017 | inat2021 | iwildcam | hsu
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # used when dataset == "synthetic"
-    files: DataFiles = field(default_factory=DataFiles)  # where a file-backed dataset lives
-    images: ImageConfig = field(default_factory=ImageConfig)  # decoding, augmentation, cache of image files
-    n_max: int = 500  # Hsu et al. N_max: split a cell while its top species has more examples
-    clients: str = "locations"  # "locations": L1..Ln below; "cells": every cell with >= min_examples
-    num_locations: int = 6  # cells that become clients in "locations" mode (L1..L6)
-    min_separation_deg: float = 20.0  # minimum great-circle distance between chosen cell centres
-    min_examples: int = 60  # a client cell needs at least this many examples
-    server_fraction: float = 0.3  # share of all examples kept by the server for pretraining
-    split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train / val / test per client
-    seed: int = 0  # splits
-
-    def __post_init__(self) -> None:
-        if self.clients not in CLIENT_MODES:
-            raise ValueError(f"world.clients={self.clients!r} is not one of {CLIENT_MODES}")
-        if not 0 <= self.server_fraction < 1:
-            raise ValueError(f"world.server_fraction must lie in [0, 1), got {self.server_fraction}")
-
-    def key(self) -> str:
-        """Identity of the world this config builds (the image pipeline does not change it)."""
-        data = dataclasses.asdict(self)
-        data.pop("images")
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _great_circle_deg(a: tuple[float, float], b: tuple[float, float]) -> float:

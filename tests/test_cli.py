@@ -135,7 +135,8 @@ def test_data_export_then_prepare_on_the_exported_files(tmp_path):
 
 
 def test_data_export_of_one_device_folder(tmp_path):
-    from geomoe.sim.world import World, WorldConfig
+    from geomoe.data.world_config import WorldConfig
+    from geomoe.sim.world import World
 
     cfg = WorldConfig()
     cfg.synthetic.num_observations, cfg.n_max, cfg.num_locations = 800, 80, 2

@@ -14,7 +14,7 @@ def cells():
 
 
 def test_a_node_finds_its_location_by_partition_or_coordinates(cells):
-    from geomoe.sim.cells import centre
+    from geomoe.data.cells import centre
 
     assert locate(cells, {"partition-id": 2, "num-partitions": 6}) == 2
     lat, lon = centre(cells[1])

@@ -9,8 +9,9 @@ from geomoe.client.data import device_data
 from geomoe.data.datasets import DataFiles, load_dataset
 from geomoe.data.device_folder import read_device_images
 from geomoe.data.synthetic import SyntheticConfig
+from geomoe.data.world_config import WorldConfig
 from geomoe.sim.export import export_world
-from geomoe.sim.world import World, WorldConfig
+from geomoe.sim.world import World
 
 SMALL = WorldConfig(
     synthetic=SyntheticConfig(num_observations=600, image_size=32),

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from geomoe.data.cells import cell_from_path
 from geomoe.data.synthetic import SyntheticConfig, SyntheticGeoSpecies
-from geomoe.sim.cells import cell_from_path
 from geomoe.sim.partition import adaptive_partition, summarise
 
 

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from geomoe.sim.world import World, WorldConfig, _great_circle_deg
+from geomoe.data.world_config import WorldConfig
+from geomoe.sim.world import World, _great_circle_deg
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import torch
 
 from geomoe.client.data import cell_data
 from geomoe.data.images import ImageConfig
+from geomoe.data.world_config import WorldConfig
 from geomoe.data.world_file import read_world_file
-from geomoe.sim.world import World, WorldConfig
+from geomoe.sim.world import World
 
 
 def test_a_world_round_trips_through_its_file(tmp_path):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import s2sphere
 
-from geomoe.sim.cells import (
+from geomoe.data.cells import (
     cell_at,
     cell_from_path,
     centre,
