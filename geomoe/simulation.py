@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from flwr.simulation import run_simulation
@@ -21,6 +22,30 @@ from geomoe.run_config import RunConfig
 from geomoe.server.federation import REPORT
 from geomoe.server.server_app import make_server_app
 from geomoe.sim.world import World
+
+log = logging.getLogger("geomoe.simulation")
+
+
+def start_ray(init_args: dict, attempts: int = 3) -> None:
+    """Start Ray, retrying a start that times out.
+
+    On a loaded small machine (or right after the previous run's Ray went down) the raylet can take longer
+    than Ray's fixed 30 s to register; a second try then succeeds. A run must not fail for that.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**init_args)
+            return
+        except Exception as error:  # noqa: BLE001 - Ray raises a bare Exception on a startup timeout
+            ray.shutdown()
+            if attempt == attempts:
+                raise RuntimeError(f"Ray did not start in {attempts} attempts: {error}") from None
+            log.warning("Ray did not start (%s); trying again", str(error).splitlines()[0])
+            time.sleep(5 * attempt)
 
 
 def simulate(
@@ -43,13 +68,22 @@ def simulate(
         init_args["num_cpus"] = os.cpu_count() or 1
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(
-        server_app=make_server_app(cfg, resume),
-        client_app=client_app,
-        num_supernodes=len(world.locations),
-        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}, "init_args": init_args},
-        verbose_logging=verbose,
-    )
+    start_ray(init_args)  # Flower's backend uses a running Ray as it finds it
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, resume),
+            client_app=client_app,
+            num_supernodes=len(world.locations),
+            backend_config={
+                "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                "init_args": init_args,
+            },
+            verbose_logging=verbose,
+        )
+    finally:
+        import ray
+
+        ray.shutdown()  # also when the run failed: the next run in this process starts a fresh Ray
     report_path = Path(cfg.out) / REPORT
     if not report_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {report_path}; rerun with --verbose to see why")
