@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from geomoe.data.datasets import GeoData, WithLocation, batches
+from geomoe.data.datasets import Batches, GeoData
 from geomoe.data.device_folder import read_device_images, split_of
-from geomoe.data.images import ImageConfig, ImageFiles
+from geomoe.data.images import ImageConfig
 from geomoe.data.world_file import WorldContents, read_world_file
 
 SPLITS = ("train", "val", "test")
@@ -36,7 +36,7 @@ class LocalData:
     source: str  # a person-readable origin: "cell 3/30" or "folder /data/labelled (camtrap-dp)"
     unknown_species: Counter[str] = field(default_factory=Counter)  # images of species the run lacks, by name
     skipped: Counter[str] = field(default_factory=Counter)  # entries left out while reading, by reason
-    _opened: list[ImageFiles] = field(default_factory=list)  # datasets handed out, for their skip counts
+    _opened: list[Batches] = field(default_factory=list)  # loaders handed out, for their skip counts
 
     def rows(self, split: str) -> np.ndarray:
         if split not in SPLITS:
@@ -47,19 +47,18 @@ class LocalData:
         """Run species ids present in the training split."""
         return sorted(int(s) for s in np.unique(self.data.labels[self.train]))
 
-    def loader(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, with_location: bool = False):
-        """Batches of a split: (images, labels[, lon/lat]); train batches are augmented."""
-        rows = self.rows(split)
-        items = self.data.images(rows, self.images, train=split == "train" and shuffle, seed=seed)
-        if isinstance(items, ImageFiles):
-            self._opened.append(items)
-        if with_location:
-            items = WithLocation(items, np.stack([self.data.lon[rows], self.data.lat[rows]], axis=1))
-        return batches(items, batch_size, shuffle=shuffle, seed=seed)
+    def loader(
+        self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, with_location: bool = False
+    ) -> Batches:
+        """Batches of a split: (images, labels[, lon/lat]); shuffled train batches are augmented."""
+        train = split == "train" and shuffle
+        loader = self.data.loader(self.rows(split), self.images, batch_size, shuffle, seed, with_location, train)
+        self._opened.append(loader)
+        return loader
 
     def skipped_images(self) -> int:
         """Images that could not be read so far (each counted each time it was tried)."""
-        return sum(sum(d.skipped.values()) for d in self._opened)
+        return sum(loader.skipped() for loader in self._opened)
 
 
 _WORLDS: dict[tuple[str, str], WorldContents] = {}  # one world file per process: loading it is the costly part

@@ -69,6 +69,23 @@ class GeoData:
             return Subset(_synthetic(self.synthetic), rows.tolist())
         return ImageFiles(Path(self.root), [self.files[i] for i in rows], self.labels[rows], cfg, train, seed)
 
+    def loader(
+        self,
+        rows: np.ndarray,
+        cfg: ImageConfig,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        with_location: bool = False,
+        train: bool = False,
+    ) -> Batches:
+        """Batches of (images, labels) or, `with_location`, (images, labels, lon/lat in degrees); `train` augments."""
+        items = self.images(rows, cfg, train=train, seed=seed)
+        opened = items
+        if with_location:
+            items = WithLocation(items, np.stack([self.lon[rows], self.lat[rows]], axis=1))
+        return Batches(batches_of(items, batch_size, shuffle, seed), opened)
+
 
 _SYNTHETIC: dict[str, SyntheticGeoSpecies] = {}
 
@@ -97,10 +114,13 @@ class WithLocation(Dataset):
 
 
 class Batches:
-    """A DataLoader without the batches in which no image could be read."""
+    """A DataLoader without the batches in which no image could be read; `items` counts what it skipped."""
 
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
+    def __init__(self, loader: DataLoader, items: Dataset) -> None:
+        self.loader, self.items = loader, items
+
+    def skipped(self) -> int:
+        return sum(self.items.skipped.values()) if isinstance(self.items, ImageFiles) else 0
 
     def __iter__(self):
         return (batch for batch in self.loader if batch is not None)
@@ -109,9 +129,9 @@ class Batches:
         return len(self.loader)
 
 
-def batches(items: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> Batches:
+def batches_of(items: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return Batches(DataLoader(items, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate))
+    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
 
 
 # --- the registry --------------------------------------------------------------------------------

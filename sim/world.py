@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from geomoe.data.cells import cell_at, parse_cell
-from geomoe.data.datasets import GeoData, WithLocation, batches, load_dataset
+from geomoe.data.datasets import Batches, GeoData, load_dataset
 from geomoe.data.world_config import WorldConfig
 from geomoe.data.world_file import Location, WorldContents, read_world_file, sha256_of, write_world_file
 from geomoe.sim.partition import adaptive_partition
@@ -135,12 +135,9 @@ class World:
         seed: int = 0,
         with_location: bool = False,
         train: bool = False,
-    ):
+    ) -> Batches:
         """Batches of (images, labels) or, `with_location`, (images, labels, lon/lat in degrees)."""
-        items = self.data.images(indices, self.cfg.images, train=train, seed=seed)
-        if with_location:
-            items = WithLocation(items, np.stack([self.data.lon[indices], self.data.lat[indices]], axis=1))
-        return batches(items, batch_size, shuffle=shuffle, seed=seed)
+        return self.data.loader(indices, self.cfg.images, batch_size, shuffle, seed, with_location, train)
 
     def tensors(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Images and labels of `indices` as two tensors (unreadable images left out)."""

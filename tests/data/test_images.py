@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from geomoe.data.datasets import batches
+from geomoe.data.datasets import batches_of
 from geomoe.data.images import BadImage, DecodedCache, ImageConfig, ImageFiles, augmenter, decode
 
 
@@ -40,7 +40,7 @@ def test_a_truncated_jpeg_is_a_counted_skip_not_a_crash(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
     files = [*good, "cut.jpg", "missing.jpg"]
     items = ImageFiles(tmp_path, files, np.arange(5), ImageConfig(size=32))
-    seen = [label for _, labels in batches(items, 2) for label in labels.tolist()]
+    seen = [label for batch in batches_of(items, 2) if batch is not None for label in batch[1].tolist()]
     assert seen == [0, 1, 2]
     assert items.skipped == {"unreadable image": 2}
 
