@@ -4,7 +4,8 @@
 formats: `inat2017` (train2017.json + train2017_locations.json + image root), `inat2021` (coordinates
 on the images), `iwildcam` (WILDS metadata.csv + the camera GPS file; camera clusters become cells) and
 `hsu` (Hsu et al.'s iNaturalist-Geo split CSVs as published: `user_id` is the client, `test.csv` the
-test set; file names and coordinates from the iNat 2017 JSON).
+test set; file names and coordinates from the iNat 2017 JSON) and `folder` (a labelled folder of one's own,
+e.g. the server's data in a deployment: a manifest with `lat,lon` or a Camtrap DP package).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from geomoe.data.device_folder import read_device_images
 from geomoe.data.hsu import read_split
 from geomoe.data.images import ImageConfig, ImageFiles, collate
 from geomoe.data.inat import load_inat
@@ -37,6 +39,7 @@ class DataFiles:
     metadata: str = ""  # iwildcam: WILDS metadata.csv
     gps: str = ""  # iwildcam: camera coordinates JSON (gps_locations.json)
     cluster_km: float = 50.0  # iwildcam: cameras closer than this (chained) form one client
+    folder: str = ""  # folder: labelled images with coordinates (manifest.csv with lat,lon, or Camtrap DP)
 
 
 @dataclass
@@ -259,12 +262,39 @@ def load_hsu(_: SyntheticConfig, files: DataFiles) -> GeoData:
     )
 
 
+def load_folder(_: SyntheticConfig, files: DataFiles) -> GeoData:
+    """A labelled folder of one's own; every species in it is a class, rows need coordinates to be partitioned."""
+    _need(files.folder, "folder", "folder")
+    found = read_device_images(Path(files.folder), None)
+    placed = ~np.isnan(found.row_lat)
+    if not placed.any():
+        raise ValueError(
+            f"world.files.folder: {files.folder} gives no coordinates; use a manifest.csv with lat,lon columns "
+            "or a Camtrap DP package (species folders alone cannot be partitioned by place)"
+        )
+    skipped = dict(found.skipped)
+    if (~placed).any():
+        skipped["without coordinates"] = int((~placed).sum())
+    rows = np.flatnonzero(placed)
+    return GeoData(
+        "folder",
+        found.labels[rows],
+        found.row_lat[rows],
+        found.row_lon[rows],
+        found.class_names,
+        [found.files[i] for i in rows],
+        str(found.root),
+        skipped=skipped,
+    )
+
+
 DATASETS: dict[str, Callable[[SyntheticConfig, DataFiles], GeoData]] = {
     "synthetic": load_synthetic,
     "inat2017": load_inat2017,
     "inat2021": load_inat2021,
     "iwildcam": load_iwildcam,
     "hsu": load_hsu,
+    "folder": load_folder,
 }
 
 

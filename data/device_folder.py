@@ -35,8 +35,11 @@ class DeviceImages:
 
     root: Path
     files: list[str]
-    labels: np.ndarray  # run species id per file
+    labels: np.ndarray  # species id per file (index into `class_names`)
     layout: str  # folders | manifest | camtrap-dp
+    class_names: list[str] = field(default_factory=list)  # the run's species, or those found (no run list)
+    row_lat: np.ndarray | None = None  # degrees per file; NaN where the layout gives none
+    row_lon: np.ndarray | None = None
     lat: float | None = None  # mean coordinates the layout gives (manifest columns, Camtrap DP deployments)
     lon: float | None = None
     unknown_species: Counter[str] = field(default_factory=Counter)  # name -> images of species the run lacks
@@ -75,61 +78,70 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
 
 
 class _Collector:
-    """Accumulates (file, species) pairs, counting unknown species and skips."""
+    """Accumulates (file, species, coordinates) entries; `done` maps species, counting unknown ones."""
 
-    def __init__(self, root: Path, species: SpeciesIndex, layout: str) -> None:
-        self.images = DeviceImages(root, [], np.zeros(0, np.int64), layout)
-        self.species, self.labels = species, []
-        self.lats: list[float] = []
-        self.lons: list[float] = []
+    def __init__(self, root: Path, layout: str) -> None:
+        self.root, self.layout = root, layout
+        self.entries: list[tuple[str, str, float, float]] = []
+        self.skipped: Counter[str] = Counter()
 
-    def add(self, file: str, name: str, where: str) -> None:
-        if not (self.images.root / file).is_file():
-            raise FileNotFoundError(f"{where}, field 'file': {self.images.root / file} does not exist")
-        label = self.species.get(name)
-        if label is None:
-            self.images.unknown_species[name] += 1
-            return
-        self.images.files.append(file)
-        self.labels.append(label)
+    def add(self, file: str, name: str, where: str, lat: float = np.nan, lon: float = np.nan) -> None:
+        if not (self.root / file).is_file():
+            raise FileNotFoundError(f"{where}, field 'file': {self.root / file} does not exist")
+        self.entries.append((file, name, lat, lon))
 
-    def done(self) -> DeviceImages:
-        self.images.labels = np.array(self.labels, dtype=np.int64)
-        if self.lats:
-            self.images.lat, self.images.lon = float(np.mean(self.lats)), float(np.mean(self.lons))
-        return self.images
+    def done(self, species_names: list[str] | None) -> DeviceImages:
+        names = species_names if species_names is not None else sorted({name for _, name, *_ in self.entries})
+        index = SpeciesIndex(names)
+        images = DeviceImages(self.root, [], np.zeros(0, np.int64), self.layout, names, skipped=self.skipped)
+        labels, lats, lons = [], [], []
+        for file, name, lat, lon in self.entries:
+            label = index.get(name)
+            if label is None:
+                images.unknown_species[name] += 1
+                continue
+            images.files.append(file)
+            labels.append(label)
+            lats.append(lat)
+            lons.append(lon)
+        images.labels = np.array(labels, dtype=np.int64)
+        images.row_lat, images.row_lon = np.array(lats, dtype=np.float64), np.array(lons, dtype=np.float64)
+        placed = [(a, b) for _, _, a, b in self.entries if a == a]  # where the device's images were taken
+        if placed:
+            images.lat, images.lon = (float(v) for v in np.mean(placed, axis=0))
+        return images
 
 
-def _folders(root: Path, species: SpeciesIndex) -> DeviceImages:
-    out = _Collector(root, species, "folders")
+def _folders(root: Path) -> _Collector:
+    out = _Collector(root, "folders")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise ValueError(f"{root}: no species folders, no {MANIFEST} and no Camtrap DP package")
     for folder in folders:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            out.images.skipped[f"empty species folder {folder.name!r}"] += 1
+            out.skipped[f"empty species folder {folder.name!r}"] += 1
         for path in files:
             out.add(str(path.relative_to(root)), folder.name, str(path))
-    return out.done()
+    return out
 
 
-def _manifest(path: Path, species: SpeciesIndex) -> DeviceImages:
+def _manifest(path: Path) -> _Collector:
     rows = _read_csv(path, MANIFEST_COLUMNS)
-    out = _Collector(path.parent, species, "manifest")
+    out = _Collector(path.parent, "manifest")
     for number, row in enumerate(rows, start=2):
         where = f"{path}, row {number}"
         if not row["species"].strip():
-            out.images.skipped["row without species"] += 1
+            out.skipped["row without species"] += 1
             continue
-        out.add(row["file"], row["species"].strip(), where)
+        lat, lon = np.nan, np.nan
         if row.get("lat") and row.get("lon"):
-            out.lats.append(check_coordinate(row["lat"], "lat", where))
-            out.lons.append(check_coordinate(row["lon"], "lon", where))
-    return out.done()
+            lat, lon = check_coordinate(row["lat"], "lat", where), check_coordinate(row["lon"], "lon", where)
+        out.add(row["file"], row["species"].strip(), where, lat, lon)
+    return out
 
 
-def _camtrap_dp(root: Path, species: SpeciesIndex) -> DeviceImages:
+def _camtrap_dp(root: Path) -> _Collector:
     deployments = _read_csv(root / "deployments.csv", ("deploymentID", "latitude", "longitude"))
     media = _read_csv(root / "media.csv", ("mediaID", "deploymentID", "filePath"))
     observations = _read_csv(root / "observations.csv", ("mediaID", "scientificName"))
@@ -141,42 +153,41 @@ def _camtrap_dp(root: Path, species: SpeciesIndex) -> DeviceImages:
             check_coordinate(row["longitude"], "longitude", where),
         )
     media_of = {row["mediaID"]: (row["filePath"], row["deploymentID"], n) for n, row in enumerate(media, start=2)}
-    out = _Collector(root, species, "camtrap-dp")
+    out = _Collector(root, "camtrap-dp")
     for number, row in enumerate(observations, start=2):
         where = f"{root / 'observations.csv'}, row {number}"
         media_id, name = row["mediaID"].strip(), row["scientificName"].strip()
         if not media_id or not name:
-            out.images.skipped["observation without media or species"] += 1
+            out.skipped["observation without media or species"] += 1
             continue
         if media_id not in media_of:
             raise ValueError(f"{where}, field 'mediaID': {media_id!r} is not in media.csv")
         file, deployment, media_row = media_of[media_id]
         if "://" in file:
-            out.images.skipped["remote media (URL)"] += 1
+            out.skipped["remote media (URL)"] += 1
             continue
         if deployment not in where_of:
             raise ValueError(
                 f"{root / 'media.csv'}, row {media_row}, field 'deploymentID': {deployment!r} is not in deployments.csv"
             )
-        out.add(file, name, where)
-        out.lats.append(where_of[deployment][0])
-        out.lons.append(where_of[deployment][1])
-    return out.done()
+        out.add(file, name, where, *where_of[deployment])
+    return out
 
 
-def read_device_images(path: Path, species_names: list[str]) -> DeviceImages:
-    """The labelled images at `path` (a folder in any of the layouts, or a manifest CSV)."""
-    species = SpeciesIndex(species_names)
+def read_device_images(path: Path, species_names: list[str] | None) -> DeviceImages:
+    """The labelled images at `path` (a folder in any of the layouts, or a manifest CSV), mapped onto
+    `species_names`; with None, every species found is a class (a server's own labelled folder)."""
     if path.is_file() and path.suffix.lower() == ".csv":
-        images = _manifest(path, species)
+        found = _manifest(path)
     elif not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder (node config 'data')")
     elif (path / "observations.csv").is_file() or (path / "datapackage.json").is_file():
-        images = _camtrap_dp(path, species)
+        found = _camtrap_dp(path)
     elif (path / MANIFEST).is_file():
-        images = _manifest(path / MANIFEST, species)
+        found = _manifest(path / MANIFEST)
     else:
-        images = _folders(path, species)
+        found = _folders(path)
+    images = found.done(species_names)
     if not images.files:
         unknown = ", ".join(sorted(images.unknown_species)) or "none"
         raise ValueError(f"{path}: no image of a species of this run (species found that the run lacks: {unknown})")

@@ -261,14 +261,22 @@ class Federation:
 
 
 def summary_table(report: dict) -> Table:
-    """Per round: accuracy of the model after it and mean bytes per client."""
+    """Per round: accuracy of the model after it, mean bytes per client, and images the nodes left out
+    (species the run does not know, unreadable files), the last two only when there were any."""
     table = Table(title=f"geomoe {report['strategy']}: {len(report['rounds'])} rounds")
-    for column in ("round", "accuracy", "server acc.", "up kB/client", "down kB/client", "experts/client"):
+    left_out = {
+        key: title
+        for key, title in (("unknown_species_images", "unknown sp. imgs"), ("skipped_images", "unreadable imgs"))
+        if any(row.get(key) for row in report["rounds"])
+    }
+    columns = ("round", "accuracy", "server acc.", "up kB/client", "down kB/client", "experts/client")
+    for column in (*columns, *left_out.values()):
         table.add_column(column, justify="right")
     evaluations = report["evaluations"]
     first = evaluations.get("0")
     if first:
-        table.add_row("0", f"{first['accuracy']:.3f}", f"{first['server_accuracy']:.3f}", "-", "-", "-")
+        dashes = ["-"] * (3 + len(left_out))
+        table.add_row("0", f"{first['accuracy']:.3f}", f"{first['server_accuracy']:.3f}", *dashes)
     for row in report["rounds"]:
         ev = evaluations.get(str(row["round"]), {})
         traffic = row["traffic"].values()
@@ -281,5 +289,6 @@ def summary_table(report: dict) -> Table:
             f"{sum(t['up'] for t in traffic) / n / 1e3:.1f}",
             f"{sum(t['down'] for t in row['traffic'].values()) / n / 1e3:.1f}",
             f"{sum(held) / max(len(held), 1):.1f}",
+            *(str(row[key]) for key in left_out),
         )
     return table

@@ -90,3 +90,21 @@ def test_splits_depend_on_the_file_name_only():
     assert [split_of(n, (0.6, 0.2, 0.2)) for n in names[:50]] == splits[:50].tolist()
     shares = np.bincount(splits) / splits.size
     np.testing.assert_allclose(shares, [0.6, 0.2, 0.2], atol=0.04)
+
+
+def test_a_labelled_folder_of_ones_own_as_a_dataset(tmp_path):
+    from geomoe.data.datasets import DataFiles, load_dataset
+    from geomoe.data.synthetic import SyntheticConfig
+
+    for i in range(3):
+        write_photo(tmp_path / f"{i}.jpg", 32, 32)
+    (tmp_path / "manifest.csv").write_text(
+        "file,species,lat,lon\n0.jpg,Vulpes vulpes,10,20\n1.jpg,Lynx lynx,11,21\n2.jpg,Lynx lynx,,\n"
+    )
+    data = load_dataset("folder", SyntheticConfig(), DataFiles(folder=str(tmp_path)))
+    assert data.class_names == ["Lynx lynx", "Vulpes vulpes"] and data.labels.tolist() == [1, 0]
+    assert data.lat.tolist() == [10.0, 11.0] and data.skipped == {"without coordinates": 1}
+    for name in ("Lynx lynx", "Vulpes vulpes"):
+        write_photo(tmp_path / "tree" / name / "a.jpg", 32, 32)
+    with pytest.raises(ValueError, match="gives no coordinates"):
+        load_dataset("folder", SyntheticConfig(), DataFiles(folder=str(tmp_path / "tree")))
