@@ -57,6 +57,7 @@ class GeoData:
     class_names: list[str]  # name of each class index
     files: list[str] = field(default_factory=list)  # image path per row, relative to `root`
     root: str = ""  # image root
+    image_ids: list[str] = field(default_factory=list)  # the dataset's id of each row (Hsu split CSVs name them)
     cells: np.ndarray | None = None  # given client id per row (str), or None: partition by S2 cells
     test_rows: np.ndarray | None = None  # rows of the dataset's own test set
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows left out while loading
@@ -152,6 +153,7 @@ def _from_records(name: str, records: GeoRecords, root: str, cells: np.ndarray |
         records.class_names,
         records.file_names,
         root,
+        records.image_ids,
         cells=cells,
         skipped=dict(records.skipped),
     )
@@ -199,6 +201,7 @@ def load_synthetic(world_synthetic: SyntheticConfig, files: DataFiles) -> GeoDat
         data.lat.astype(np.float64),
         data.lon.astype(np.float64),
         names,
+        image_ids=[str(i) for i in range(len(data.labels))],
         synthetic=world_synthetic,
     )
 
@@ -256,6 +259,7 @@ def load_hsu(_: SyntheticConfig, files: DataFiles) -> GeoData:
         [names_of_class[c] for c in classes],
         [records.file_names[i] for i in picked],
         files.root,
+        [records.image_ids[i] for i in picked],
         cells=np.array(cells, dtype=object),
         test_rows=np.arange(n_train, len(rows)),
         skipped=skipped,
@@ -284,6 +288,7 @@ def load_folder(_: SyntheticConfig, files: DataFiles) -> GeoData:
         found.class_names,
         [found.files[i] for i in rows],
         str(found.root),
+        [found.files[i] for i in rows],
         skipped=skipped,
     )
 

@@ -170,71 +170,38 @@ def data_prepare(
 # --- partition --------------------------------------------------------------------------------
 @app.command()
 def partition(
-    dataset: str = typer.Option("synthetic", help="synthetic | inat | wilds"),
-    annotations: Path = typer.Option(None, help="inat: annotation JSON (2017 or 2021 format)."),
-    locations: Path = typer.Option(None, help="inat 2017: the separate locations JSON."),
-    metadata: Path = typer.Option(None, help="wilds: iWildCam-WILDS metadata.csv."),
-    gps: Path = typer.Option(None, help="wilds: camera coordinates JSON (iWildCam gps_locations.json)."),
+    dataset: str = typer.Option("synthetic", help="synthetic | inat2017 | inat2021 | iwildcam | hsu | folder."),
     nmax: int = typer.Option(500, help="Hsu et al. N_max: split cells whose top species has more examples."),
     out: Path = typer.Option(Path("split.csv"), help="Hsu-format CSV to write (user_id = S2 cell)."),
     plot: Path = typer.Option(None, help="PNG map of the cells coloured by size."),
-    seed: int = typer.Option(0, help="Seed of the synthetic world."),
+    config: Path = CONFIG_OPTION,
+    set_: list[str] = typer.Option([], "--set", help="Files of the dataset: --set world.files.annotations='[...]'."),
 ) -> None:
     """Partition a dataset into adaptive S2 cells and write a Hsu et al. split CSV."""
+    from geomoe.data.datasets import load_dataset
     from geomoe.data.hsu import write_split
-    from geomoe.sim.partition import adaptive_partition, summarise
+    from geomoe.sim.partition import cells_of, summarise
 
-    records = _load_records(dataset, annotations, locations, metadata, gps, seed)
-    if records.skipped:
-        console.print(records.report())
-    cells = adaptive_partition(records.lat, records.lon, records.labels, nmax)
-    write_split(out, cells, records.image_ids, records.labels, [records.class_names[y] for y in records.labels])
-    rows = summarise(cells, records.labels)
-    table = Table(title=f"{len(rows)} cells, N_max={nmax}")
+    cfg = _run_config(config, {"world.dataset": dataset, "world.n_max": nmax}, set_)
+    data = load_dataset(cfg.world.dataset, cfg.world.synthetic, cfg.world.files)
+    if data.skipped:
+        console.print(f"left out while loading: {data.skipped}")
+    cells = cells_of(data, cfg.world.n_max)
+    write_split(out, cells, data.image_ids, data.labels, [data.class_names[y] for y in data.labels])
+    rows = summarise(cells, data.labels)
+    table = Table(title=f"{len(rows)} cells, N_max={cfg.world.n_max}")
     for column in ("cell", "level", "examples", "species", "top species share"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(row.cell, str(row.level), str(row.examples), str(row.species), f"{row.top_share:.2f}")
+        level = "-" if row.level is None else str(row.level)
+        table.add_row(row.cell, level, str(row.examples), str(row.species), f"{row.top_share:.2f}")
     console.print(table)
     if plot is not None:
         from geomoe.sim.maps import plot_cells
 
-        plot_cells(rows, records.lat, records.lon, plot)
+        plot_cells(rows, data.lat, data.lon, plot)
         console.print(f"map: {plot}")
     console.print(f"split: {out}")
-
-
-def _load_records(dataset: str, annotations, locations, metadata, gps, seed: int):
-    """Observations of the named dataset; each needs its own files."""
-    from geomoe.data.records import GeoRecords
-
-    if dataset == "synthetic":
-        from geomoe.data.synthetic import SyntheticConfig, SyntheticGeoSpecies
-
-        data = SyntheticGeoSpecies(SyntheticConfig(seed=seed))
-        return GeoRecords(
-            [str(i) for i in range(len(data))],
-            [""] * len(data),
-            data.lat.astype(float),
-            data.lon.astype(float),
-            data.labels,
-            [f"species_{i}" for i in range(data.cfg.num_species)],
-        )
-    if dataset == "inat":
-        if annotations is None:
-            raise click.BadParameter(
-                "--dataset inat needs --annotations (and --locations for 2017)", param_hint="--annotations"
-            )
-        from geomoe.data.inat import load_inat
-
-        return load_inat(annotations, locations)
-    if dataset == "wilds":
-        if metadata is None or gps is None:
-            raise click.BadParameter("--dataset wilds needs --metadata and --gps", param_hint="--metadata")
-        from geomoe.data.wilds import load_wilds
-
-        return load_wilds(metadata, gps)
-    raise click.BadParameter(f"{dataset!r} is not one of synthetic, inat, wilds", param_hint="--dataset")
 
 
 # --- model --------------------------------------------------------------------------------------

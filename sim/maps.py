@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from geomoe.data.cells import cell_from_path, centre, leaf_ids, parent_ids  # noqa: E402
+from geomoe.data.cells import centre, leaf_ids, parent_ids, parse_cell, path_from_cell  # noqa: E402
 from geomoe.sim.partition import CellSummary  # noqa: E402
 
 
@@ -27,7 +27,8 @@ def cell_raster(rows: list[CellSummary], step_deg: float = 1.0) -> tuple[np.ndar
     value = np.full(leaves.size, np.nan)
     by_level: dict[int, dict[int, float]] = {}
     for row in rows:
-        by_level.setdefault(row.level, {})[cell_from_path(row.cell).id()] = np.log10(row.examples)
+        if row.level is not None:  # camera clusters have no cell to draw (their points are on the map)
+            by_level.setdefault(row.level, {})[parse_cell(row.cell).id()] = np.log10(row.examples)
     for level, cells in by_level.items():
         parents = parent_ids(leaves, level)
         for cell_id, size in cells.items():
@@ -40,17 +41,18 @@ def plot_cells(rows: list[CellSummary], lat: np.ndarray, lon: np.ndarray, path: 
     lons, lats, raster = cell_raster(rows)
     fig, ax = plt.subplots(figsize=(11, 5.5))
     mesh = ax.pcolormesh(lons, lats, raster, cmap="viridis", shading="nearest", alpha=0.75)
-    ax.contour(
-        lons,
-        lats,
-        np.nan_to_num(raster, nan=-1),
-        levels=np.unique(raster[~np.isnan(raster)]),
-        colors="black",
-        linewidths=0.3,
-    )
+    if not np.isnan(raster).all():  # client ids that are no S2 cells (camera clusters) have no outline
+        ax.contour(
+            lons,
+            lats,
+            np.nan_to_num(raster, nan=-1),
+            levels=np.unique(raster[~np.isnan(raster)]),
+            colors="black",
+            linewidths=0.3,
+        )
     ax.scatter(lon, lat, s=1, c="white", alpha=0.5, label="observations")
-    for row in rows[:15]:
-        cell_lat, cell_lon = centre(row.cell)
+    for row in [r for r in rows if r.level is not None][:15]:
+        cell_lat, cell_lon = centre(path_from_cell(parse_cell(row.cell)))
         ax.annotate(
             row.cell,
             (cell_lon, cell_lat),

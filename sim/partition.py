@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import s2sphere
 
-from geomoe.data.cells import leaf_ids, parent_ids, path_from_cell
+from geomoe.data.cells import leaf_ids, parent_ids, parse_cell, path_from_cell
+from geomoe.data.datasets import GeoData
 
 
 @dataclass
@@ -20,7 +21,7 @@ class CellSummary:
     """One row of a partition table."""
 
     cell: str  # face/child-path token
-    level: int  # S2 level
+    level: int | None  # S2 level; None for a client id that is no S2 cell (a camera cluster)
     examples: int  # examples in the cell
     species: int  # distinct species in the cell
     top_share: float  # share of the most frequent species
@@ -51,6 +52,13 @@ def adaptive_partition(
     return np.array([tokens[int(c)] for c in cell_ids])
 
 
+def _level(cell: str) -> int | None:
+    try:
+        return parse_cell(cell).level()
+    except ValueError:
+        return None
+
+
 def summarise(cells: np.ndarray, labels: np.ndarray) -> list[CellSummary]:
     """Per-cell table rows, largest cell first."""
     rows = []
@@ -60,7 +68,7 @@ def summarise(cells: np.ndarray, labels: np.ndarray) -> list[CellSummary]:
         rows.append(
             CellSummary(
                 cell=str(cell),
-                level=len(str(cell).split("/", 1)[1]),
+                level=_level(str(cell)),
                 examples=int(in_cell.size),
                 species=int((counts > 0).sum()),
                 top_share=float(counts.max() / in_cell.size),
@@ -68,3 +76,10 @@ def summarise(cells: np.ndarray, labels: np.ndarray) -> list[CellSummary]:
             )
         )
     return sorted(rows, key=lambda r: (-r.examples, r.cell))
+
+
+def cells_of(data: GeoData, n_max: int) -> np.ndarray:
+    """Client cell of every row: as the dataset gives them (Hsu `user_id`, camera clusters), else adaptive."""
+    if data.cells is not None:
+        return np.array([str(c) for c in data.cells], dtype=object)
+    return adaptive_partition(data.lat, data.lon, data.labels, n_max).astype(object)

@@ -20,7 +20,7 @@ from geomoe.data.cells import cell_at, parse_cell
 from geomoe.data.datasets import Batches, GeoData, load_dataset
 from geomoe.data.world_config import WorldConfig
 from geomoe.data.world_file import Location, WorldContents, read_world_file, sha256_of, write_world_file
-from geomoe.sim.partition import adaptive_partition
+from geomoe.sim.partition import cells_of
 
 
 def _great_circle_deg(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -76,10 +76,7 @@ class World:
         own_test = np.zeros(len(data.labels), dtype=bool)
         if data.test_rows is not None:
             own_test[data.test_rows] = True
-        if data.cells is not None:
-            cells = np.array([str(c) for c in data.cells], dtype=object)
-        else:
-            cells = adaptive_partition(data.lat, data.lon, data.labels, cfg.n_max).astype(object)
+        cells = cells_of(data, cfg.n_max)
         cells[own_test] = ""
         rng = np.random.default_rng(cfg.seed)
         candidates = np.flatnonzero(~own_test)

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -166,3 +167,20 @@ def test_bench_data_writes_its_figures(tmp_path):
     figures = json.loads((tmp_path / "b.json").read_text())
     assert set(figures["images_per_s_per_core"]) == {"plain_decode", "reduced_decode", "cached"}
     assert figures["cached_over_plain"] > 0
+
+
+def test_partition_of_a_registered_dataset_from_its_files(tmp_path):
+    from geomoe.data.hsu import read_split
+
+    fixtures = Path(__file__).parent / "fixtures" / "wilds"
+    out = tmp_path / "wilds.csv"
+    result = geomoe(
+        "partition", "--dataset", "iwildcam", "--out", str(out), "--plot", str(tmp_path / "wilds.png"),
+        "--set", f'world.files.metadata="{fixtures / "metadata.csv"}"',
+        "--set", f'world.files.gps="{fixtures / "gps_locations.json"}"',
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    split = read_split(out)
+    assert split.user_ids and all(u.startswith("cluster-") for u in split.user_ids)
+    assert "left out while loading" in result.stdout  # a camera without coordinates is counted, not hidden
+    assert (tmp_path / "wilds.png").stat().st_size > 10_000
