@@ -249,6 +249,7 @@ class Federation:
                     "train_examples": n.train_examples,
                     "source": n.source,
                     "unknown_species": n.unknown_species,
+                    "skipped": n.skipped,
                     "keep": self.strategy.keep_for(n) if self.strategy.dense or n.location in self.state.keep else None,
                 }
                 for n in sorted(self.strategy.nodes.values(), key=lambda n: n.location)

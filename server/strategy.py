@@ -44,6 +44,7 @@ class NodeInfo:
     train_examples: int
     source: str = ""  # where its data comes from ("cell 3/30", "folder /data/labelled (folders)")
     unknown_species: dict[str, int] = field(default_factory=dict)  # images of species the run lacks, by name
+    skipped: dict[str, int] = field(default_factory=dict)  # entries its data left out, by reason
 
 
 @dataclass
@@ -321,6 +322,7 @@ class GeoExpertStrategy(Strategy):
                 int(info["train-examples"]),
                 str(info.get("source", "")),
                 json.loads(str(info.get("unknown-species", "{}"))),
+                json.loads(str(info.get("skipped", "{}"))),
             )
             if node.unknown_species:
                 log.warning(
@@ -328,6 +330,10 @@ class GeoExpertStrategy(Strategy):
                     reply.metadata.src_node_id,
                     node.cell,
                     ", ".join(f"{name} ({n})" for name, n in sorted(node.unknown_species.items())),
+                )
+            if node.skipped:
+                log.warning(
+                    "node %s (%s): left out of its data: %s", reply.metadata.src_node_id, node.cell, node.skipped
                 )
             self.nodes[reply.metadata.src_node_id] = node
             if msg.TOKENS in reply.content and node.location not in self.state.keep:

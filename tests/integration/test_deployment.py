@@ -162,6 +162,7 @@ def test_devices_on_a_superlink_train_on_their_own_labelled_folders(tmp_path, mo
     export_world(cfg.world, "folders", tmp_path / "devices")
     third = tmp_path / "devices" / "L3"
     shutil.copytree(third / sorted(p.name for p in third.iterdir())[0], third / "Panthera leo")
+    (third / "Lynx lynx").mkdir()  # an empty species folder: counted, not an error
     lions = len(list((third / "Panthera leo").iterdir()))
     locations = World(cfg.world).locations
     configs = [
@@ -174,6 +175,7 @@ def test_devices_on_a_superlink_train_on_their_own_labelled_folders(tmp_path, mo
     assert sorted(by_cell) == sorted(loc.cell for loc in locations)  # each device found its cell
     assert all(loc["source"].startswith("folder ") for loc in by_cell.values())
     assert by_cell[locations[2].cell]["unknown_species"] == {"Panthera leo": lions}
+    assert by_cell[locations[2].cell]["skipped"] == {"empty species folder 'Lynx lynx'": 1}
     assert by_cell[locations[0].cell]["unknown_species"] == {}
     assert [row["unknown_species_images"] for row in report["rounds"]] == [lions, lions]
     assert report["final_accuracy"] > report["evaluations"]["0"]["accuracy"]
