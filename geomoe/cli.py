@@ -213,6 +213,8 @@ def model_info(
     classes: int = typer.Option(182, help="Output classes."),
     image_size: int = typer.Option(256, help="Image side for FLOP counting."),
     keep: int = typer.Option(4, help="Experts per layer kept in the pruned example."),
+    head: str = typer.Option("linear", help="linear, or bottleneck (256-1024-256-classes, the papers' iNat head)."),
+    gate_rank: int = typer.Option(0, help="Low-rank gate rank (8 in the geographic paper); 0: cosine router."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Parameters and FLOPs of the dense, MoE and a pruned model."""
@@ -224,9 +226,16 @@ def model_info(
     moe_layers = tuple(int(x) for x in layers.split(",") if x.strip())
     if not 1 <= keep <= experts:
         raise click.BadParameter(f"--keep must lie in 1..{experts}, got {keep}", param_hint="--keep")
-    dense = GeoMoENet(ModelConfig(num_classes=classes, moe_layers=()))
+    dense = GeoMoENet(ModelConfig(num_classes=classes, moe_layers=(), head=head))
     moe = GeoMoENet(
-        ModelConfig(num_classes=classes, moe_layers=moe_layers, num_experts=experts, expert_hidden=expert_hidden)
+        ModelConfig(
+            num_classes=classes,
+            moe_layers=moe_layers,
+            num_experts=experts,
+            expert_hidden=expert_hidden,
+            head=head,
+            gate_rank=gate_rank,
+        )
     )
     pruned = prune_model(moe, {layer: list(range(keep)) for layer in moe_layers})
     result = {
@@ -235,7 +244,9 @@ def model_info(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table(title=f"MobileViTV2-0.5, {experts} experts at layers {layers}, d_e={expert_hidden}, {image_size} px")
+    table = Table(
+        title=f"MobileViTV2-0.5, {experts} experts at layers {layers}, d_e={expert_hidden}, {head} head, {image_size} px"
+    )
     for column in ("model", "parameters", "expert params", "MFLOPs", "state MB"):
         table.add_column(column, justify="right")
     for name, s in result.items():

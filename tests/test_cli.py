@@ -184,3 +184,9 @@ def test_partition_of_a_registered_dataset_from_its_files(tmp_path):
     assert split.user_ids and all(u.startswith("cluster-") for u in split.user_ids)
     assert "left out while loading" in result.stdout  # a camera without coordinates is counted, not hidden
     assert (tmp_path / "wilds.png").stat().st_size > 10_000
+
+
+def test_model_info_with_the_papers_head_reproduces_the_dense_count():
+    result = geomoe("model", "info", "--classes", "5089", "--head", "bottleneck", "--experts", "64", "--json")
+    info = json.loads(result.stdout)
+    assert 2.94e6 <= info["dense"]["parameters"] < 2.95e6  # MobileViTV2, 5089 classes: 2.94 M in the paper's Table 3
