@@ -9,10 +9,12 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from geomoe.model.network import GeoMoENet
+if TYPE_CHECKING:  # the camera runtime loads exports with torch alone: no timm, no training stack
+    from geomoe.model.network import GeoMoENet
 
 CLASS_IDS_FILE = "class_ids.json"  # extra file inside a TorchScript export
 

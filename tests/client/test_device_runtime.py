@@ -139,3 +139,17 @@ def test_model_update_is_atomic(tmp_path, exported):
     os.utime(exported, (time.time() + 5, time.time() + 5))  # make the change visible to a coarse clock
     runtime.run_once()
     assert runtime.class_ids == [2, 3, -1]
+
+
+def test_the_camera_runtime_needs_no_training_stack():
+    """A Pi running exported models has torch but not timm (nor torchvision): the runtime must import without."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('timm', 'torchvision'): sys.modules[name] = None  # importing them now fails\n"
+        "import geomoe.client.device_runtime\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
