@@ -244,9 +244,8 @@ def model_info(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table(
-        title=f"MobileViTV2-0.5, {experts} experts at layers {layers}, d_e={expert_hidden}, {head} head, {image_size} px"
-    )
+    shape = f"{experts} experts at layers {layers}, d_e={expert_hidden}, {head} head, {image_size} px"
+    table = Table(title=f"MobileViTV2-0.5, {shape}")
     for column in ("model", "parameters", "expert params", "MFLOPs", "state MB"):
         table.add_column(column, justify="right")
     for name, s in result.items():
