@@ -1,4 +1,7 @@
-"""Tensors on the wire: bytes + dtype + shape, optionally fp16 or int8, checked on arrival."""
+"""Tensors on the wire: bytes + dtype + shape, optionally fp16 or int8, checked on arrival.
+
+Float tensors travel as float32; a float64 model (exactness checks) keeps float64 end to end.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import torch
 
 from geomoe.protos import expert_pb2
 
-DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+DTYPES = {"float64": np.float64, "float32": np.float32, "float16": np.float16, "int8": np.int8}
 CODECS = ("", "fp16", "int8")
 
 
@@ -15,7 +18,8 @@ def to_proto(tensor: torch.Tensor, codec: str = "") -> expert_pb2.Tensor:
     """Encode a float tensor; fp16 halves it, int8 quarters it (one scale for the whole tensor)."""
     if codec not in CODECS:
         raise ValueError(f"unknown tensor codec {codec!r}; use one of {CODECS}")
-    array = tensor.detach().cpu().float().numpy()
+    tensor = tensor.detach().cpu()
+    array = (tensor if tensor.dtype == torch.float64 and not codec else tensor.float()).numpy()
     scale = 1.0
     if codec == "fp16":
         array = array.astype(np.float16)
@@ -43,7 +47,8 @@ def from_proto(message: expert_pb2.Tensor, dim: int | None = None, max_elements:
         )
     if dim is not None and (len(shape) != 3 or shape[2] != dim):
         raise ValueError(f"tokens must be (T, P, {dim}), got {shape}")
-    array = np.frombuffer(message.data, dtype=DTYPES[message.dtype]).reshape(shape).astype(np.float32)
+    wide = np.float64 if message.dtype == "float64" else np.float32
+    array = np.frombuffer(message.data, dtype=DTYPES[message.dtype]).reshape(shape).astype(wide)
     if message.codec == "int8":
         array = array * message.scale
     tensor = torch.from_numpy(array.copy())

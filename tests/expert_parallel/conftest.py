@@ -29,9 +29,12 @@ def full_model() -> GeoMoENet:
 
 
 def split(model: GeoMoENet, shares: list[list[int]]) -> tuple[GeoMoENet, list[GeoMoENet]]:
-    """Device model holding shares[0] of every layer; one server model per further share."""
-    device = prune_model(copy.deepcopy(model), {layer: shares[0] for layer in LAYERS}).eval()
-    servers = [prune_model(copy.deepcopy(model), {layer: share for layer in LAYERS}).eval() for share in shares[1:]]
+    """Device model holding shares[0] of every layer; one server model per further share (in the model's dtype)."""
+    dtype = next(model.parameters()).dtype
+    device = prune_model(copy.deepcopy(model), {layer: shares[0] for layer in LAYERS}).to(dtype).eval()
+    servers = [
+        prune_model(copy.deepcopy(model), {layer: share for layer in LAYERS}).to(dtype).eval() for share in shares[1:]
+    ]
     return device, servers
 
 
