@@ -61,6 +61,8 @@ def simulate(
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     world, _, _ = World.cached(cfg.world, Path(cfg.cache) if cfg.cache else Path(cfg.out) / "cache")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per virtual client: Ray runs them side by side
+    # Ray's future default (leave CUDA_VISIBLE_DEVICES alone at num_gpus=0); setting it silences its FutureWarning.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     init_args: dict = {"include_dashboard": False, "log_to_driver": verbose}
     if ray_address:
         init_args["address"] = ray_address
