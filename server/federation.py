@@ -26,6 +26,7 @@ from geomoe.model.training import evaluate
 from geomoe.run_config import RunConfig
 from geomoe.server.checkpoint import load_model, save_model
 from geomoe.server.initial_model import initial_model
+from geomoe.server.progress import phase
 from geomoe.server.strategy import GeoExpertStrategy, ServerState, weighted_accuracy
 from geomoe.sim.world import World
 
@@ -61,7 +62,7 @@ class Federation:
         self.out = Path(cfg.out)
         self.console = console or Console(stderr=True)
         cache_dir = Path(cfg.cache) if cfg.cache else self.out / "cache"
-        with self.console.status("loading the world (dataset, partition, clients)"):
+        with phase("loading the world (dataset, partition, clients)", self.console):
             self.world, world_file, world_sha = World.cached(cfg.world, cache_dir)
         cfg.model.num_classes = self.world.num_classes
         checkpoint = self.out / CHECKPOINT
@@ -120,7 +121,7 @@ class Federation:
         sending 4 MB to thousands of nodes at set-up would dwarf the training traffic.
         """
         nodes = self.wait_for_nodes()
-        with self.console.status(f"querying {len(nodes)} nodes"):
+        with phase(f"querying {len(nodes)} nodes", self.console):
             replies, traffic = self.exchange(self.strategy.configure_query(nodes, with_model=False), "query")
         self.strategy.register(replies)
         if not self.strategy.nodes:
@@ -135,7 +136,7 @@ class Federation:
         needs_keep = [n for n in nodes if self.strategy.nodes[n].location not in self.state.keep]
         if not needs_keep or self.strategy.dense:
             return {}
-        with self.console.status(f"routing query: {len(needs_keep)} nodes route the full model"):
+        with phase(f"routing query: {len(needs_keep)} nodes route the full model", self.console):
             replies, traffic = self.exchange(
                 self.strategy.configure_query(needs_keep, with_model=True), "routing query"
             )

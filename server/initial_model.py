@@ -10,7 +10,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
 
 from geomoe.model.config import ModelConfig
 from geomoe.model.conversion import convert_to_moe
@@ -18,6 +17,7 @@ from geomoe.model.network import GeoMoENet
 from geomoe.model.training import TrainConfig, evaluate, train_epochs
 from geomoe.run_config import RunConfig
 from geomoe.server.checkpoint import load_model, save_model
+from geomoe.server.progress import phase, progress
 from geomoe.sim.world import World
 
 CONVERSION_SAMPLE = 600  # images of the server's share used to initialise routers and experts
@@ -47,9 +47,9 @@ def initial_model(cfg: RunConfig, world: World, cache_dir: Path) -> tuple[GeoMoE
     train_cfg = TrainConfig(
         batch_size=cfg.train.batch_size, lr_head=cfg.federation.pretrain_lr, lr_rest=cfg.federation.pretrain_lr
     )
-    with Progress(transient=True) as progress:
-        task = progress.add_task(
-            "pretraining the dense model on the server's share", total=cfg.federation.pretrain_epochs
+    with progress() as display:
+        task = display.add_task(
+            f"pretraining the dense model on the server's {len(train)} images", total=cfg.federation.pretrain_epochs
         )
         for epoch in range(cfg.federation.pretrain_epochs):
             train_epochs(
@@ -57,9 +57,10 @@ def initial_model(cfg: RunConfig, world: World, cache_dir: Path) -> tuple[GeoMoE
                 world.loader(train, cfg.train.batch_size, shuffle=True, seed=cfg.seed + epoch, train=True),
                 replace(train_cfg, seed=cfg.seed + epoch),
             )
-            progress.advance(task)
+            display.advance(task)
     images, labels = world.tensors(train[:CONVERSION_SAMPLE])
-    moe = convert_to_moe(dense, images, labels, cfg.conversion)
+    with phase(f"converting to {cfg.conversion.num_experts} experts per layer (router init, clustering, MoEfication)"):
+        moe = convert_to_moe(dense, images, labels, cfg.conversion)
     metrics = {
         "dense_accuracy": float(evaluate(dense, world.loader(held_out, 128))["accuracy"]),
         "converted_accuracy": float(evaluate(moe, world.loader(held_out, 128))["accuracy"]),
