@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
 
 from geomoe.compression import ErrorFeedback, Pipeline, decode_all
 from geomoe.model.importance import RoutingStats
@@ -52,8 +51,14 @@ def config_record(values: dict[str, Any]) -> ConfigRecord:
     return ConfigRecord({k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v for k, v in values.items()})
 
 
-def serialised_bytes(obj: InflatableObject) -> int:
-    """Bytes of an object and everything inside it as Flower deflates them (identical chunks once)."""
+def serialised_bytes(obj: Any) -> int:
+    """Bytes of a record (or array) and everything inside it as Flower deflates them (identical chunks once).
+
+    The one place that uses Flower's private serialisation API (`flwr.supercore.inflatable`): Flower
+    offers no public way to ask what a message costs on the wire. tests/test_messages.py fails if it moves.
+    """
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
     return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
 
 
@@ -83,12 +88,10 @@ def content_traffic(content: RecordDict) -> dict[str, int]:
     for name, record in content.items():
         if isinstance(record, ArrayRecord) and name not in (TOKENS, BASE):
             for key, array in record.items():
-                traffic[key_category(key)] += sum(len(o.deflate()) for o in get_all_nested_objects(array).values())
+                traffic[key_category(key)] += serialised_bytes(array)
             traffic["control"] += len(record.deflate())
         else:
-            traffic["base" if name == BASE else "control"] += sum(
-                len(o.deflate()) for o in get_all_nested_objects(record).values()
-            )
+            traffic["base" if name == BASE else "control"] += serialised_bytes(record)
     traffic["total"] = sum(content_bytes(content).values())
     return traffic
 

@@ -32,3 +32,17 @@ def test_compressed_records_measure_fewer_bytes_and_unpack():
     back = msg.unpack(packed, msg.UPDATE)
     assert torch.equal(back["moe.1.ids"], tensors["moe.1.ids"])
     assert (back["moe.1.w1"] - tensors["moe.1.w1"]).abs().max() < 0.05
+
+
+def test_byte_counts_are_what_flower_deflates():
+    """Tripwire for a Flower upgrade: the private serialisation API the accounting uses must still give the
+    bytes of the deflated objects, each identical chunk once."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    one = np.arange(1000, dtype=np.float32)
+    record = ArrayRecord({"a": Array(one)})
+    alone = msg.serialised_bytes(record)
+    assert one.nbytes < alone < one.nbytes + 1000
+    twice = ArrayRecord({"a": Array(one), "b": Array(one.copy())})
+    assert msg.serialised_bytes(twice) < alone + one.nbytes  # the identical chunk is sent once
