@@ -63,7 +63,11 @@ def simulate(
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per virtual client: Ray runs them side by side
     # Ray's future default (leave CUDA_VISIBLE_DEVICES alone at num_gpus=0); setting it silences its FutureWarning.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    init_args: dict = {"include_dashboard": False, "log_to_driver": verbose}
+    init_args: dict = {
+        "include_dashboard": False,
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+    }
     if ray_address:
         init_args["address"] = ray_address
     else:
