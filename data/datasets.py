@@ -41,6 +41,14 @@ class DataFiles:
     cluster_km: float = 50.0  # iwildcam: cameras closer than this (chained) form one client
     folder: str = ""  # folder: labelled images with coordinates (manifest.csv with lat,lon, or Camtrap DP)
 
+    def fingerprint(self) -> list[tuple[str, int, int]]:
+        """(path, size, mtime) of every named input file, so that a world built from older files is not reused."""
+        named = [*self.annotations, *self.locations, self.train_split, self.test_split, self.metadata, self.gps]
+        if self.folder:
+            named += [str(Path(self.folder) / f) for f in ("manifest.csv", "observations.csv", "media.csv")]
+        stats = [(p, Path(p).stat()) for p in named if p and Path(p).is_file()]
+        return [(p, st.st_size, st.st_mtime_ns) for p, st in stats]
+
 
 @dataclass
 class GeoData:

@@ -42,7 +42,9 @@ class WorldConfig:
             raise ValueError(f"world.server_fraction must lie in [0, 1), got {self.server_fraction}")
 
     def key(self) -> str:
-        """Identity of the world this config builds (the image pipeline does not change it)."""
+        """Identity of the world this config builds from the files as they are now (the image pipeline does
+        not change it; a newer annotation or split file does)."""
         data = dataclasses.asdict(self)
         data.pop("images")
+        data["inputs"] = self.files.fingerprint()
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -25,7 +25,8 @@ CONVERSION_SAMPLE = 600  # images of the server's share used to initialise route
 
 def cache_key(cfg: RunConfig) -> str:
     relevant = {
-        "world": asdict(cfg.world),
+        "world": cfg.world.key(),  # includes the input files' sizes and times
+        "images": {k: v for k, v in asdict(cfg.world.images).items() if k != "cache"},  # not the cache folder
         "model": cfg.model.to_dict(),
         "conversion": asdict(cfg.conversion),
         "pretrain": [cfg.federation.pretrain_epochs, cfg.federation.pretrain_lr, cfg.train.batch_size],

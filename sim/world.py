@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geomoe.data.cells import cell_at, parse_cell
+from geomoe.data.cells import leaf_ids, parent_ids, parse_cell
 from geomoe.data.datasets import Batches, GeoData, load_dataset
 from geomoe.data.world_config import WorldConfig
 from geomoe.data.world_file import Location, WorldContents, read_world_file, sha256_of, write_world_file
@@ -38,13 +38,13 @@ def cell_centre(cell: str, lat: np.ndarray, lon: np.ndarray) -> tuple[float, flo
     return lat_lng.lat().degrees, lat_lng.lng().degrees
 
 
-def in_cell(cell: str, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    """Which points lie in an S2 cell (all False for a client id that is not a cell token)."""
+def in_cell(cell: str, leaves: np.ndarray) -> np.ndarray:
+    """Which points (S2 leaf ids) lie in a cell; all False for a client id that is not a cell token."""
     try:
         region = parse_cell(cell)
     except ValueError:
-        return np.zeros(len(lat), dtype=bool)
-    return np.array([region.contains(cell_at(float(a), float(b), 30)) for a, b in zip(lat, lon, strict=True)])
+        return np.zeros(len(leaves), dtype=bool)
+    return parent_ids(leaves, region.level()) == np.uint64(region.id())
 
 
 class World:
@@ -91,14 +91,17 @@ class World:
         self, data: GeoData, cells: np.ndarray, pool: np.ndarray, own_test: np.ndarray, rng: np.random.Generator
     ) -> list[Location]:
         cfg = self.cfg
-        names, counts = np.unique(cells[pool].astype(str), return_counts=True)
+        # Rows of each cell, in pool order, by one sort (a comparison per cell is quadratic at iNat scale).
+        names, inverse, counts = np.unique(cells[pool].astype(str), return_inverse=True, return_counts=True)
+        rows_of = np.split(pool[np.argsort(inverse, kind="stable")], np.cumsum(counts)[:-1])
+        test_leaves = leaf_ids(data.lat[own_test], data.lon[own_test]) if own_test.size else None
         every_cell = cfg.clients == "cells"
         chosen: list[Location] = []
         for index in np.lexsort((names, -counts)):
             if counts[index] < cfg.min_examples or (not every_cell and len(chosen) == cfg.num_locations):
                 break
             cell = str(names[index])
-            members = pool[cells[pool] == cell]
+            members = rows_of[index]
             lat, lon = cell_centre(cell, data.lat[members], data.lon[members])
             if not every_cell and any(
                 _great_circle_deg((lat, lon), (c.lat, c.lon)) < cfg.min_separation_deg for c in chosen
@@ -110,7 +113,7 @@ class World:
             train, val = members[:n_train], members[n_train : n_train + n_val]
             test = members[n_train + n_val :]
             if own_test.size:  # the dataset's own test set: its rows inside this cell
-                test = own_test[in_cell(cell, data.lat[own_test], data.lon[own_test])]
+                test = own_test[in_cell(cell, test_leaves)]
             test = test[np.isin(data.labels[test], data.labels[train])]  # test keeps species seen in training
             chosen.append(Location(cell, lat, lon, np.sort(train), np.sort(val), np.sort(test)))
         if not chosen or (not every_cell and len(chosen) < cfg.num_locations):

@@ -44,3 +44,22 @@ def test_every_cell_a_client():
     assert len(cells) == len(set(cells)) > 6
     counts = {c: int((world.cells == c).sum()) for c in set(world.cells)}
     assert all(counts[c] >= 20 for c in cells)
+
+
+def test_a_world_built_from_older_files_is_not_reused(tmp_path):
+    import os
+
+    from geomoe.sim.export import export_world
+
+    cfg = WorldConfig(num_locations=2)
+    cfg.synthetic.num_observations = 800
+    cfg.n_max = 80
+    summary = export_world(cfg, "inat2017", tmp_path / "files")
+    cfg.dataset = "inat2017"
+    cfg.files.root = str(tmp_path / "files")
+    cfg.files.annotations = [str(tmp_path / "files" / summary["annotations"])]
+    cfg.files.locations = [str(tmp_path / "files" / summary["locations"])]
+    _, first, _ = World.cached(cfg, tmp_path / "cache")
+    assert World.cached(cfg, tmp_path / "cache")[1] == first
+    os.utime(cfg.files.annotations[0], ns=(1, 1))  # the annotations changed since
+    assert World.cached(cfg, tmp_path / "cache")[1] != first
