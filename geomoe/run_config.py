@@ -137,8 +137,19 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     return value
 
 
+# Model fields that follow other settings (RunConfig.__post_init__): an override of them would be overwritten.
+DERIVED = {
+    "model.num_experts": "conversion.num_experts",
+    "model.moe_layers": "conversion.moe_layers",
+    "model.expert_hidden": "conversion.expert_hidden",
+    "model.num_classes": "the dataset (world.synthetic.num_species, or the classes a file-backed dataset has)",
+}
+
+
 def set_override(cfg: RunConfig, dotted: str, raw: str) -> None:
     """Apply one `section.field=value` override (value parsed as JSON, else taken as a string)."""
+    if dotted in DERIVED:
+        raise ValueError(f"{dotted} follows {DERIVED[dotted]}; set that instead")
     data = dataclasses.asdict(cfg)
     node = data
     *parents, leaf = dotted.split(".")

@@ -190,3 +190,11 @@ def test_model_info_with_the_papers_head_reproduces_the_dense_count():
     result = geomoe("model", "info", "--classes", "5089", "--head", "bottleneck", "--experts", "64", "--json")
     info = json.loads(result.stdout)
     assert 2.94e6 <= info["dense"]["parameters"] < 2.95e6  # MobileViTV2, 5089 classes: 2.94 M in the paper's Table 3
+
+
+def test_an_override_that_would_be_overwritten_is_refused():
+    result = geomoe("sim", "--set", "model.num_experts=8", "--print-config")
+    assert result.returncode == 1
+    assert "model.num_experts follows conversion.num_experts; set that instead" in result.stderr
+    honoured = geomoe("sim", "--set", "conversion.num_experts=8", "--print-config")
+    assert "num_experts = 8" in honoured.stdout.split("[model]")[1].split("[conversion]")[0]
