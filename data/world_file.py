@@ -121,6 +121,7 @@ def read_world_file(path: Path, sha256: str | None = None) -> WorldContents:
             raise ValueError(f"{path}: world file format {meta.get('format')} is not {FORMAT}")
         synthetic = SyntheticConfig(**meta["synthetic"]) if meta["synthetic"] else None
         test_rows = npz["test_rows"]
+        cells = np.array(_strings(npz["cells"], meta["rows"]), dtype=object)
         data = GeoData(
             meta["name"],
             npz["labels"],
@@ -129,12 +130,11 @@ def read_world_file(path: Path, sha256: str | None = None) -> WorldContents:
             _strings(npz["class_names"], meta["classes"]),
             _strings(npz["files"], meta["files"]),
             meta["root"],
+            cells=cells,
             test_rows=test_rows if test_rows.size else None,
             skipped=meta["skipped"],
             synthetic=synthetic,
         )
-        cells = np.array(_strings(npz["cells"], meta["rows"]), dtype=object)
-        data.cells = cells
         coordinates = npz["location_coordinates"]
         splits = {s: (npz[f"{s}_rows"], npz[f"{s}_offsets"]) for s in ("train", "val", "test")}
         locations = [
