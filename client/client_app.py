@@ -16,7 +16,6 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from geomoe import messages as msg
 from geomoe.client.data import LocalData, cell_data, device_data
 from geomoe.client.task import (
     Received,
@@ -27,8 +26,9 @@ from geomoe.client.task import (
     routing_on_validation,
     train_and_delta,
 )
-from geomoe.compression import ErrorFeedback
-from geomoe.run_config import RunConfig
+from geomoe.wire import messages as msg
+from geomoe.wire.compression import ErrorFeedback
+from geomoe.wire.run_config import RunConfig
 
 app = ClientApp()
 FEEDBACK = "error-feedback"  # node state: what compression dropped from the last update

@@ -22,7 +22,7 @@ from geomoe.model.location import LocationSupervision
 from geomoe.model.moe_layer import EXPERT_PARAMS, MoEMlp
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import evaluate, train_epochs
-from geomoe.run_config import RunConfig
+from geomoe.wire.run_config import RunConfig
 
 
 def coordinates(node_config: dict, local: LocalData | None = None) -> tuple[float, float]:

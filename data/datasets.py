@@ -31,6 +31,8 @@ from geomoe.data.wilds import load_wilds
 class DataFiles:
     """Where a file-backed dataset lives (ignored by `synthetic`)."""
 
+    __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
+
     root: str = ""  # image root: file names in the annotations are relative to it
     annotations: list[str] = field(default_factory=list)  # iNat JSON(s): train2017.json [, val2017.json]
     locations: list[str] = field(default_factory=list)  # iNat 2017 locations JSON(s), one per annotation file

@@ -20,12 +20,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-AUGMENTATIONS = ("none", "flip", "crop+flip", "crop+flip+randaugment")
+Augmentation = Literal["none", "flip", "crop+flip", "crop+flip+randaugment"]
+AUGMENTATIONS = get_args(Augmentation)
 
 
 class BadImage(ValueError):
@@ -36,8 +38,10 @@ class BadImage(ValueError):
 class ImageConfig:
     """How image files become model input."""
 
+    __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
+
     size: int = 64  # side of the model input, pixels (224 in the papers)
-    augment: str = "crop+flip"  # train augmentation: none | flip | crop+flip | crop+flip+randaugment
+    augment: Augmentation = "crop+flip"  # train augmentation: none | flip | crop+flip | crop+flip+randaugment
     crop_scale: float = 0.5  # smallest area share a random crop keeps
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # MobileViTV2 takes [0, 1] pixels (timm, the paper)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)  # use ImageNet's mean/std for backbones trained so

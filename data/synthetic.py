@@ -20,6 +20,8 @@ from torch.utils.data import Dataset
 class SyntheticConfig:
     """Parameters of the synthetic world."""
 
+    __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
+
     num_species: int = 24  # species (classes)
     num_observations: int = 6000  # images in the whole world
     num_hotspots: int = 10  # observation clusters (cities, parks)

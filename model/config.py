@@ -7,17 +7,20 @@ network without the code that trained it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
-ABSENT_POLICIES = ("best_present", "remove")
-ROUTINGS = ("patch", "image")
-HEADS = ("linear", "bottleneck")
-CLUSTERINGS = ("ward", "kmeans")
+AbsentPolicy = Literal["best_present", "remove"]
+Routing = Literal["patch", "image"]
+Head = Literal["linear", "bottleneck"]
+Clustering = Literal["ward", "kmeans"]
+ABSENT_POLICIES, ROUTINGS, HEADS, CLUSTERINGS = (get_args(t) for t in (AbsentPolicy, Routing, Head, Clustering))
 
 
 @dataclass
 class ModelConfig:
     """Shape of a MobileViTV2-0.5 with per-patch MoE layers."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
 
     num_classes: int = 32  # output species (plus nothing: "other" is added by head pruning)
     backbone: str = "mobilevitv2_050"  # timm model name of the dense backbone
@@ -26,12 +29,12 @@ class ModelConfig:
     moe_layers: tuple[int, ...] = (1, 3, 5, 7)  # transformer layers 0..8 whose MLP becomes experts
     num_experts: int = 16  # experts per MoE layer in the global model
     expert_hidden: int = 2  # hidden units d_e of one expert MLP
-    routing: str = "patch"  # "patch": one expert per patch (Mensah et al.); "image": one per image (Mobile V-MoE)
+    routing: Routing = "patch"  # "patch": one expert per patch (Mensah et al.); "image": one per image (Mobile V-MoE)
     gate_rank: int = 0  # 0: cosine router in feature space; r > 0: low-rank (r) cosine gate
     gate_temperature: float = 0.01  # softmax temperature of the cosine router (learned from here)
     gamma_init: float = 0.9  # weight of the output correction X_corr at init
-    absent_policy: str = "best_present"  # a patch whose best expert is absent: "best_present" or "remove"
-    head: str = "linear"  # "linear" or "bottleneck" (256 -> 1024 -> 256 -> classes)
+    absent_policy: AbsentPolicy = "best_present"  # a patch whose best expert is absent: "best_present" or "remove"
+    head: Head = "linear"  # "linear" or "bottleneck" (256 -> 1024 -> 256 -> classes)
     drop_rate: float = 0.1  # dropout before the classifier
     expert_ids: dict[int, list[int]] = field(default_factory=dict)  # layer -> held global ids; empty: all
     head_classes: list[int] = field(default_factory=list)  # classes a pruned head keeps (+ "other"); empty: all

@@ -9,14 +9,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.cluster import AgglomerativeClustering, KMeans
 
-from geomoe.model.config import CLUSTERINGS, ModelConfig
+from geomoe.model.config import CLUSTERINGS, Clustering, ModelConfig
 from geomoe.model.network import GeoMoENet, transformer_layers
 
 
@@ -24,17 +24,18 @@ from geomoe.model.network import GeoMoENet, transformer_layers
 class ConversionConfig:
     """How to turn a trained dense model into experts."""
 
+    __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
+
     moe_layers: tuple[int, ...] = (1, 3, 5, 7)  # transformer layers to convert
     num_experts: int = 16  # experts per layer (E)
     expert_hidden: int = 2  # hidden units kept per expert (d_e)
     top_k: int = 128  # representative patches per class (K)
     refine_steps: int = 5  # refinement steps of Algorithm 1 (T; 100 for imbalanced data)
     scales: tuple[int, ...] = (48, 64, 80)  # image sides the sample is resized to (paper: 160..320 for 256 px)
-    clustering: str = "ward"  # "ward" (paper) or "kmeans"
+    clustering: Clustering = "ward"  # "ward" (paper) or "kmeans"
     min_images_per_class: int = 0  # resample rare classes up to this many images (10 for iWildcam)
     batch_size: int = 64  # images per forward pass while collecting
     seed: int = 0  # resampling and k-means
-    extra: dict = field(default_factory=dict)  # model config overrides (gate_rank, absent_policy, ...)
 
     def __post_init__(self) -> None:
         if self.clustering not in CLUSTERINGS:
@@ -123,7 +124,6 @@ def convert_to_moe(dense: GeoMoENet, images: torch.Tensor, labels: torch.Tensor,
             "num_experts": cfg.num_experts,
             "expert_hidden": cfg.expert_hidden,
             "expert_ids": {},
-            **cfg.extra,
         }
     )
     moe = GeoMoENet(moe_cfg)

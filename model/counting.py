@@ -6,9 +6,12 @@ hidden units and masks, so a pruned model is cheaper as well as smaller.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from geomoe.model.experts import is_expert_key, take_expert_state
+from geomoe.model.config import ModelConfig
+from geomoe.model.experts import is_expert_key, prune_model, take_expert_state
 from geomoe.model.network import GeoMoENet
 
 
@@ -44,3 +47,37 @@ def model_summary(model: GeoMoENet, image_size: int) -> dict[str, int]:
         "flops": forward_flops(model, image_size),
         "state_bytes": sum(v.numel() * v.element_size() for v in model.state_dict().values()),
     }
+
+
+def size_comparison(cfg: ModelConfig, keep: int, image_size: int) -> dict[str, dict[str, int]]:
+    """Summaries of the dense model, the MoE model of `cfg`, and that MoE pruned to its first `keep` experts per
+    layer: the rows of the papers' size tables."""
+    if not 1 <= keep <= cfg.num_experts:
+        raise ValueError(f"keep must lie in 1..{cfg.num_experts}, got {keep}")
+    dense = GeoMoENet(replace(cfg, moe_layers=(), expert_ids={}))
+    moe = GeoMoENet(cfg)
+    pruned = prune_model(moe, {layer: list(range(keep)) for layer in cfg.moe_layers})
+    return {
+        name: model_summary(m, image_size) for name, m in (("dense", dense), ("moe", moe), (f"pruned_{keep}", pruned))
+    }
+
+
+def expert_bytes(model: GeoMoENet) -> dict[int, int]:
+    """Bytes of one expert's state in each MoE layer, at the dtype the model holds."""
+    state = take_expert_state(model, {layer: [model.cfg.held_ids(layer)[0]] for layer in model.cfg.moe_layers})
+    return {
+        layer: sum(
+            v.numel() * v.element_size()
+            for k, v in state.items()
+            if k.startswith(f"moe.{layer}.") and not k.endswith(".ids")
+        )
+        for layer in model.cfg.moe_layers
+    }
+
+
+@torch.no_grad()
+def tokens_per_patch(model: GeoMoENet, image_size: int) -> dict[int, int]:
+    """Pixel tokens in one patch of each MoE layer: what a patch routed to a peer's expert sends."""
+    model.eval()
+    _, pre_mlp = model.forward_with_pre_mlp(torch.zeros(1, 3, image_size, image_size))
+    return {layer: int(pre_mlp[layer].shape[2]) for layer in model.cfg.moe_layers}  # [B, C, P, N]: P

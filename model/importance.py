@@ -23,6 +23,8 @@ from geomoe.model.training import evaluate
 class KeepPolicy:
     """How a keep set is chosen from a routing graph."""
 
+    __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
+
     percentile: float = 90.0  # edge weight percentile an expert must reach on some edge
     max_per_layer: int = 0  # 0: no cap; else keep at most this many experts per layer (heaviest first)
     always_keep: dict[int, list[int]] = field(default_factory=dict)  # layer -> ids kept regardless

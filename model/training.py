@@ -23,6 +23,8 @@ from geomoe.model.network import GeoMoENet
 class TrainConfig:
     """Local optimisation settings."""
 
+    __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
+
     epochs: int = 1  # passes over the local training data
     batch_size: int = 32  # images per step
     lr_moe: float = 5e-3  # MoE layers (experts and router), as in the paper

@@ -20,15 +20,15 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from rich.table import Table
 
-from geomoe import messages as msg
 from geomoe.model.experts import shared_state
 from geomoe.model.training import evaluate
-from geomoe.run_config import RunConfig
 from geomoe.server.checkpoint import load_model, save_model
 from geomoe.server.initial_model import initial_model
 from geomoe.server.progress import phase
 from geomoe.server.strategy import GeoExpertStrategy, ServerState, weighted_accuracy
 from geomoe.sim.world import World
+from geomoe.wire import messages as msg
+from geomoe.wire.run_config import RunConfig
 
 log = logging.getLogger("geomoe.server")
 CHECKPOINT = "checkpoint.pt"

@@ -15,10 +15,10 @@ from geomoe.model.config import ModelConfig
 from geomoe.model.conversion import convert_to_moe
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import TrainConfig, evaluate, train_epochs
-from geomoe.run_config import RunConfig
 from geomoe.server.checkpoint import load_model, save_model
 from geomoe.server.progress import phase, progress
 from geomoe.sim.world import World
+from geomoe.wire.run_config import RunConfig
 
 CONVERSION_SAMPLE = 600  # images of the server's share used to initialise routers and experts
 

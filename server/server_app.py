@@ -7,8 +7,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from geomoe.run_config import RunConfig, from_flat
 from geomoe.server.federation import Federation, summary_table
+from geomoe.wire.run_config import RunConfig, from_flat
 
 
 def make_server_app(cfg: RunConfig | None = None, resume: bool = False) -> ServerApp:

@@ -19,15 +19,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from geomoe import messages as msg
 from geomoe.model.experts import KeepSet, global_centroids, shared_state, take_expert_state
 from geomoe.model.importance import keep_set
 from geomoe.model.moe_layer import EXPERT_PARAMS
 from geomoe.model.network import GeoMoENet
-from geomoe.run_config import RunConfig
 from geomoe.server.aggregation import RowUpdate, mean_delta, mean_row_delta
 from geomoe.server.server_optimizer import ServerOptimizer
 from geomoe.server.validation import RejectedReply, SentSpec, check_size, check_update, spec_of
+from geomoe.wire import messages as msg
+from geomoe.wire.run_config import RunConfig
 
 log = logging.getLogger("geomoe.server")
 HEAD_ROWS = ("head.fc.weight", "head.fc.bias")

@@ -8,12 +8,15 @@ data allows. Deterministic: it depends only on the coordinates and labels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import s2sphere
 
 from geomoe.data.cells import leaf_ids, parent_ids, parse_cell, path_from_cell
-from geomoe.data.datasets import GeoData
+from geomoe.data.datasets import GeoData, load_dataset
+from geomoe.data.hsu import write_split
+from geomoe.data.world_config import WorldConfig
 
 
 @dataclass
@@ -83,3 +86,12 @@ def cells_of(data: GeoData, n_max: int) -> np.ndarray:
     if data.cells is not None:
         return np.array([str(c) for c in data.cells], dtype=object)
     return adaptive_partition(data.lat, data.lon, data.labels, n_max).astype(object)
+
+
+def write_partition(world: WorldConfig, out: Path) -> tuple[GeoData, np.ndarray, list[CellSummary]]:
+    """Load the world's dataset, partition it into client cells and write the Hsu et al. split CSV `out`;
+    the data, each row's cell and one summary row per cell (largest first)."""
+    data = load_dataset(world.dataset, world.synthetic, world.files)
+    cells = cells_of(data, world.n_max)
+    write_split(out, cells, data.image_ids, data.labels, [data.class_names[y] for y in data.labels])
+    return data, cells, summarise(cells, data.labels)

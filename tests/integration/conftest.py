@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from geomoe.run_config import RunConfig
+from geomoe.wire.run_config import RunConfig
 
 SMALL_RUN = [
     "world.synthetic.num_observations=3000",
@@ -21,14 +21,14 @@ SMALL_RUN = [
 
 
 def small_config(out, cache, strategy: str = "expert", rounds: int = 2) -> RunConfig:
-    from geomoe.run_config import set_override
+    from geomoe.wire.run_config import set_override
 
     cfg = RunConfig(out=str(out), cache=str(cache))
     for item in SMALL_RUN:
         key, value = item.split("=")
-        set_override(cfg, key, value)
-    set_override(cfg, "federation.strategy", f'"{strategy}"')
-    set_override(cfg, "federation.rounds", str(rounds))
+        cfg = set_override(cfg, key, value)
+    cfg = set_override(cfg, "federation.strategy", f'"{strategy}"')
+    cfg = set_override(cfg, "federation.rounds", str(rounds))
     return cfg
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from geomoe.run_config import to_toml
 from geomoe.sim.export import export_world
 from geomoe.sim.world import World
+from geomoe.wire.run_config import to_toml
 
 from .conftest import free_port, small_config, stop
 

@@ -4,31 +4,32 @@ from __future__ import annotations
 
 import pytest
 
-from geomoe.run_config import set_override
+from geomoe.runner.simulation import simulate
 from geomoe.sim.export import export_world
-from geomoe.simulation import simulate
+from geomoe.wire.run_config import set_override
 
 from .conftest import small_config
 
 pytestmark = pytest.mark.integration
 
 
-def on_files(cfg, dataset: str, out, summary: dict) -> None:
-    """Point `cfg` at exported files, as a user with the real ones would."""
-    set_override(cfg, "world.dataset", f'"{dataset}"')
-    set_override(cfg, "world.files.root", f'"{out / summary["root"]}"')
-    set_override(cfg, "world.files.annotations", f'["{out / summary["annotations"]}"]')
-    set_override(cfg, "world.files.locations", f'["{out / summary["locations"]}"]')
+def on_files(cfg, dataset: str, out, summary: dict):
+    """`cfg` pointed at exported files, as a user with the real ones would."""
+    cfg = set_override(cfg, "world.dataset", f'"{dataset}"')
+    cfg = set_override(cfg, "world.files.root", f'"{out / summary["root"]}"')
+    cfg = set_override(cfg, "world.files.annotations", f'["{out / summary["annotations"]}"]')
+    cfg = set_override(cfg, "world.files.locations", f'["{out / summary["locations"]}"]')
     for key in ("train_split", "test_split"):
         if key in summary:
-            set_override(cfg, f"world.files.{key}", f'"{out / summary[key]}"')
+            cfg = set_override(cfg, f"world.files.{key}", f'"{out / summary[key]}"')
+    return cfg
 
 
 @pytest.mark.parametrize("dataset", ["inat2017", "hsu"])
 def test_a_run_on_published_format_files_learns(tmp_path, dataset):
     cfg = small_config(tmp_path / "run", tmp_path / "cache", rounds=2)
     summary = export_world(cfg.world, dataset, tmp_path / "files")
-    on_files(cfg, dataset, tmp_path / "files", summary)
+    cfg = on_files(cfg, dataset, tmp_path / "files", summary)
     report = simulate(cfg)
     evaluations = report["evaluations"]
     assert evaluations["2"]["accuracy"] > evaluations["0"]["accuracy"] > 1 / 24
@@ -48,9 +49,9 @@ def test_every_cell_a_client_with_k_sampled_per_round(tmp_path):
         "federation.clients_per_round": "10",
         "federation.pretrain_epochs": "1",
     }.items():
-        set_override(cfg, key, value)
+        cfg = set_override(cfg, key, value)
     summary = export_world(cfg.world, "inat2017", tmp_path / "files")
-    on_files(cfg, "inat2017", tmp_path / "files", summary)
+    cfg = on_files(cfg, "inat2017", tmp_path / "files", summary)
     report = simulate(cfg)
     assert len(report["locations"]) >= 200  # every node answered the query
     assert [row["replies"] for row in report["rounds"]] == [10, 10, 10]

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from geomoe.simulation import simulate
+from geomoe.runner.simulation import simulate
 
 from .conftest import SMALL_RUN, small_config, stop
 

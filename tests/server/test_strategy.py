@@ -5,11 +5,11 @@ import torch
 from flwr.app import Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from geomoe import messages as msg
 from geomoe.model.experts import shared_state
 from geomoe.model.network import GeoMoENet
-from geomoe.run_config import RunConfig
 from geomoe.server.strategy import GeoExpertStrategy, NodeInfo, ServerState
+from geomoe.wire import messages as msg
+from geomoe.wire.run_config import RunConfig
 
 
 @pytest.fixture(autouse=True)

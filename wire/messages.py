@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from geomoe.compression import ErrorFeedback, Pipeline, decode_all
 from geomoe.model.importance import RoutingStats
+from geomoe.wire.compression import ErrorFeedback, Pipeline, decode_all
 
 # RecordDict entries
 EXPERTS = "experts"  # held experts' stacked state (moe.{layer}.{param}, moe.{layer}.ids)

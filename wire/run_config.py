@@ -10,34 +10,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from geomoe.compression import Pipeline
+from pydantic import TypeAdapter, ValidationError
+
 from geomoe.data.world_config import WorldConfig
 from geomoe.model.config import ModelConfig
 from geomoe.model.conversion import ConversionConfig
 from geomoe.model.importance import KeepPolicy
 from geomoe.model.training import TrainConfig
+from geomoe.wire.compression import Pipeline
 
-STRATEGIES = ("expert", "fedavg")
-TRAINABLE = ("experts", "experts+head", "all")
-WEIGHTINGS = ("tokens", "examples")
-SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
+Strategy = Literal["expert", "fedavg"]
+Trainable = Literal["experts", "experts+head", "all"]
+Weighting = Literal["tokens", "examples"]
+ServerOptimizer = Literal["fedavg", "fedadam", "fedyogi"]
+STRATEGIES, TRAINABLE, WEIGHTINGS, SERVER_OPTIMIZERS = (
+    get_args(t) for t in (Strategy, Trainable, Weighting, ServerOptimizer)
+)
 
 
 @dataclass
 class FederationConfig:
     """How the server runs rounds."""
 
-    strategy: str = "expert"  # "expert": per-expert averaging of location keep sets; "fedavg": dense baseline
+    __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
+
+    strategy: Strategy = "expert"  # "expert": per-expert averaging of location keep sets; "fedavg": dense baseline
     rounds: int = 3  # federated rounds
-    trainable: str = "experts+head"  # what clients train under "expert": experts | experts+head | all
-    weighting: str = "tokens"  # weight of a client's expert update: routed tokens or examples
-    server_optimizer: str = "fedavg"  # fedavg (plain mean) | fedadam | fedyogi on the pseudo-gradient
+    trainable: Trainable = "experts+head"  # what clients train under "expert": experts | experts+head | all
+    weighting: Weighting = "tokens"  # weight of a client's expert update: routed tokens or examples
+    server_optimizer: ServerOptimizer = "fedavg"  # fedavg (plain mean) | fedadam | fedyogi on the pseudo-gradient
     server_lr: float = 1.0  # step on the aggregated pseudo-gradient (use ~0.01 with fedadam/fedyogi)
     keep: KeepPolicy = field(default_factory=KeepPolicy)  # how each location's experts are chosen
     fraction_train: float = 1.0  # share of nodes sampled per round
@@ -75,6 +80,8 @@ class FederationConfig:
 class RunConfig:
     """Everything one run needs; `out` is where its report and checkpoint go."""
 
+    __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
+
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
@@ -98,59 +105,56 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
-        return from_dict(cls, json.loads(text))
+        """The config as the server sent it, derived keys included (a file-backed dataset's class count)."""
+        return _validated(json.loads(text), "run config")
 
 
-def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types by dotted name."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{path or 'config'} must be a table, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown config key {path + unknown[0]!r} (known: {', '.join(sorted(names))})")
-    values = {}
-    for name, value in data.items():
-        values[name] = _coerce(hints[name], value, f"{path}{name}")
-    return cls(**values)
+_ADAPTER = TypeAdapter(RunConfig)
 
-
-def _coerce(hint: Any, value: Any, path: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, path + ".")
-    origin = typing.get_origin(hint)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{path} must be a list, got {value!r}")
-        return origin(value)
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{path} must be a table, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(hint, type) and not isinstance(value, hint):
-        raise ValueError(f"{path} must be {hint.__name__}, got {value!r}")
-    return value
-
-
-# Model fields that follow other settings (RunConfig.__post_init__): an override of them would be overwritten.
-DERIVED = {
-    "model.num_experts": "conversion.num_experts",
-    "model.moe_layers": "conversion.moe_layers",
-    "model.expert_hidden": "conversion.expert_hidden",
-    "model.num_classes": "the dataset (world.synthetic.num_species, or the classes a file-backed dataset has)",
+# Model fields a run does not take from the user: they follow other settings (RunConfig.__post_init__) or
+# describe a pruned per-location model. The user-facing paths (config file, --set, Flower run config) refuse
+# them, saying why, and --print-config leaves them out, so no setting is silently overwritten.
+NOT_SETTABLE = {
+    "model.num_experts": "follows conversion.num_experts; set that instead",
+    "model.moe_layers": "follows conversion.moe_layers; set that instead",
+    "model.expert_hidden": "follows conversion.expert_hidden; set that instead",
+    "model.num_classes": "follows the dataset (world.synthetic.num_species, or the classes of a file-backed dataset)",
+    "model.expert_ids": "describes a pruned model; a run's global model holds every expert (`geomoe prune` prunes)",
+    "model.head_classes": "describes a pruned head; a run's global head has every class (`geomoe prune` prunes)",
 }
 
 
-def set_override(cfg: RunConfig, dotted: str, raw: str) -> None:
-    """Apply one `section.field=value` override (value parsed as JSON, else taken as a string)."""
-    if dotted in DERIVED:
-        raise ValueError(f"{dotted} follows {DERIVED[dotted]}; set that instead")
-    data = dataclasses.asdict(cfg)
+def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """RunConfig from plain data (a TOML file, JSON, overrides), validated strictly by pydantic: unknown keys,
+    wrong types (a string for a number, 1 for a bool, a list element of the wrong type) and values outside a
+    field's choices are refused with the dotted name of the field; so are the keys in NOT_SETTABLE."""
+    for dotted, why in NOT_SETTABLE.items():
+        section, name = dotted.split(".")
+        if isinstance(data.get(section), dict) and name in data[section]:
+            raise ValueError(f"{source}: {dotted} {why}")
+    return _validated(data, source)
+
+
+def _validated(data: dict[str, Any], source: str) -> RunConfig:
+    try:
+        return _ADAPTER.validate_json(json.dumps(data), strict=True)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "config"
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "unexpected_keyword_argument":
+            message = "unknown config key"
+        elif "input" in first and not isinstance(first["input"], dict):
+            message += f", got {first['input']!r}"
+        where = "" if message.startswith(key) else f"{key}: "
+        raise ValueError(f"{source}: {where}{message}") from None
+
+
+def set_override(cfg: RunConfig, dotted: str, raw: str) -> RunConfig:
+    """`cfg` with one `section.field=value` override (value parsed as JSON, else taken as a string)."""
+    if dotted in NOT_SETTABLE:
+        raise ValueError(f"{dotted} {NOT_SETTABLE[dotted]}")
+    data = user_dict(cfg)
     node = data
     *parents, leaf = dotted.split(".")
     for part in parents:
@@ -163,9 +167,16 @@ def set_override(cfg: RunConfig, dotted: str, raw: str) -> None:
         node[leaf] = json.loads(raw)
     except json.JSONDecodeError:
         node[leaf] = raw
-    new = from_dict(RunConfig, data)
-    for f in dataclasses.fields(RunConfig):
-        setattr(cfg, f.name, getattr(new, f.name))
+    return from_dict(data, "--set")
+
+
+def user_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The settings a user may set: the config as plain data without the keys in NOT_SETTABLE."""
+    data = dataclasses.asdict(cfg)
+    for dotted in NOT_SETTABLE:
+        section, name = dotted.split(".")
+        data[section].pop(name)
+    return data
 
 
 def load_run_config(path: Path) -> RunConfig:
@@ -173,23 +184,38 @@ def load_run_config(path: Path) -> RunConfig:
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}")
     try:
-        return from_dict(RunConfig, tomllib.loads(path.read_text()))
-    except (ValueError, tomllib.TOMLDecodeError) as error:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{path}: {error}") from None
+    return from_dict(data, str(path))
+
+
+def build_run_config(path: Path | None, flags: dict[str, Any], overrides: list[str]) -> RunConfig:
+    """The one way every entry point builds a run's config: a TOML file (or the defaults), then the command's
+    own flags (None: not given), then `KEY=VALUE` overrides, each validated as it is applied."""
+    cfg = load_run_config(path) if path is not None else RunConfig()
+    for key, value in flags.items():
+        if value is not None:
+            cfg = set_override(cfg, key, json.dumps(str(value) if isinstance(value, Path) else value))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+        cfg = set_override(cfg, key.strip(), value.strip())
+    return cfg
 
 
 def from_flat(values: dict[str, Any]) -> RunConfig:
     """RunConfig from Flower's flat run config: `config` (a TOML file) as the base, dotted keys on top."""
     values = dict(values)
     path = str(values.pop("config", ""))
-    cfg = load_run_config(Path(path)) if path else RunConfig()
-    for key, value in values.items():
-        set_override(cfg, key.replace("-", "_"), json.dumps(value))
-    return cfg
+    flags = {key.replace("-", "_"): value for key, value in values.items()}
+    return build_run_config(Path(path) if path else None, flags, [])
 
 
 def to_toml(cfg: RunConfig) -> str:
-    """The config as a TOML file that `load_run_config` reads back (empty tables left out)."""
+    """The settings of `cfg` as a TOML file that `load_run_config` reads back (empty tables and derived keys left
+    out)."""
     lines: list[str] = []
 
     def table(name: str, data: dict[str, Any]) -> None:
@@ -202,11 +228,11 @@ def to_toml(cfg: RunConfig) -> str:
         for key, value in data.items():
             if isinstance(value, dict) and value and all(isinstance(k, str) and not k.isdigit() for k in value):
                 table(f"{name}.{key}", value)
-            elif isinstance(value, dict) and value:
+            elif isinstance(value, dict):
                 entries = ", ".join(f"{json.dumps(str(k))} = {json.dumps(v)}" for k, v in value.items())
                 lines.append(f"{key} = {{ {entries} }}")
 
-    data = dataclasses.asdict(cfg)
+    data = user_dict(cfg)
     lines.extend(f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict))
     for section in ("world", "model", "conversion", "train", "federation"):
         lines.append("")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from geomoe.compression import ErrorFeedback, Pipeline, decode_all, encode_all
+from geomoe.wire.compression import ErrorFeedback, Pipeline, decode_all, encode_all
 
 
 def round_trip(tensors, text):

@@ -18,12 +18,12 @@ from pathlib import Path
 from flwr.simulation import run_simulation
 
 from geomoe.client.client_app import app as client_app
-from geomoe.run_config import RunConfig
 from geomoe.server.federation import REPORT
 from geomoe.server.server_app import make_server_app
 from geomoe.sim.world import World
+from geomoe.wire.run_config import RunConfig
 
-log = logging.getLogger("geomoe.simulation")
+log = logging.getLogger("geomoe.runner.simulation")
 
 
 def start_ray(init_args: dict, attempts: int = 3) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 
 from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet
+from geomoe.wire.run_config import RunConfig
 
 
 def _step_time(model: GeoMoENet, images: torch.Tensor, labels: torch.Tensor, repeats: int) -> float:
@@ -96,6 +100,27 @@ def compare_strategies(reports: dict[str, dict]) -> dict:
         },
         "curves": {name: accuracy_by_upload(r) for name, r in reports.items()},
     }
+
+
+def comm_variants(compressed: str) -> dict[str, tuple[str, str]]:
+    """The runs `bench comm` compares: name -> (strategy, upload pipeline)."""
+    return {"fedavg": ("fedavg", "none"), "expert": ("expert", "none"), "expert-compressed": ("expert", compressed)}
+
+
+def bench_comm(out: Path, rounds: int, compressed: str, seed: int, announce: Callable[[str], None] = print) -> dict:
+    """Dense FedAvg, per-expert, and compressed per-expert on the same partitions, seed and initial model (one
+    shared cache); writes `out/bench_comm.json` and returns it."""
+    from geomoe.runner.simulation import simulate
+
+    reports = {}
+    for name, (strategy, codec) in comm_variants(compressed).items():
+        cfg = RunConfig(out=str(out / name), cache=str(out / "cache"), seed=seed)
+        cfg.federation = replace(cfg.federation, strategy=strategy, rounds=rounds, upload_compression=codec)
+        announce(f"{name}: {strategy}, upload {codec}, {rounds} rounds")
+        reports[name] = simulate(cfg)
+    result = {**compare_strategies(reports), "compressed_pipeline": compressed}
+    (out / "bench_comm.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def _timed_layers(model: GeoMoENet) -> tuple[dict[int, list[float]], list]:

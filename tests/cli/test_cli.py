@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from geomoe.cli import app
+from geomoe.cli.main import app
 
 runner = CliRunner()
 
@@ -78,7 +78,7 @@ def test_partition_writes_a_split_the_hsu_loader_reads_back(tmp_path):
 
 
 def test_print_config_round_trips(tmp_path):
-    from geomoe.run_config import load_run_config
+    from geomoe.wire.run_config import load_run_config
 
     result = runner.invoke(app, ["sim", "--rounds", "7", "--print-config"])
     path = tmp_path / "run.toml"
@@ -172,7 +172,7 @@ def test_bench_data_writes_its_figures(tmp_path):
 def test_partition_of_a_registered_dataset_from_its_files(tmp_path):
     from geomoe.data.hsu import read_split
 
-    fixtures = Path(__file__).parent / "fixtures" / "wilds"
+    fixtures = Path(__file__).parents[1] / "fixtures" / "wilds"
     out = tmp_path / "wilds.csv"
     result = geomoe(
         "partition", "--dataset", "iwildcam", "--out", str(out), "--plot", str(tmp_path / "wilds.png"),
@@ -197,4 +197,5 @@ def test_an_override_that_would_be_overwritten_is_refused():
     assert result.returncode == 1
     assert "model.num_experts follows conversion.num_experts; set that instead" in result.stderr
     honoured = geomoe("sim", "--set", "conversion.num_experts=8", "--print-config")
-    assert "num_experts = 8" in honoured.stdout.split("[model]")[1].split("[conversion]")[0]
+    assert "num_experts = 8" in honoured.stdout.split("[conversion]")[1].split("[train]")[0]
+    assert "num_experts" not in honoured.stdout.split("[model]")[1].split("[conversion]")[0]

@@ -4,7 +4,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from geomoe import simulation  # noqa: E402
+from geomoe.runner import simulation  # noqa: E402
 
 
 def test_a_slow_ray_start_is_retried(monkeypatch):

@@ -3,7 +3,7 @@
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from geomoe import messages as msg
+from geomoe.wire import messages as msg
 
 
 def test_accounting_matches_the_array_bytes_it_contains():

@@ -11,8 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from geomoe.bench import accuracy_by_upload  # noqa: E402
-from geomoe.links import LinkProfile  # noqa: E402
+from geomoe.analysis.bench import accuracy_by_upload  # noqa: E402
+from geomoe.analysis.links import LinkProfile  # noqa: E402
 
 
 def load_report(run_dir: Path) -> dict:

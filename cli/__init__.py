@@ -1,0 +1,1 @@
+"""The `geomoe` command line: one thin module per command group over library functions."""

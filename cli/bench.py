@@ -1,0 +1,103 @@
+"""`geomoe bench model|data|comm|ep`: benchmarks that write JSON; speed and cost as ratios within one run."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import click
+import typer
+from rich.table import Table
+
+from geomoe.cli.options import console
+
+app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON (speed and cost as ratios).")
+
+
+@app.command("model")
+def model(
+    out: Path = typer.Option(Path("bench_model.json"), help="JSON file to write."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    image_size: int = typer.Option(224, help="Image side."),
+    repeats: int = typer.Option(5, help="Timed forward+backward passes per model and device."),
+) -> None:
+    """Forward+backward time of the MoE model over the dense one, on CPU and (if present) GPU."""
+    from geomoe.analysis.bench import bench_model
+
+    result = bench_model(batch_size, image_size, repeats)
+    out.write_text(json.dumps(result, indent=2))
+    for device, r in result["devices"].items():
+        console.print(
+            f"{device}: dense {r['dense_s'] * 1e3:.1f} ms, moe {r['moe_s'] * 1e3:.1f} ms, ratio {r['ratio']:.2f}"
+        )
+    console.print(f"wrote {out}")
+
+
+@app.command("data")
+def data(
+    out: Path = typer.Option(Path("bench_data.json"), help="JSON file to write."),
+    images: int = typer.Option(300, help="JPEGs to write and read."),
+    size: int = typer.Option(224, help="Model input side."),
+    source: str = typer.Option("640x480", help="Size of the written JPEGs, WxH (iNat images are up to 800 px)."),
+    repeats: int = typer.Option(3, help="Interleaved timed passes of each pipeline."),
+) -> None:
+    """Images/s per core: plain JPEG decoding vs DCT-scaled decoding vs the decoded cache."""
+    from geomoe.analysis.bench import bench_data
+
+    try:
+        width, height = (int(v) for v in source.split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected WxH like 640x480, got {source!r}", param_hint="--source") from None
+    with tempfile.TemporaryDirectory(prefix="geomoe-bench-data-") as folder:
+        result = bench_data(images, size, width, height, repeats, Path(folder))
+    out.write_text(json.dumps(result, indent=2))
+    rates = result["images_per_s_per_core"]
+    console.print(
+        f"images/s per core: plain {rates['plain_decode']:.0f}, reduced decode {rates['reduced_decode']:.0f}, "
+        f"cached {rates['cached']:.0f} ({result['cached_over_plain']:.1f}x plain); wrote {out}"
+    )
+
+
+@app.command("comm")
+def comm(
+    out: Path = typer.Option(Path("runs/bench-comm"), help="Folder for the runs and bench_comm.json."),
+    rounds: int = typer.Option(5, help="Rounds of each run."),
+    compressed: str = typer.Option("int8+zstd", help="Upload pipeline of the compressed per-expert run."),
+    seed: int = typer.Option(0, help="Seed shared by all runs."),
+) -> None:
+    """Dense FedAvg, per-expert, and compressed per-expert on the same partitions, seed and initial model."""
+    from geomoe.analysis.bench import bench_comm
+
+    result = bench_comm(out, rounds, compressed, seed, announce=console.print)
+    table = Table(title="per-expert vs dense FedAvg")
+    for column in ("run", "upload kB/client/round", "ratio to fedavg", "final accuracy", "accuracy at equal upload"):
+        table.add_column(column, justify="right")
+    for name in result["final_accuracy"]:
+        table.add_row(
+            name,
+            f"{result['upload_per_client_round'][name] / 1e3:.1f}",
+            f"{result['upload_ratio_to_fedavg'][name]:.4f}",
+            f"{result['final_accuracy'][name]:.3f}",
+            f"{result['accuracy_at_equal_upload'][name]:.3f}",
+        )
+    console.print(table)
+    console.print(f"wrote {out / 'bench_comm.json'}")
+
+
+@app.command("ep")
+def ep(
+    out: Path = typer.Option(Path("bench_ep.json"), help="JSON file to write."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    image_size: int = typer.Option(64, help="Image side."),
+    repeats: int = typer.Option(5, help="Timed batches per setup."),
+) -> None:
+    """Latency per MoE layer and images/s: local vs experts split over 2 and 3 servers on 127.0.0.1."""
+    from geomoe.analysis.bench import bench_expert_parallel
+
+    result = bench_expert_parallel(batch_size, image_size, repeats)
+    out.write_text(json.dumps(result, indent=2))
+    for name, entry in result["setups"].items():
+        extra = f", overhead x{entry['overhead_over_local']:.2f}" if "overhead_over_local" in entry else ""
+        console.print(f"{name}: {entry['images_per_s']:.1f} images/s, layer ms {entry['layer_ms']}{extra}")
+    console.print(f"wrote {out}")

@@ -1,0 +1,72 @@
+"""`geomoe device run|export|install-model`: the camera-trap runtime and the model it runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import typer
+
+from geomoe.cli.options import console
+
+app = typer.Typer(no_args_is_help=True, help="Camera-trap device runtime: classify, export, update the model.")
+EXPORT_FORMATS = ("torchscript", "onnx")
+
+
+@app.command("run")
+def run(
+    watch: Path = typer.Option(..., help="Folder the camera writes images to."),
+    model: Path = typer.Option(..., help="TorchScript model (from `geomoe device export`)."),
+    results: Path = typer.Option(..., help="Append-only results file (JSON lines)."),
+    max_watch_mb: float = typer.Option(512.0, help="Disk budget of the watched folder."),
+    top_k: int = typer.Option(3, help="Species reported per image."),
+    image_size: int = typer.Option(64, help="Image side the model expects."),
+    once: bool = typer.Option(False, help="Classify what is there now, then exit."),
+    settle_s: float = typer.Option(1.0, help="Wait this long after an image was last written."),
+) -> None:
+    """Classify every new image of a folder with the location's model; resumes after power loss."""
+    from geomoe.client.device_runtime import DeviceConfig, DeviceRuntime
+
+    if not watch.is_dir():
+        raise click.BadParameter(f"{watch} is not a folder", param_hint="--watch")
+    runtime = DeviceRuntime(DeviceConfig(watch, model, results, max_watch_mb, top_k, image_size, settle_s=settle_s))
+    if once:
+        console.print(f"classified {runtime.run_once()} images into {results}")
+        return
+    console.print(f"watching {watch}; results in {results}")
+    runtime.run_forever()
+
+
+@app.command("export")
+def export(
+    model: Path = typer.Option(..., help="Model file (from `geomoe prune`)."),
+    out: Path = typer.Option(..., help="File to write."),
+    fmt: str = typer.Option("torchscript", "--format", help="torchscript or onnx."),
+    image_size: int = typer.Option(64, help="Image side."),
+) -> None:
+    """Export a model for inference without the training stack."""
+    from geomoe.client.export import export_onnx, export_torchscript
+    from geomoe.server.checkpoint import load_model
+
+    if fmt not in EXPORT_FORMATS:
+        raise click.BadParameter(f"{fmt!r} is not one of {', '.join(EXPORT_FORMATS)}", param_hint="--format")
+    loaded, _ = load_model(model)
+    (export_torchscript if fmt == "torchscript" else export_onnx)(loaded, out, image_size)
+    console.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
+@app.command("install-model")
+def install(
+    source: Path = typer.Argument(..., help="New TorchScript model (a downloaded file, or '-' for standard input)."),
+    model: Path = typer.Option(..., help="The model file the runtime uses; replaced atomically."),
+) -> None:
+    """Swap in a model update atomically: a crash leaves the old model or the new one, never half."""
+    from geomoe.client.device_runtime import install_model
+
+    if str(source) == "-":
+        install_model(sys.stdin.buffer, model)
+    else:
+        with source.open("rb") as f:
+            install_model(f, model)
+    console.print(f"installed {model}")

@@ -1,0 +1,55 @@
+"""The `geomoe` command line. Every command builds its config once and passes it down.
+
+Errors print one line and exit non-zero; `geomoe --debug ...` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from rich.console import Console
+
+from geomoe.cli import bench, comm, data, deploy, device, expert_server, experts, model, sim
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app.command()(sim.sim)
+app.command()(data.partition)
+app.command()(experts.prune)
+for name, group in (
+    ("model", model.app),
+    ("experts", experts.app),
+    ("comm", comm.app),
+    ("deploy", deploy.app),
+    ("device", device.app),
+    ("expert-server", expert_server.app),
+    ("bench", bench.app),
+    ("data", data.app),
+):
+    app.add_typer(group, name=name)
+_debug = {"on": False}
+
+
+@app.callback()
+def root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    """geomoe: federated geographic mixture-of-experts species recognition for camera traps."""
+    _debug["on"] = debug
+
+
+def main() -> None:
+    """Console entry point: one-line errors unless --debug."""
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except Exception as error:  # noqa: BLE001 - the one place that turns any failure into one line
+        if _debug["on"]:
+            raise
+        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False)
+        sys.exit(1)

@@ -1,0 +1,51 @@
+"""`geomoe sim`: the federated job on Flower's simulation runtime, one virtual SuperNode per client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from geomoe.cli.options import CONFIG_OPTION, console
+
+
+def sim(
+    rounds: int = typer.Option(None, help="Federated rounds [default: 3]."),
+    strategy: str = typer.Option(None, help="expert (per-expert averaging) or fedavg (dense baseline)."),
+    out: Path = typer.Option(None, help="Output folder for report.json and checkpoint.pt [default: runs/sim]."),
+    cells: int = typer.Option(None, help="Locations (S2 cells) that become clients [default: 6]."),
+    local_epochs: int = typer.Option(None, help="Local epochs per round [default: 1]."),
+    experts: int = typer.Option(None, help="Experts per MoE layer [default: 16]."),
+    dataset: str = typer.Option(
+        None, help="synthetic | inat2017 | inat2021 | iwildcam | hsu (files: --set world.files.*)."
+    ),
+    seed: int = typer.Option(None, help="Seed of everything [default: 0]."),
+    config: Path = CONFIG_OPTION,
+    set_: list[str] = typer.Option([], "--set", help="Override any field: --set federation.keep.percentile=80."),
+    resume: bool = typer.Option(False, help="Continue a killed run from its last completed round."),
+    ray_address: str = typer.Option(None, help="Address of an existing Ray cluster (e.g. 'auto')."),
+    verbose: bool = typer.Option(False, help="Show Flower's and Ray's logs."),
+    print_config: bool = typer.Option(False, help="Print the effective config as TOML (for --config) and exit."),
+) -> None:
+    """Simulate federated training on Flower's simulation engine, one virtual SuperNode per cell."""
+    from geomoe.runner.simulation import simulate
+    from geomoe.server.federation import summary_table
+    from geomoe.wire.run_config import build_run_config, to_toml
+
+    flags = {
+        "federation.rounds": rounds,
+        "federation.strategy": strategy,
+        "out": out,
+        "world.num_locations": cells,
+        "train.epochs": local_epochs,
+        "conversion.num_experts": experts,
+        "world.dataset": dataset,
+        "seed": seed,
+    }
+    cfg = build_run_config(config, flags, set_)
+    if print_config:
+        print(to_toml(cfg), end="")
+        return
+    report = simulate(cfg, resume=resume, ray_address=ray_address, verbose=verbose)
+    console.print(summary_table(report))
+    console.print(f"final accuracy {report['final_accuracy']:.3f}; report: {Path(cfg.out) / 'report.json'}")

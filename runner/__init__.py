@@ -1,0 +1,1 @@
+"""Runs the federated job: `geomoe sim` on Flower's simulation runtime."""
