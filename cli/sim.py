@@ -27,9 +27,9 @@ def sim(
     verbose: bool = typer.Option(False, help="Show Flower's and Ray's logs."),
     print_config: bool = typer.Option(False, help="Print the effective config as TOML (for --config) and exit."),
 ) -> None:
-    """Simulate federated training on Flower's simulation engine, one virtual SuperNode per cell."""
+    """Simulate federated training on Flower's simulation runtime (the path `flwr run` takes), one virtual
+    SuperNode per client."""
     from geomoe.runner.simulation import simulate
-    from geomoe.server.federation import summary_table
     from geomoe.wire.run_config import build_run_config, to_toml
 
     flags = {
@@ -46,6 +46,5 @@ def sim(
     if print_config:
         print(to_toml(cfg), end="")
         return
-    report = simulate(cfg, resume=resume, ray_address=ray_address, verbose=verbose)
-    console.print(summary_table(report))
+    report = simulate(cfg, resume=resume, ray_address=ray_address, verbose=verbose)  # the ServerApp prints its table
     console.print(f"final accuracy {report['final_accuracy']:.3f}; report: {Path(cfg.out) / 'report.json'}")

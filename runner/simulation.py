@@ -1,9 +1,11 @@
-"""`geomoe sim`: the federated job on Flower's simulation engine (Ray backend).
+"""`geomoe sim`: the federated job on Flower's simulation runtime, the path `flwr run` takes.
 
-One virtual SuperNode per client (an S2 cell); each ClientApp instance learns its client from the
-`partition-id` Flower gives it. The world (dataset, partition, clients) is built and written to its
-world file before Ray starts, so bad data fails fast and the number of clients is known.
-Set `ray_address` to run on an existing Ray cluster.
+A SuperLink in simulation mode starts on free loopback ports; `flwr run` submits the app to it with one virtual
+SuperNode per client; the SuperLink's SuperExec starts `flwr-simulation`, which runs the ServerApp and the
+ClientApps on Ray; the ServerApp writes `OUT/report.json`. The world (dataset, partition, clients) is built and
+written to its world file first, so bad data fails fast and the number of clients is known. Everything Flower
+and Ray print goes to `OUT/flower/`, shown only with `verbose`; the run's own progress is streamed from it.
+Set `ray_address` to run the clients on an existing Ray cluster.
 """
 
 from __future__ import annotations
@@ -12,85 +14,241 @@ import importlib.util
 import json
 import logging
 import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from flwr.simulation import run_simulation
+import httpx
 
-from geomoe.client.client_app import app as client_app
 from geomoe.server.federation import REPORT
-from geomoe.server.server_app import make_server_app
 from geomoe.sim.world import World
-from geomoe.wire.run_config import RunConfig
+from geomoe.wire.run_config import RunConfig, to_toml
 
-log = logging.getLogger("geomoe.runner.simulation")
+log = logging.getLogger("geomoe.simulation")
+CONNECTION = "geomoe-sim"
+RAY_ATTEMPTS = 3
+STARTUP_TIMEOUT_S = 60.0
+SERVER_APP = "geomoe.server.server_app:app"
+CLIENT_APP = "geomoe.client.client_app:app"
+# The app's manifest: the FAB carries no code, the apps are the installed geomoe package.
+APP_MANIFEST = f"""[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "geomoe-sim"
+version = "0.1.0"
+description = "geomoe's ServerApp and ClientApp, as installed"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "geomoe"
+
+[tool.flwr.app.components]
+serverapp = "{SERVER_APP}"
+clientapp = "{CLIENT_APP}"
+
+[tool.flwr.app.config]
+config = ""
+resume = false
+"""
 
 
-def start_ray(init_args: dict, attempts: int = 3) -> None:
-    """Start Ray, retrying a start that times out.
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    On a loaded small machine (or right after the previous run's Ray went down) the raylet can take longer
-    than Ray's fixed 30 s to register; a second try then succeeds. A run must not fail for that.
-    """
-    import ray
 
-    if ray.is_initialized():
-        return
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(**init_args)
+def flower_bin(name: str) -> str:
+    """A Flower executable of this environment (next to its Python), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found: install flwr[simulation] (pip install 'geomoe[simulation]')")
+    return found
+
+
+class LocalSuperLink:
+    """A SuperLink in simulation mode on 127.0.0.1, owned by this process: started, waited for, stopped."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.folder, self.env = folder, env
+        self.port = free_port()
+        self.log = folder / "superlink.log"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> LocalSuperLink:
+        command = [
+            flower_bin("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
+        with self.log.open("w") as log:
+            # In this process's group: a kill of `geomoe sim` (even SIGKILL of the group) takes the SuperLink down.
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the SuperLink exited at start: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.__exit__()
+        raise RuntimeError(f"the SuperLink did not start in {STARTUP_TIMEOUT_S:.0f} s; see {self.log}")
+
+    def __exit__(self, *_: object) -> None:
+        """Stop the SuperLink; what it started (SuperExec, flwr-simulation with Ray) watches its parent and follows."""
+        if self.process is None or self.process.poll() is not None:
             return
-        except Exception as error:  # noqa: BLE001 - Ray raises a bare Exception on a startup timeout
-            ray.shutdown()
-            if attempt == attempts:
-                raise RuntimeError(f"Ray did not start in {attempts} attempts: {error}") from None
-            log.warning("Ray did not start (%s); trying again", str(error).splitlines()[0])
-            time.sleep(5 * attempt)
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def federation_options(clients: int, cpus_per_client: int, ray_address: str | None, verbose: bool) -> list[str]:
+    """`--federation-config` of the run: virtual SuperNodes, their resources, Ray's start-up."""
+    options = {
+        "num-supernodes": clients,
+        "client-resources-num-cpus": cpus_per_client,
+        "client-resources-num-gpus": 0.0,
+        "init-args-log-to-driver": verbose,
+        "init-args-logging-level": "info" if verbose else "warning",
+        "verbose": verbose,
+    }
+    if not ray_address:  # on a cluster Ray sizes itself; naming CPUs there is an error
+        options["init-args-num-cpus"] = os.cpu_count() or 1
+    return [f"{key}={json.dumps(value)}" for key, value in options.items()]
 
 
 def simulate(
     cfg: RunConfig,
     resume: bool = False,
     ray_address: str | None = None,
-    cpus_per_client: float = 1.0,
+    cpus_per_client: int = 1,
     verbose: bool = False,
 ) -> dict:
     """Run the job to completion and return its report (also written to `cfg.out/report.json`)."""
     if importlib.util.find_spec("ray") is None:
         raise RuntimeError("local simulation needs Ray: pip install 'geomoe[simulation]' (device images leave it out)")
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    world, _, _ = World.cached(cfg.world, Path(cfg.cache) if cfg.cache else Path(cfg.out) / "cache")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per virtual client: Ray runs them side by side
-    # Ray's future default (leave CUDA_VISIBLE_DEVICES alone at num_gpus=0); setting it silences its FutureWarning.
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    init_args: dict = {
-        "include_dashboard": False,
-        "log_to_driver": verbose,
-        "logging_level": logging.INFO if verbose else logging.WARNING,
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    world, _, _ = World.cached(cfg.world, Path(cfg.cache) if cfg.cache else out / "cache")  # before Ray starts
+    flower = out / "flower"
+    app = flower / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(APP_MANIFEST)
+    config_file = flower / "run.toml"
+    cache = Path(cfg.cache).resolve() if cfg.cache else out / "cache"
+    config_file.write_text(to_toml(replace(cfg, out=str(out), cache=str(cache))))
+    (out / REPORT).unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        # The SuperLink starts SuperExec and flwr-simulation by name: this environment's, before any other.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(flower / "home"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # one thread per virtual client
+        # Ray's future default (leave CUDA_VISIBLE_DEVICES alone at num_gpus=0); setting it silences its warning.
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        # The ServerApp's tables are drawn as wide as this console (rich reads COLUMNS), not 80 columns.
+        "COLUMNS": str(shutil.get_terminal_size((140, 24)).columns),
+        "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "default" if verbose else "ignore"),
     }
     if ray_address:
-        init_args["address"] = ray_address
-    else:
-        init_args["num_cpus"] = os.cpu_count() or 1
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    start_ray(init_args)  # Flower's backend uses a running Ray as it finds it
-    try:
-        run_simulation(
-            server_app=make_server_app(cfg, resume),
-            client_app=client_app,
-            num_supernodes=len(world.locations),
-            backend_config={
-                "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-                "init_args": init_args,
-            },
-            verbose_logging=verbose,
-        )
-    finally:
-        import ray
-
-        ray.shutdown()  # also when the run failed: the next run in this process starts a fresh Ray
-    report_path = Path(cfg.out) / REPORT
+        env["RAY_ADDRESS"] = ray_address
+    options = federation_options(len(world.locations), cpus_per_client, ray_address, verbose)
+    for attempt in range(1, RAY_ATTEMPTS + 1):
+        try:
+            _run_on_local_superlink(flower, env, app, config_file, resume, options, verbose)
+            break
+        except RuntimeError as error:
+            link_log = flower / "superlink.log"
+            failure = f"{error}\n{link_log.read_text()[-5000:] if link_log.is_file() else ''}"
+            if attempt == RAY_ATTEMPTS or not RAY_START_FAILURE.search(failure) or (out / REPORT).is_file():
+                raise
+            # A loaded small machine (or one whose previous Ray is still going down) can take longer than Ray's
+            # fixed start-up timeout; the next try succeeds. A run must not fail for that.
+            log.warning("Ray did not start (attempt %d of %d); trying again", attempt, RAY_ATTEMPTS)
+            time.sleep(5 * attempt)
+    report_path = out / REPORT
     if not report_path.is_file():
-        raise RuntimeError(f"the simulation ended without writing {report_path}; rerun with --verbose to see why")
+        raise RuntimeError(
+            f"the simulation ended without writing {report_path}; see {flower}/flwr-run.log and superlink.log"
+        )
     return json.loads(report_path.read_text())
+
+
+FLOWER_LOG_LINE = re.compile(r"^(\x1b\[\d+m)?(INFO|WARNING|DEBUG)\s*(\x1b\[0m)?\s*:")
+FLWR_STATUS = ("Using SuperLink:", "Successfully started run", "Successfully installed", "Flower App configuration")
+RAY_START_FAILURE = re.compile(r"(?i)raylet|\bGCS\b|timed out during startup")
+
+
+def shown(line: str, verbose: bool) -> bool:
+    """Whether a line of `flwr run --stream` reaches the console: the run's own output (phases, rounds, the
+    summary table) and errors always; Flower's INFO/WARNING log lines and its CLI's status lines only with
+    `verbose`."""
+    if verbose:
+        return True
+    return not (FLOWER_LOG_LINE.match(line) or line.startswith(FLWR_STATUS) or line.startswith("- Recommended"))
+
+
+def _run_on_local_superlink(
+    flower: Path, env: dict[str, str], app: Path, config_file: Path, resume: bool, options: list[str], verbose: bool
+) -> None:
+    """Start a SuperLink, submit the run with `flwr run`, stream it to its end, stop the SuperLink."""
+    with LocalSuperLink(flower, env) as link:
+        home = flower / "home"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{link.port}"\ninsecure = true\n'
+        )
+        run_config = f'config="{config_file}" resume={str(resume).lower()}'
+        command = [flower_bin("flwr"), "run", str(app), CONNECTION, "--run-config", run_config, "--stream"]
+        for option in options:
+            command += ["--federation-config", option]
+        _run_streaming(command, env, flower / "flwr-run.log", verbose)
+
+
+def _run_streaming(command: list[str], env: dict[str, str], log: Path, verbose: bool) -> None:
+    """Run `flwr run ... --stream` to its end; its output goes to `log`, and what `shown` lets through to the
+    console."""
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+
+        def copy() -> None:
+            for line in process.stdout:
+                sink.write(line)
+                sink.flush()
+                if shown(line, verbose):
+                    sys.stderr.write(line)
+
+        reader = threading.Thread(target=copy, daemon=True)
+        reader.start()
+        try:
+            process.wait()
+        except KeyboardInterrupt:
+            process.terminate()
+            raise
+        finally:
+            reader.join(timeout=5)
+    if process.returncode != 0:
+        raise RuntimeError(f"flwr run failed (exit {process.returncode}): {log.read_text()[-1500:]}")

@@ -10,7 +10,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn
 
 
 def progress(console: Console | None = None) -> Progress:
-    """A transient progress display: spinner, description, bar (when the total is known), elapsed time."""
+    """A progress display: spinner, description, bar (when the total is known), elapsed time. On a terminal it
+    is live and goes away when done; in a log (a stream, a file) its final state is written once."""
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -18,7 +19,8 @@ def progress(console: Console | None = None) -> Progress:
         TaskProgressColumn(),
         TimeElapsedColumn(),
     )
-    return Progress(*columns, console=console or Console(stderr=True), transient=True)
+    console = console or Console(stderr=True)
+    return Progress(*columns, console=console, transient=console.is_terminal)
 
 
 @contextmanager

@@ -1,5 +1,6 @@
-"""The Flower ServerApp. `flwr run .` reads the run config from pyproject.toml
-([tool.flwr.app.config], dotted keys such as `federation.rounds`); `geomoe sim` builds its own."""
+"""The Flower ServerApp. `flwr run` passes the run config ([tool.flwr.app.config] of the app's pyproject.toml:
+`config` names a TOML file, dotted keys such as `federation.rounds` override it, `resume` continues a killed
+run from its checkpoint); `geomoe sim` takes the same path."""
 
 from __future__ import annotations
 
@@ -8,20 +9,16 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from geomoe.server.federation import Federation, summary_table
-from geomoe.wire.run_config import RunConfig, from_flat
+from geomoe.wire.run_config import from_flat
+
+app = ServerApp()
 
 
-def make_server_app(cfg: RunConfig | None = None, resume: bool = False) -> ServerApp:
-    """A ServerApp running `cfg`, or, when None, the config Flower passes in the context."""
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        report = Federation(grid, cfg or from_flat(context.run_config), resume=resume).run()
-        if cfg is None:  # under `flwr run`; `geomoe sim` prints the table itself
-            Console(stderr=True).print(summary_table(report))
-
-    return server_app
-
-
-app = make_server_app()
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    values = dict(context.run_config)
+    resume = values.pop("resume", False)
+    if not isinstance(resume, bool):
+        raise ValueError(f"run config resume={resume!r} must be true or false")
+    report = Federation(grid, from_flat(values), resume=resume).run()
+    Console(stderr=True).print(summary_table(report))

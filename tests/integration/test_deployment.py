@@ -42,18 +42,19 @@ def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def flwr_command(connection: str, cfg, tmp_path: Path, extra: str = "") -> list[str]:
+def flwr_command(connection: str, cfg, tmp_path: Path, extra: str = "", federation: list[str] = ()) -> list[str]:
     """`flwr run` of this project on `connection` for two rounds of `cfg`."""
     config_file = tmp_path / "run.toml"
     config_file.write_text(to_toml(cfg))
     overrides = f'config="{config_file}" federation.rounds=2 out="{cfg.out}" cache="{cfg.cache}" {extra}'
-    return [str(BIN / "flwr"), "run", str(ROOT), connection, "--run-config", overrides.strip(), "--stream"]
+    command = [str(BIN / "flwr"), "run", str(ROOT), connection, "--run-config", overrides.strip(), "--stream"]
+    return command + [a for option in federation for a in ("--federation-config", option)]
 
 
-def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "") -> dict:
+def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "", federation: list[str] = ()) -> dict:
     """Run it to the end (in its own session: flwr stops a local SuperLink by process group); the report."""
     result = subprocess.run(
-        flwr_command(connection, cfg, tmp_path, extra),
+        flwr_command(connection, cfg, tmp_path, extra, federation),
         env=env,
         capture_output=True,
         text=True,
@@ -146,12 +147,9 @@ def test_flwr_run_with_a_local_simulation_connection(tmp_path, model_cache):
     cfg = small_config(tmp_path / "run", model_cache)
     home = tmp_path / "flwr-home"
     home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-        f"options.num-supernodes = {cfg.world.num_locations}\n"
-    )
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home)}
-    report = flwr_run("local", cfg, tmp_path, env)
+    report = flwr_run("local", cfg, tmp_path, env, federation=[f"num-supernodes={cfg.world.num_locations}"])
     assert [row["replies"] for row in report["rounds"]] == [3, 3]
 
 

@@ -36,25 +36,27 @@ def test_per_expert_run_learns_and_uploads_little(tmp_path, model_cache):
     assert (tmp_path / "expert" / "report.json").is_file()
 
 
+def sim_command(out, model_cache) -> list[str]:
+    overrides = [a for item in SMALL_RUN for a in ("--set", item)]
+    return [sys.executable, "-m", "geomoe.cli", "sim", "--rounds", "2", "--out", str(out),
+            "--set", f'cache="{model_cache}"', *overrides]  # fmt: skip
+
+
 def test_resume_after_a_kill_gives_the_same_model(tmp_path, model_cache):
+    """The uninterrupted run goes through `geomoe sim` as a user runs it: a clean console (no warning text from
+    Flower, Ray or Python; the summary table once)."""
     uninterrupted = tmp_path / "straight"
-    simulate(small_config(uninterrupted, model_cache, rounds=2))
+    straight = subprocess.run(sim_command(uninterrupted, model_cache), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    console = straight.stdout + straight.stderr
+    for noise in ("warn", "deprecat", "INFO", "Traceback", "Successfully"):
+        assert noise.lower() not in console.lower(), console
+    assert console.count("geomoe expert: 2 rounds") == 1
+    assert "round 1/2: 3 replies" in console and "round 2/2: 3 replies" in console
+    assert "final accuracy" in straight.stdout
 
     killed = tmp_path / "killed"
-    overrides = [a for item in SMALL_RUN for a in ("--set", item)]
-    command = [
-        sys.executable,
-        "-m",
-        "geomoe.cli",
-        "sim",
-        "--rounds",
-        "2",
-        "--out",
-        str(killed),
-        "--set",
-        f'cache="{model_cache}"',
-        *overrides,
-    ]
+    command = sim_command(killed, model_cache)
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300

@@ -1,35 +1,76 @@
-"""Starting the simulation engine: a Ray start that times out is retried, a persistent failure is named."""
+"""`geomoe sim` on Flower's simulation runtime: what reaches the console, the federation options, and a Ray start
+that times out is retried while other failures are not (the launcher stubbed; real runs are integration tests)."""
+
+import json
 
 import pytest
 
-ray = pytest.importorskip("ray")
+from geomoe.runner import simulation
+from geomoe.wire.run_config import build_run_config
 
-from geomoe.runner import simulation  # noqa: E402
+SMALL = ["world.synthetic.num_observations=3000", "world.num_locations=3", "world.n_max=300"]
 
 
-def test_a_slow_ray_start_is_retried(monkeypatch):
+@pytest.mark.parametrize(
+    ("line", "quiet"),
+    [
+        ("\x1b[92mINFO \x1b[0m:      Starting Flower Simulation\n", False),
+        ("\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.\n", False),
+        ("INFO :      Starting logstream\n", False),
+        ("Using SuperLink: geomoe-sim (127.0.0.1:4000)\n", False),
+        ("Successfully started run 1408\n", False),
+        ("round 1/2: 3 replies, train loss 2.792, accuracy before round 0.131\n", True),
+        ("\x1b[91mERROR \x1b[0m:     ServerApp thread raised an exception\n", True),
+        ("│     1 │    0.293 │       0.279 │\n", True),
+    ],
+)
+def test_the_console_shows_the_run_and_errors_not_flowers_logs(line, quiet):
+    assert simulation.shown(line, verbose=False) is quiet
+    assert simulation.shown(line, verbose=True)
+
+
+def test_federation_options_name_cpus_only_for_a_local_ray():
+    local = simulation.federation_options(7, 1, None, verbose=False)
+    assert "num-supernodes=7" in local and any(o.startswith("init-args-num-cpus=") for o in local)
+    assert "init-args-log-to-driver=false" in local
+    cluster = simulation.federation_options(7, 2, "auto", verbose=True)
+    assert not any(o.startswith("init-args-num-cpus=") for o in cluster)
+    assert "client-resources-num-cpus=2" in cluster and "verbose=true" in cluster
+
+
+def stub_launcher(monkeypatch, failures: list[str]):
+    """Each call fails with the next of `failures`, then one writes the report."""
     calls = []
 
-    def init(**kwargs):
-        calls.append(kwargs)
-        if len(calls) == 1:
-            raise Exception("The current node timed out during startup.")  # what Ray raises
+    def launch(flower, env, app, config_file, resume, options, verbose):
+        calls.append(options)
+        if len(calls) <= len(failures):
+            raise RuntimeError(failures[len(calls) - 1])
+        (flower.parent / "report.json").write_text(json.dumps({"final_accuracy": 0.5}))
 
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", init)
-    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(simulation, "_run_on_local_superlink", launch)
     monkeypatch.setattr(simulation.time, "sleep", lambda s: None)
-    simulation.start_ray({"num_cpus": 1})
-    assert calls == [{"num_cpus": 1}, {"num_cpus": 1}]
+    return calls
 
 
-def test_ray_that_never_starts_is_a_clear_error(monkeypatch):
-    def init(**kwargs):
-        raise Exception("The current node timed out during startup.")
+def test_a_slow_ray_start_is_retried(tmp_path, monkeypatch):
+    calls = stub_launcher(monkeypatch, ["flwr run failed: The current node timed out during startup."])
+    cfg = build_run_config(None, {"out": str(tmp_path / "run")}, SMALL)
+    assert simulation.simulate(cfg) == {"final_accuracy": 0.5}
+    assert len(calls) == 2
 
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", init)
-    monkeypatch.setattr(ray, "shutdown", lambda: None)
-    monkeypatch.setattr(simulation.time, "sleep", lambda s: None)
-    with pytest.raises(RuntimeError, match="Ray did not start in 3 attempts: The current node timed out"):
-        simulation.start_ray({})
+
+def test_ray_that_never_starts_fails_after_three_attempts(tmp_path, monkeypatch):
+    calls = stub_launcher(monkeypatch, ["The current node timed out during startup."] * 3)
+    cfg = build_run_config(None, {"out": str(tmp_path / "run")}, SMALL)
+    with pytest.raises(RuntimeError, match="timed out during startup"):
+        simulation.simulate(cfg)
+    assert len(calls) == 3
+
+
+def test_other_failures_are_not_retried(tmp_path, monkeypatch):
+    calls = stub_launcher(monkeypatch, ["flwr run failed (exit 1): ServerApp raised ValueError"])
+    cfg = build_run_config(None, {"out": str(tmp_path / "run")}, SMALL)
+    with pytest.raises(RuntimeError, match="ServerApp raised ValueError"):
+        simulation.simulate(cfg)
+    assert len(calls) == 1
