@@ -81,3 +81,11 @@ def tokens_per_patch(model: GeoMoENet, image_size: int) -> dict[int, int]:
     model.eval()
     _, pre_mlp = model.forward_with_pre_mlp(torch.zeros(1, 3, image_size, image_size))
     return {layer: int(pre_mlp[layer].shape[2]) for layer in model.cfg.moe_layers}  # [B, C, P, N]: P
+
+
+@torch.no_grad()
+def tokens_per_image(model: GeoMoENet, image_size: int) -> dict[int, int]:
+    """Pixel tokens each MoE layer routes for one image: the most routing counts an image can add there."""
+    model.eval()
+    _, pre_mlp = model.forward_with_pre_mlp(torch.zeros(1, 3, image_size, image_size))
+    return {layer: int(pre_mlp[layer].shape[2] * pre_mlp[layer].shape[3]) for layer in model.cfg.moe_layers}  # P*N

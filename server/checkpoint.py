@@ -1,11 +1,14 @@
-"""Atomic checkpoints of the global model and server state: a crash never leaves half a file."""
+"""Atomic checkpoints of the global model and server state: a crash never leaves half a file, and loading one
+runs no code (tensors and plain data only)."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -13,19 +16,33 @@ from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write `data` (bytes, or a function writing to a file) to a temporary file in `path`'s folder, fsync it,
+    rename it over `path` and fsync the folder: after a crash `path` is the old file or the new one, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "wb") as f:
-            torch.save(obj, f)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save, atomically (see `atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_model(model: GeoMoENet, path: Path, **extra: Any) -> None:
@@ -37,7 +54,10 @@ def load_model(path: Path) -> tuple[GeoMoENet, dict[str, Any]]:
     """The model in a file written by `save_model`, and the file's other entries."""
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: a pickled object (code) in a model or checkpoint file fails to load instead of running
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} holds more than tensors and plain data; refusing to load it: {error}") from None
     if "model_config" not in data:
         raise ValueError(f"{path} is not a geomoe model file (no model_config)")
     model = GeoMoENet(ModelConfig.from_dict(data.pop("model_config")))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from rich.table import Table
 
 from geomoe.model.experts import shared_state
 from geomoe.model.training import evaluate
-from geomoe.server.checkpoint import load_model, save_model
+from geomoe.server.checkpoint import atomic_write, load_model, save_model
 from geomoe.server.initial_model import initial_model
 from geomoe.server.progress import phase
 from geomoe.server.strategy import GeoExpertStrategy, ServerState, weighted_accuracy
@@ -115,19 +114,26 @@ class Federation:
         return nodes
 
     def set_up_nodes(self) -> dict[int, dict[str, int]]:
+        """Wait for the first nodes and query them; at least one must answer."""
+        traffic = self.query_new(self.wait_for_nodes())
+        if not self.strategy.nodes:
+            raise RuntimeError("no node answered the query")
+        return traffic
+
+    def query_new(self, nodes: list[int]) -> dict[int, dict]:
         """Query nodes for their location and data; with location clients, also route the full model.
 
+        Runs at set-up and at the start of every round for nodes that joined since (or whose query failed).
         With every cell a client, a cell routes the full model only when first sampled (`route_new`):
         sending 4 MB to thousands of nodes at set-up would dwarf the training traffic.
         """
-        nodes = self.wait_for_nodes()
+        if not nodes:
+            return {}
         with phase(f"querying {len(nodes)} nodes", self.console):
             replies, traffic = self.exchange(self.strategy.configure_query(nodes, with_model=False), "query")
         self.strategy.register(replies)
-        if not self.strategy.nodes:
-            raise RuntimeError("no node answered the query")
         if self.cfg.world.clients == "locations":
-            for node, t in self.route_new(list(self.strategy.nodes)).items():
+            for node, t in self.route_new([n for n in nodes if n in self.strategy.nodes]).items():
                 traffic[node] = merge_traffic(traffic.get(node), t)
         return traffic
 
@@ -151,16 +157,20 @@ class Federation:
         self.setup["traffic"][str(self.state.completed_round)] = self._by_cell(setup_traffic)
         for server_round in range(self.state.completed_round + 1, fed.rounds + 1):
             started = time.monotonic()
+            joined = self._by_cell(self.query_new(sorted(set(self.grid.get_node_ids()) - set(self.strategy.nodes))))
             sampled = self.strategy.round_nodes(server_round, self.grid)
-            routed = self._by_cell(self.route_new(sampled))
+            routed = {**joined, **self._by_cell(self.route_new(sampled))}
             if routed:
                 setup = self.setup["traffic"].setdefault(str(server_round - 1), {})
                 for cell, t in routed.items():
                     setup[cell] = merge_traffic(setup.get(cell), t)
             messages = list(self.strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), self.grid))
             replies, traffic = self.exchange(messages, f"round {server_round}")
-            self._record_received_accuracy(server_round - 1, replies)
+            received_model_accuracy = self.server_accuracy()  # the model the nodes received, before this update
             _, train_metrics = self.strategy.aggregate_train(server_round, replies)
+            # Train replies report the accuracy of the model they received: the model after the previous round.
+            received = {cell: vars(e) for cell, e in self.strategy.received.items()}
+            self._store_evaluation(server_round - 1, received, received_model_accuracy)
             row = {
                 "round": server_round,
                 "seconds": time.monotonic() - started,
@@ -186,7 +196,7 @@ class Federation:
         self.final_evaluation()
         self.checkpoint()
         report = self.report()
-        (self.out / REPORT).write_text(json.dumps(report, indent=2))
+        atomic_write(self.out / REPORT, json.dumps(report, indent=2).encode())
         return report
 
     def final_evaluation(self) -> None:
@@ -195,16 +205,12 @@ class Federation:
         replies, _ = self.exchange(messages, "evaluation")
         self._store_evaluation(done, self.strategy.per_cell_evaluation(replies))
 
-    def _record_received_accuracy(self, rounds_done: int, replies: Iterable[Message]) -> None:
-        """Train replies report the accuracy of the model they received: the model after `rounds_done`."""
-        self._store_evaluation(rounds_done, self.strategy.per_cell_evaluation(replies, prefix="received-"))
-
-    def _store_evaluation(self, rounds_done: int, per_cell: dict) -> None:
+    def _store_evaluation(self, rounds_done: int, per_cell: dict, server_accuracy: float | None = None) -> None:
         if per_cell:
             self.state.evaluations[rounds_done] = {
                 **weighted_accuracy(per_cell),
                 "per_cell": per_cell,
-                "server_accuracy": self.server_accuracy(),
+                "server_accuracy": self.server_accuracy() if server_accuracy is None else server_accuracy,
             }
 
     def server_accuracy(self) -> float:

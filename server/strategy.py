@@ -9,7 +9,6 @@ hold it. `strategy="fedavg"` sends everything to everyone: dense FedAvg on the s
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,32 +18,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from geomoe.model.counting import tokens_per_image
 from geomoe.model.experts import KeepSet, global_centroids, shared_state, take_expert_state
 from geomoe.model.importance import keep_set
 from geomoe.model.moe_layer import EXPERT_PARAMS
 from geomoe.model.network import GeoMoENet
 from geomoe.server.aggregation import RowUpdate, mean_delta, mean_row_delta
+from geomoe.server.replies import Evaluation, QueryReply, RejectedReply, ReplyReader, SentSpec, TrainReply, spec_of
 from geomoe.server.server_optimizer import ServerOptimizer
-from geomoe.server.validation import RejectedReply, SentSpec, check_size, check_update, spec_of
 from geomoe.wire import messages as msg
 from geomoe.wire.run_config import RunConfig
 
 log = logging.getLogger("geomoe.server")
 HEAD_ROWS = ("head.fc.weight", "head.fc.bias")
-
-
-@dataclass
-class NodeInfo:
-    """What the server knows of a connected node (from its query reply)."""
-
-    location: int  # index into the run's locations
-    cell: str  # S2 token
-    has_base: bool  # the node holds the initial shared state
-    species: list[int]  # species in its training data
-    train_examples: int
-    source: str = ""  # where its data comes from ("cell 3/30", "folder /data/labelled (folders)")
-    unknown_species: dict[str, int] = field(default_factory=dict)  # images of species the run lacks, by name
-    skipped: dict[str, int] = field(default_factory=dict)  # entries its data left out, by reason
 
 
 @dataclass
@@ -69,22 +55,25 @@ class GeoExpertStrategy(Strategy):
         self.fed = cfg.federation
         self.optimizer = ServerOptimizer(self.fed.server_optimizer, self.fed.server_lr)
         self.optimizer.load_state_dict(state.optimizer)
-        self.nodes: dict[int, NodeInfo] = {}
+        self.nodes: dict[int, QueryReply] = {}
         self.sent: dict[int, SentSpec] = {}
+        self.base_sent: set[int] = set()  # nodes sent the base whose reply has not yet confirmed it arrived
         self.rejections: list[dict] = []
-        self.last_train_metrics: dict[int, dict] = {}
+        self.received: dict[str, Evaluation] = {}  # cell -> accuracy of the model its node received this round
+        tokens = tokens_per_image(model, cfg.world.input_size())
+        self.reader = ReplyReader(cfg, list(world.get(msg.CELLS, [])), tokens)
 
     # --- what a node receives ------------------------------------------------------------------
     @property
     def dense(self) -> bool:
         return self.fed.strategy == "fedavg"
 
-    def keep_for(self, node: NodeInfo) -> KeepSet:
+    def keep_for(self, node: QueryReply) -> KeepSet:
         if self.dense:
             return {layer: list(range(self.cfg.model.num_experts)) for layer in self.cfg.model.moe_layers}
         return self.state.keep[node.location]
 
-    def head_rows_for(self, node: NodeInfo) -> list[int]:
+    def head_rows_for(self, node: QueryReply) -> list[int]:
         if self.dense:
             return list(range(self.cfg.model.num_classes))
         return node.species if self.fed.trainable in ("experts+head", "all") else []
@@ -131,9 +120,9 @@ class GeoExpertStrategy(Strategy):
             msg.pack(content, msg.HEAD, head, codec)
         if shared:
             msg.pack(content, msg.SHARED, shared, codec)
-        if not node.has_base:
+        if not node.has_base:  # until a reply shows it arrived: a node that timed out or failed gets it again
             content[msg.BASE] = msg.to_record(self.base)
-            node.has_base = True  # the node caches it; a node that lost it says so in its next query
+            self.base_sent.add(node_id)
         if train:
             self.sent[node_id] = spec_of({**experts, **head, **shared})
         return content
@@ -146,7 +135,15 @@ class GeoExpertStrategy(Strategy):
         return [
             Message(self.node_content(node_id, server_round, train=True), dst_node_id=node_id, message_type="train")
             for node_id in self.round_nodes(server_round, grid)
+            if self.has_keep(node_id)
         ]
+
+    def has_keep(self, node_id: int) -> bool:
+        """Whether the node's location has a keep set (its routing reply may have been rejected or lost)."""
+        if self.dense or self.nodes[node_id].location in self.state.keep:
+            return True
+        log.warning("node %s (%s) has no keep set yet: left out of this round", node_id, self.nodes[node_id].cell)
+        return False
 
     def round_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """The nodes sampled for `server_round` (deterministic, so the loop can prepare them first)."""
@@ -165,30 +162,39 @@ class GeoExpertStrategy(Strategy):
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + server_round)
         return sorted(ordered[i] for i in torch.randperm(len(ordered), generator=generator)[:count].tolist())
 
-    def accept(self, server_round: int, replies: Iterable[Message]) -> list[tuple[NodeInfo, dict, dict, dict]]:
-        """Valid replies as (node, update, routing tensors, metrics), ordered by location; others logged."""
-        accepted = []
+    def accept(self, server_round: int, replies: Iterable[Message]) -> list[tuple[QueryReply, TrainReply]]:
+        """Valid replies, one per node, as (node, reply) ordered by location; the others are logged."""
+        accepted, seen = {}, set()
+        self.received = {}
         for reply in replies:
             node_id = reply.metadata.src_node_id
             try:
-                if reply.has_error():
-                    raise RejectedReply(f"client error: {reply.error.reason}")
+                if node_id in seen:
+                    raise RejectedReply("a second reply in this round")
+                seen.add(node_id)
                 if node_id not in self.sent:
                     raise RejectedReply("reply from a node that was not sent a training message")
-                check_size(
-                    sum(msg.content_bytes(reply.content).values()), self.sent[node_id], self.fed.max_update_ratio
-                )
-                update = msg.unpack(reply.content, msg.UPDATE)
-                check_update(update, self.sent[node_id])
-                tokens = msg.from_record(reply.content[msg.TOKENS]) if msg.TOKENS in reply.content else {}
-                metrics = dict(reply.content[msg.METRICS]) if msg.METRICS in reply.content else {}
-            except (RejectedReply, KeyError, TypeError, ValueError) as error:
-                self.rejections.append({"round": server_round, "node": node_id, "reason": str(error)})
-                log.warning("round %d: rejected reply of node %s: %s", server_round, node_id, error)
+                node = self.nodes[node_id]
+                parsed = self.reader.train(reply, self.sent[node_id], node.train_examples)
+            except RejectedReply as error:
+                self.reject(server_round, node_id, str(error))
+                accepted.pop(node_id, None)  # a node that replies twice has neither reply counted
                 continue
-            accepted.append((self.nodes[node_id], update, tokens, metrics))
-            self.last_train_metrics[node_id] = metrics
-        return sorted(accepted, key=lambda item: item[0].location)
+            self.confirm_base(node_id)
+            accepted[node_id] = (node, parsed)
+            if parsed.received is not None:
+                self.received[node.cell] = parsed.received
+        return sorted(accepted.values(), key=lambda item: item[0].location)
+
+    def reject(self, server_round: int, node_id: int, reason: str) -> None:
+        self.rejections.append({"round": server_round, "node": node_id, "reason": reason})
+        log.warning("round %d: rejected reply of node %s: %s", server_round, node_id, reason)
+
+    def confirm_base(self, node_id: int) -> None:
+        """A node that replied well to a message carrying the base holds it now."""
+        if node_id in self.base_sent:
+            self.base_sent.discard(node_id)
+            self.nodes[node_id].has_base = True
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -196,42 +202,42 @@ class GeoExpertStrategy(Strategy):
         accepted = self.accept(server_round, replies)
         if not accepted:
             return None, None
-        self.apply_updates([(node, update, tokens, metrics) for node, update, tokens, metrics in accepted])
-        examples = sum(m.get("examples", 0.0) for *_, m in accepted)
-        loss = sum(m.get("train_loss", 0.0) * m.get("examples", 0.0) for *_, m in accepted) / max(examples, 1)
+        self.apply_updates(accepted)
+        examples = sum(r.examples for _, r in accepted)
+        loss = sum(r.train_loss * r.examples for _, r in accepted) / max(examples, 1)
         left_out = {
-            name: sum(m.get(key, 0.0) for *_, m in accepted)
-            for name, key in (
-                ("unknown_species_images", "unknown-species-images"),
-                ("skipped_images", "skipped-images"),
-            )
+            "unknown_species_images": sum(r.unknown_species_images for _, r in accepted),
+            "skipped_images": sum(r.skipped_images for _, r in accepted),
         }
         return ArrayRecord(), MetricRecord(
             {"train_loss": loss, "examples": examples, "replies": len(accepted), **left_out}
         )
 
-    def apply_updates(self, accepted: list[tuple[NodeInfo, dict, dict, dict]]) -> None:
-        """Per-expert and per-head-row weighted means, FedAvg for shared tensors, through the optimiser."""
+    def apply_updates(self, accepted: list[tuple[QueryReply, TrainReply]]) -> None:
+        """Per-expert and per-head-row weighted means, FedAvg for shared tensors, through the optimiser. Weights
+        are the reader's bounded counts: routed tokens, or examples seen."""
         for layer, module in self.model.moe_layers().items():
             ids_key = f"moe.{layer}.ids"
-            holders = [(u, t, m) for _, u, t, m in accepted if ids_key in u]
+            holders = [r for _, r in accepted if ids_key in r.update]
             for param in EXPERT_PARAMS:
                 updates = []
-                for update, tokens, metrics in holders:
-                    ids = update[ids_key]
-                    if self.fed.weighting == "tokens" and f"counts.{layer}" in tokens:
-                        weight = tokens[f"counts.{layer}"][ids]
+                for r in holders:
+                    ids = r.update[ids_key]
+                    if self.fed.weighting == "tokens":
+                        weight = r.token_counts[layer][ids].float()
                     else:
-                        weight = torch.full((len(ids),), float(metrics.get("examples", 1.0)))
-                    updates.append(RowUpdate(ids, update[f"moe.{layer}.{param}"], weight))
+                        weight = torch.full((len(ids),), r.examples)
+                    updates.append(RowUpdate(ids, r.update[f"moe.{layer}.{param}"], weight))
                 delta, touched = mean_row_delta(module.num_global_experts, updates)
                 if delta is not None:
                     self.optimizer.apply(f"moe.{layer}.{param}", getattr(module, param).data, delta, touched)
-        head = [(u, m) for _, u, _, m in accepted if msg.HEAD_IDS in u]
+        head = [r for _, r in accepted if msg.HEAD_IDS in r.update]
         for name in HEAD_ROWS:
             updates = [
-                RowUpdate(u[msg.HEAD_IDS], u[name], torch.full((len(u[msg.HEAD_IDS]),), float(m.get("examples", 1.0))))
-                for u, m in head
+                RowUpdate(
+                    r.update[msg.HEAD_IDS], r.update[name], torch.full((len(r.update[msg.HEAD_IDS]),), r.examples)
+                )
+                for r in head
             ]
             target = self.model.get_parameter(name)
             delta, touched = mean_row_delta(target.shape[0], updates)
@@ -239,7 +245,7 @@ class GeoExpertStrategy(Strategy):
                 self.optimizer.apply(name, target.data, delta, touched)
         state = self.model.state_dict()
         for name in self.shared_trainable():
-            senders = [(u[name], float(m.get("examples", 1.0))) for _, u, _, m in accepted if name in u]
+            senders = [(r.update[name], r.examples) for _, r in accepted if name in r.update]
             if senders:
                 delta = mean_delta([d for d, _ in senders], [w for _, w in senders])
                 self.optimizer.apply(name, state[name], delta)
@@ -254,22 +260,22 @@ class GeoExpertStrategy(Strategy):
             if self.dense or self.nodes[node_id].location in self.state.keep  # never-sampled cells have no keep set
         ]
 
-    def per_cell_evaluation(self, replies: Iterable[Message], prefix: str = "") -> dict[str, dict]:
-        """Accuracy, test examples and per-species recall of each replying node's cell.
-
-        Train replies carry the same figures for the model they received, under `received-`.
-        """
-        per_cell = {}
+    def per_cell_evaluation(self, replies: Iterable[Message]) -> dict[str, dict]:
+        """Accuracy, test examples and per-species recall of each replying node's cell (one reply per node)."""
+        per_cell: dict[str, dict] = {}
+        seen = set()
         for reply in replies:
-            if reply.has_error() or msg.METRICS not in reply.content or reply.metadata.src_node_id not in self.nodes:
+            node_id = reply.metadata.src_node_id
+            try:
+                if node_id not in self.nodes or node_id in seen:
+                    raise RejectedReply("an evaluation reply it was not asked for")
+                seen.add(node_id)
+                evaluation = self.reader.evaluation(reply)
+            except RejectedReply as error:
+                log.warning("evaluation: rejected reply of node %s: %s", node_id, error)
                 continue
-            metrics = reply.content[msg.METRICS]
-            recall = {str(s): r for s, r in enumerate(metrics.get(f"{prefix}recall", [])) if r >= 0}  # -1: absent
-            per_cell[self.nodes[reply.metadata.src_node_id].cell] = {
-                "accuracy": float(metrics[f"{prefix}accuracy"]),
-                "examples": float(metrics[f"{prefix}examples"]),
-                "recall": recall,
-            }
+            self.confirm_base(node_id)
+            per_cell[self.nodes[node_id].cell] = vars(evaluation)
         return per_cell
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -310,35 +316,21 @@ class GeoExpertStrategy(Strategy):
     def register(self, replies: Iterable[Message]) -> None:
         """Record each node's location and, from its routing statistics, its location's keep set."""
         for reply in replies:
-            if reply.has_error():
-                log.warning("node %s failed its query: %s", reply.metadata.src_node_id, reply.error.reason)
+            node_id = reply.metadata.src_node_id
+            try:
+                node = self.reader.query(reply)
+            except RejectedReply as error:
+                log.warning("node %s: query reply rejected: %s", node_id, error)
                 continue
-            info = reply.content[msg.INFO]
-            node = NodeInfo(
-                int(info["location"]),
-                str(info["cell"]),
-                bool(info["has-base"]) or msg.TOKENS in reply.content,
-                json.loads(str(info["species"])),
-                int(info["train-examples"]),
-                str(info.get("source", "")),
-                json.loads(str(info.get("unknown-species", "{}"))),
-                json.loads(str(info.get("skipped", "{}"))),
-            )
             if node.unknown_species:
-                log.warning(
-                    "node %s (%s): images of species this run does not know: %s",
-                    reply.metadata.src_node_id,
-                    node.cell,
-                    ", ".join(f"{name} ({n})" for name, n in sorted(node.unknown_species.items())),
-                )
+                names = ", ".join(f"{name} ({n})" for name, n in sorted(node.unknown_species.items()))
+                log.warning("node %s (%s): images of species this run does not know: %s", node_id, node.cell, names)
             if node.skipped:
-                log.warning(
-                    "node %s (%s): left out of its data: %s", reply.metadata.src_node_id, node.cell, node.skipped
-                )
-            self.nodes[reply.metadata.src_node_id] = node
-            if msg.TOKENS in reply.content and node.location not in self.state.keep:
-                stats = msg.stats_from_tensors(msg.from_record(reply.content[msg.TOKENS]))
-                self.state.keep[node.location] = keep_set(stats, self.fed.keep)
+                log.warning("node %s (%s): left out of its data: %s", node_id, node.cell, node.skipped)
+            self.nodes[node_id] = node
+            if node.routing is not None and node.location not in self.state.keep:
+                self.state.keep[node.location] = keep_set(node.routing, self.fed.keep)
+            node.routing = None  # used once; thousands of nodes need not keep their routing graphs
 
 
 def weighted_accuracy(per_cell: dict[str, dict[str, float]]) -> dict[str, float]:

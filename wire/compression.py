@@ -9,6 +9,7 @@ added to the next round's update (Seide et al. 2014; Karimireddy et al. 2019).
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 
@@ -100,24 +101,60 @@ def encode(tensor: torch.Tensor, pipeline: Pipeline) -> tuple[dict[str, np.ndarr
 
 
 def decode(parts: dict[str, np.ndarray], meta: dict, pipeline: Pipeline) -> torch.Tensor:
-    """The tensor back from its parts (exact unless the pipeline is lossy)."""
+    """The tensor back from its parts (exact unless the pipeline is lossy). Every size is checked against the
+    tensor's described shape before anything is allocated, so a description from an untrusted sender cannot make
+    it allocate more than the tensor (a zstd frame is read up to its expected size, no further)."""
+    shape = tuple(int(n) for n in meta["shape"])
+    numel = int(np.prod(shape))
     if pipeline.zstd:
-        decompressor = zstandard.ZstdDecompressor()
-        parts = {
-            name: np.frombuffer(decompressor.decompress(p.tobytes()), dtype=meta["parts"][name][0]).reshape(
-                meta["parts"][name][1]
-            )
-            for name, p in parts.items()
-        }
-    shape = tuple(meta["shape"])
+        described = meta["parts"]
+        if set(described) != set(parts):
+            raise ValueError(f"compressed parts {sorted(parts)} do not match their description {sorted(described)}")
+        parts = {name: _unzstd(p, np.dtype(described[name][0]), described[name][1], numel) for name, p in parts.items()}
     if "raw" in parts:
-        return torch.from_numpy(np.array(parts["raw"], copy=True).reshape(shape))
+        raw = parts["raw"]
+        if raw.size != numel:
+            raise ValueError(f"raw part of {raw.size} values for a tensor of shape {shape}")
+        return torch.from_numpy(np.array(raw, copy=True).reshape(shape))
+    _check_sizes(parts, numel, pipeline.quantizer, int(meta.get("rows", 1)))
     if "i" in parts:
-        flat = np.zeros(int(np.prod(shape)), dtype=np.float32)
-        flat[parts["i"]] = _dequantize(parts, pipeline.quantizer, 1)
+        index = parts["i"].astype(np.int64)
+        if index.size and (index.min() < 0 or index.max() >= numel):
+            raise ValueError(f"top-k index outside 0..{numel - 1}")
+        flat = np.zeros(numel, dtype=np.float32)
+        flat[index] = _dequantize(parts, pipeline.quantizer, 1)
     else:
         flat = _dequantize(parts, pipeline.quantizer, meta["rows"])
     return torch.from_numpy(flat.reshape(shape).astype(meta["dtype"]))
+
+
+def _unzstd(frame: np.ndarray, dtype: np.dtype, shape: list[int], numel: int) -> np.ndarray:
+    """A zstd part, decompressed to at most the bytes its (bounded) description says."""
+    count = int(np.prod(shape)) if shape else 1
+    if count > numel + 1:  # a part never holds more values than its tensor (+1: the scale of a scalar)
+        raise ValueError(f"compressed part of {count} values for a tensor of {numel}")
+    expected = count * dtype.itemsize
+    try:
+        data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frame.tobytes())).read(expected + 1)
+    except zstandard.ZstdError as error:
+        raise ValueError(f"bad zstd part: {error}") from None
+    if len(data) != expected:
+        raise ValueError(f"zstd part decompresses to {len(data)}+ bytes, expected {expected}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _check_sizes(parts: dict[str, np.ndarray], numel: int, quantizer: str | None, rows: int) -> None:
+    """Parts whose sizes fit the tensor: values (and indices) no more than its elements, one scale per group."""
+    values = parts.get("v", parts.get("q"))
+    if values is None:
+        raise ValueError(f"compressed tensor without values (parts {sorted(parts)})")
+    count = parts["i"].size if "i" in parts else numel
+    if values.size != count or count > numel:
+        raise ValueError(f"{values.size} values for {count} positions of a tensor of {numel}")
+    if quantizer in ("int8", "int8c"):
+        groups = 1 if quantizer == "int8" or "i" in parts else rows
+        if "s" not in parts or parts["s"].size != groups or (count and count % groups):
+            raise ValueError(f"int8 scales do not match {groups} row(s)")
 
 
 def encode_all(tensors: dict[str, torch.Tensor], pipeline: Pipeline) -> tuple[dict[str, np.ndarray], str]:
@@ -129,8 +166,17 @@ def encode_all(tensors: dict[str, torch.Tensor], pipeline: Pipeline) -> tuple[di
     return arrays, json.dumps(metas)
 
 
-def decode_all(arrays: dict[str, np.ndarray], description: str, pipeline: Pipeline) -> dict[str, torch.Tensor]:
+def decode_all(
+    arrays: dict[str, np.ndarray],
+    description: str,
+    pipeline: Pipeline,
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tensors from their parts. With `expected` (name -> shape, dtype: what the receiver sent), the description
+    must name exactly those tensors with those shapes and dtypes, checked before decoding any of them."""
     metas = json.loads(description)
+    if expected is not None:
+        _check_description(metas, expected)
     grouped: dict[str, dict[str, np.ndarray]] = {name: {} for name in metas}
     for key, array in arrays.items():
         name, _, part = key.rpartition("/")
@@ -138,6 +184,20 @@ def decode_all(arrays: dict[str, np.ndarray], description: str, pipeline: Pipeli
             raise ValueError(f"compressed part {key!r} belongs to no described tensor")
         grouped[name][part] = array
     return {name: decode(grouped[name], metas[name], pipeline) for name in metas}
+
+
+def _check_description(metas: object, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    if not isinstance(metas, dict) or set(metas) != set(expected):
+        names = sorted(metas) if isinstance(metas, dict) else type(metas).__name__
+        raise ValueError(f"compressed tensors {names} are not the ones sent {sorted(expected)}")
+    for name, (shape, dtype) in expected.items():
+        meta = metas[name]
+        if not isinstance(meta, dict) or meta.get("shape") != list(shape):
+            raise ValueError(
+                f"{name}: described shape {meta.get('shape') if isinstance(meta, dict) else meta}, sent {list(shape)}"
+            )
+        if meta.get("dtype") != str(dtype).removeprefix("torch."):
+            raise ValueError(f"{name}: described dtype {meta.get('dtype')}, sent {dtype}")
 
 
 class ErrorFeedback:

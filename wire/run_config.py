@@ -50,6 +50,7 @@ class FederationConfig:
     min_nodes: int = 1  # wait for this many nodes before a round starts
     round_timeout_s: float = 600.0  # a round goes on without nodes that have not replied by then
     max_update_ratio: float = 1.5  # a reply larger than this times what was sent is rejected
+    max_update_norm: float = 1.0  # an update whose L2 norm exceeds this times the norm of what was sent is rejected
     upload_compression: str = "none"  # client -> server pipeline, e.g. "int8+zstd", "topk0.1+int8+zstd"
     download_compression: str = "none"  # server -> client pipeline for experts, head rows, shared tensors
     pretrain_epochs: int = 4  # server-side dense pretraining on its share before conversion

@@ -7,7 +7,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from geomoe.model.experts import shared_state
 from geomoe.model.network import GeoMoENet
-from geomoe.server.strategy import GeoExpertStrategy, NodeInfo, ServerState
+from geomoe.server.replies import QueryReply
+from geomoe.server.strategy import GeoExpertStrategy, ServerState
 from geomoe.wire import messages as msg
 from geomoe.wire.run_config import RunConfig
 
@@ -37,12 +38,13 @@ def make_strategy(strategy: str = "expert") -> GeoExpertStrategy:
     cfg.conversion.num_experts = 4
     cfg.federation.strategy = strategy
     cfg.federation.weighting = "examples"
+    cfg.federation.max_update_norm = 1e6  # replies move every tensor by +1: exact expectations, not realistic norms
     cfg.__post_init__()
     torch.manual_seed(0)
     model = GeoMoENet(cfg.model)
     keep = {0: {1: [0, 1], 3: [2], 5: [3], 7: [0]}, 1: {1: [1, 2], 3: [2], 5: [0], 7: [1]}}
-    s = GeoExpertStrategy(cfg, model, shared_state(model), ServerState(keep=keep), world={})
-    s.nodes = {101: NodeInfo(0, "0/", True, [1, 2], 50), 202: NodeInfo(1, "4/", True, [2, 5], 150)}
+    s = GeoExpertStrategy(cfg, model, shared_state(model), ServerState(keep=keep), world={msg.CELLS: ["0/", "4/"]})
+    s.nodes = {101: QueryReply(0, "0/", True, [1, 2], 50), 202: QueryReply(1, "4/", True, [2, 5], 150)}
     return s
 
 
@@ -55,8 +57,13 @@ def reply_to(message: Message, change=None, examples: float = 100.0) -> Message:
     update = {k: v if k.endswith(".ids") else torch.ones_like(v) for k, v in sent.items()}
     if change:
         change(update)
+    counts = {f"counts.{layer}": torch.ones(4) for layer in (1, 3, 5, 7)}
     content = RecordDict(
-        {msg.UPDATE: msg.to_record(update), msg.METRICS: MetricRecord({"examples": examples, "train_loss": 1.0})}
+        {
+            msg.UPDATE: msg.to_record(update),
+            msg.TOKENS: msg.to_record(counts),
+            msg.METRICS: MetricRecord({"examples": examples, "train_loss": 1.0}),
+        }
     )
     return Message(content, reply_to=message)
 
@@ -76,7 +83,7 @@ def test_experts_average_over_their_holders_only():
     strategy = make_strategy()
     before = {k: v.clone() for k, v in strategy.model.state_dict().items()}
     messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, GRID)}
-    replies = [reply_to(messages[101], examples=50), reply_to(messages[202], examples=150)]
+    replies = [reply_to(messages[101], examples=50), reply_to(messages[202], examples=150)]  # at most declared
     strategy.aggregate_train(1, replies)
     w1 = strategy.model.moe_layers()[1].w1.detach()
     w1_before = before["backbone.stages.2.1.transformer.1.mlp.w1"]
@@ -131,10 +138,10 @@ def test_dense_fedavg_sends_everything_and_averages_by_examples():
         u["backbone.stem.conv.weight"] = torch.full_like(u["backbone.stem.conv.weight"], 3.0)
 
     strategy.aggregate_train(
-        1, [reply_to(messages[101], examples=100), reply_to(messages[202], plus_three, examples=300)]
+        1, [reply_to(messages[101], examples=50), reply_to(messages[202], plus_three, examples=150)]
     )
     after = strategy.model.state_dict()["backbone.stem.conv.weight"]
-    assert torch.allclose(after, before + (1 * 100 + 3 * 300) / 400)
+    assert torch.allclose(after, before + (1 * 50 + 3 * 150) / 200)
 
 
 def test_nodes_the_superlink_no_longer_lists_get_no_messages():
