@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,10 +119,30 @@ def read(folder: Path, stem: str) -> Issued:
     return Issued((folder / f"{stem}.pem").read_bytes(), (folder / f"{stem}.key").read_bytes())
 
 
+DEVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # names become file, container and volume names
+EXPERT_TOKEN = "expert.token"  # the fleet's shared token for expert servers (callers send it, servers check it)
+
+
+def check_device_name(name: str) -> str:
+    """`name` if it is safe as a file, container and volume name (lowercase letters, digits, '-'); else an error."""
+    if not DEVICE_NAME.match(name):
+        raise ValueError(f"device name {name!r} must be 1-63 lowercase letters, digits or '-', starting with one "
+                         "of the first two")  # fmt: skip
+    return name
+
+
+def device_server_pair(certs: Path, name: str) -> tuple[Path, Path]:
+    """Where a device's own server certificate and key live (expert servers present these, never the SuperLink's)."""
+    return certs / "devices" / f"{name}-server.pem", certs / "devices" / f"{name}-server.key"
+
+
 def ensure_fleet_certs(out: Path, server_hosts: list[str], devices: list[str]) -> list[str]:
-    """The fleet's CA and server certificate (made once, never replaced: devices trust them) and,
-    for each device not yet issued, a TLS certificate and a SuperNode authentication key pair.
-    Rerunning with a new device name adds that device only. Returns what was written."""
+    """The fleet's CA, the SuperLink's server certificate and the expert-server token (made once, never
+    replaced: devices trust them) and, for each device not yet issued, a client certificate, its own server
+    certificate (for the name it is dialled by) and a SuperNode authentication key pair. Rerunning with a new
+    device name adds that device only. Returns what was written."""
+    for name in devices:
+        check_device_name(name)
     written = []
     if (out / "ca.pem").exists():
         ca = read(out, "ca")
@@ -129,10 +151,16 @@ def ensure_fleet_certs(out: Path, server_hosts: list[str], devices: list[str]) -
         write(ca, out, "ca")
         write(issue(ca, "geomoe-server", server_hosts), out, "server")
         written.append(f"CA and server certificate for {', '.join(server_hosts)}")
+    token = out / EXPERT_TOKEN
+    if not token.exists():
+        token.touch(mode=0o600)
+        token.write_text(secrets.token_urlsafe(32) + "\n")
+        written.append("expert-server token")
     for name in devices:
         if device_auth_key(out, name)[0].exists():
             continue
         write(issue(ca, name, [name], server=False), out / "devices", name)
+        write(issue(ca, name, [name], server=True), out / "devices", f"{name}-server")
         write_auth_key(make_auth_key(), out, name)
-        written.append(f"device {name}: certificate and SuperNode key")
+        written.append(f"device {name}: client and server certificates, SuperNode key")
     return written

@@ -79,8 +79,9 @@ def command(role: str, env: dict[str, str]) -> list[str]:
         security = ["--root-certificates", f"{CERTS}/ca.pem"] if tls else ["--insecure"]
         return ["flower-superexec", "--plugin-type", "serverapp", "--runtime-api-address", superlink, *security]
     if role == "expert-server":
-        # Peers on the field LAN call it; with TLS it presents the fleet CA's server certificate.
-        security = ["--cert", f"{CERTS}/server.pem", "--key", f"{CERTS}/server.key"] if tls else []
+        # Peers on the field LAN call it with the fleet's token; with TLS it presents its own server certificate.
+        security = ["--token-file", f"{CERTS}/expert.token"]
+        security += ["--cert", f"{CERTS}/server.pem", "--key", f"{CERTS}/server.key"] if tls else []
         serve = ["geomoe", "expert-server", "serve", "--model", "/data/model.pt", "--address", "0.0.0.0:50051"]
         return [*serve, "--name", env.get("GEOMOE_DEVICE", "expert-server"), *security]
     if role in COMMANDS:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from geomoe.deploy.certs import device_auth_key
+from geomoe.deploy.certs import EXPERT_TOKEN, check_device_name, device_auth_key, device_server_pair
 
 ROLES = ("supernode", "expert-server", "runtime", "superlink", "serverapp")
 LABELLED = "/data/labelled"  # where a SuperNode container sees its device's labelled images
@@ -48,8 +48,8 @@ class Fleet:
     image: str  # image every device runs (loaded with `geomoe deploy load`, no registry needed)
     superlink: str  # address SuperNodes dial, host:port
     devices: list[Device]
-    tls: bool = False  # SuperLink serves TLS and admits only registered SuperNode keys
-    certs: Path | None = None  # `geomoe deploy certs` folder; with tls, its files go into each volume
+    tls: bool = True  # SuperLink serves TLS and admits only registered SuperNode keys; off only if the file says so
+    certs: Path | None = None  # `geomoe deploy certs` folder; its files go into each volume
 
 
 def read_fleet_file(path: Path) -> Fleet:
@@ -68,6 +68,15 @@ def read_fleet_file(path: Path) -> Fleet:
                 raise ValueError(f"{path}: device {label}: missing field '{key}'")
         if entry["name"] in names:
             raise ValueError(f"{path}: device {label}: name used twice")
+        try:
+            check_device_name(str(entry["name"]))
+        except ValueError as error:
+            raise ValueError(f"{path}: device {label}: {error}") from None
+        if str(entry["host"]).startswith("tcp://"):
+            raise ValueError(
+                f"{path}: device {label}: a tcp:// Docker host gives root on the device to anyone on its network "
+                "(no TLS here); use ssh://user@host or a unix:// socket"
+            )
         names.add(entry["name"])
         role = entry.get("role", "supernode")
         if role not in ROLES:
@@ -96,12 +105,16 @@ def read_fleet_file(path: Path) -> Fleet:
         )
     if not devices:
         raise ValueError(f"{path}: no [[device]] tables")
-    tls = bool(data.get("tls", False))
+    tls = data.get("tls", True)
+    if not isinstance(tls, bool):
+        raise ValueError(f"{path}: tls must be true or false, got {tls!r}")
     certs = path.parent / str(data["certs"]) if "certs" in data else None
     fleet = Fleet(str(data["image"]), str(data["superlink"]), devices, tls, certs)
-    if tls:
+    needs_certs = tls or any(d.role == "expert-server" for d in devices)
+    if needs_certs:
         if certs is None:
-            raise ValueError(f"{path}: tls = true needs 'certs', the folder `geomoe deploy certs` wrote")
+            why = "tls = true (the default; say tls = false to run without)" if tls else "an expert-server (its token)"
+            raise ValueError(f"{path}: {why} needs 'certs', the folder `geomoe deploy certs` wrote")
         for device in devices:
             for source in certificate_files(device, fleet).values():
                 if not source.is_file():
@@ -121,12 +134,20 @@ def volume_name(device: Device) -> str:
 
 
 def certificate_files(device: Device, fleet: Fleet) -> dict[str, Path]:
-    """What goes into the device's /data/certs (name there -> file in the fleet's certs folder):
-    the CA for everyone, the server pair for servers, the SuperNode key for SuperNodes."""
-    assert fleet.certs is not None
-    files = {"ca.pem": fleet.certs / "ca.pem"}
-    if device.role in ("superlink", "expert-server"):
+    """What goes into the device's /data/certs (name there -> file in the fleet's certs folder): with TLS the CA
+    for everyone, the SuperLink's server pair for the SuperLink only, an expert server's own server pair, the
+    SuperNode key for SuperNodes; an expert server's token always."""
+    if fleet.certs is None:
+        return {}
+    files = {EXPERT_TOKEN: fleet.certs / EXPERT_TOKEN} if device.role == "expert-server" else {}
+    if not fleet.tls:
+        return files
+    files["ca.pem"] = fleet.certs / "ca.pem"
+    if device.role == "superlink":
         files |= {"server.pem": fleet.certs / "server.pem", "server.key": fleet.certs / "server.key"}
+    if device.role == "expert-server":
+        pem, key = device_server_pair(fleet.certs, device.name)
+        files |= {"server.pem": pem, "server.key": key}
     if device.role == "supernode":
         files["device.auth"] = device_auth_key(fleet.certs, device.name)[0]
     return files
@@ -215,8 +236,9 @@ def _container(client: Any, device: Device):
 def _start(client: Any, device: Device, fleet: Fleet, image: str | None = None) -> Any:
     """Create the device's container, put its certificates into the data volume, start it."""
     container = client.containers.create(**run_options(device, fleet, image))
-    if fleet.tls:
-        container.put_archive("/data", certificate_archive(certificate_files(device, fleet)))
+    files = certificate_files(device, fleet)
+    if files:
+        container.put_archive("/data", certificate_archive(files))
     container.start()
     return container
 

@@ -2,27 +2,34 @@
 
 Forward and backward run the same batched dispatch as a local MoE layer. Backward recomputes the
 forward pass (the server keeps no activations between calls), returns the gradient with respect to
-the tokens, and adds the parameter gradients to what earlier backward calls left; `step` applies
-them. A training step split across devices therefore equals the same step on one device.
+the tokens, and adds the parameter gradients to what that caller's earlier backward calls left;
+`step` applies that caller's gradients only, so two peers training at once never mix their steps.
+A training step split across devices therefore equals the same step on one device.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from collections import OrderedDict
 
 import torch
 
 from geomoe.model.moe_layer import EXPERT_PARAMS, MoEMlp
 from geomoe.model.network import GeoMoENet
 
+MAX_SESSIONS = 16  # callers whose gradients are kept at once; the longest idle one's are dropped beyond that
+MAX_LR = 1.0  # the largest learning rate a caller may ask `step` for
+
 
 class ExpertHost:
-    """Thread-safe forward / backward / step over the MoE layers of `model`."""
+    """Thread-safe forward / backward / step over the MoE layers of `model`, gradients kept per caller session."""
 
     def __init__(self, model: GeoMoENet) -> None:
         self.model = model.eval()
         self.layers: dict[int, MoEMlp] = model.moe_layers()
         self.lock = threading.Lock()
+        self.sessions: OrderedDict[str, dict[tuple[int, str], torch.Tensor]] = OrderedDict()
         for module in self.layers.values():
             for name in EXPERT_PARAMS:
                 getattr(module, name).requires_grad_(True)
@@ -52,32 +59,49 @@ class ExpertHost:
             return module.expert_outputs(tokens[None], choice[None])[0]  # [1, T, P, C] --> [T, P, C]
 
     def backward(
-        self, layer: int, expert_ids: torch.Tensor, tokens: torch.Tensor, grad_outputs: torch.Tensor
+        self,
+        layer: int,
+        expert_ids: torch.Tensor,
+        tokens: torch.Tensor,
+        grad_outputs: torch.Tensor,
+        session: str = "",
     ) -> torch.Tensor:
-        """Gradient w.r.t. tokens; parameter gradients accumulate until `step`."""
+        """Gradient w.r.t. tokens; parameter gradients accumulate in `session` until its `step`."""
         module, choice = self._local_choice(layer, expert_ids, tokens)
         if grad_outputs.shape != tokens.shape:
             raise ValueError(f"grad_outputs {tuple(grad_outputs.shape)} must match tokens {tuple(tokens.shape)}")
+        params = [getattr(module, name) for name in EXPERT_PARAMS]
         with self.lock:
             tokens = tokens.clone().requires_grad_(True)
             with torch.enable_grad():
                 outputs = module.expert_outputs(tokens[None], choice[None])[0]
-                outputs.backward(grad_outputs)
-            return tokens.grad
+                grads = torch.autograd.grad(outputs, [tokens, *params], grad_outputs, allow_unused=True)
+            kept = self.sessions.setdefault(session, {})
+            self.sessions.move_to_end(session)
+            for name, grad in zip(EXPERT_PARAMS, grads[1:], strict=True):
+                if grad is not None:
+                    key = (layer, name)
+                    kept[key] = kept[key] + grad if key in kept else grad.clone()
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+            return grads[0]
 
     def gradients(self, layer: int) -> dict[str, torch.Tensor | None]:
-        module = self.layers[layer]
-        return {name: getattr(module, name).grad for name in EXPERT_PARAMS}
+        """The gradients all sessions keep for `layer`, summed (None: none)."""
+        out: dict[str, torch.Tensor | None] = dict.fromkeys(EXPERT_PARAMS)
+        with self.lock:
+            for kept in self.sessions.values():
+                for (held_layer, name), grad in kept.items():
+                    if held_layer == layer:
+                        out[name] = grad.clone() if out[name] is None else out[name] + grad
+        return out
 
-    def step(self, lr: float) -> int:
-        """SGD on the kept gradients (lr 0 only clears them); returns the number of tensors updated."""
-        updated = 0
+    def step(self, lr: float, session: str = "") -> int:
+        """SGD on `session`'s kept gradients (lr 0 only clears them); the number of tensors updated."""
+        if not (math.isfinite(lr) and 0.0 <= lr <= MAX_LR):
+            raise ValueError(f"learning rate {lr} must lie in [0, {MAX_LR}]")
         with self.lock, torch.no_grad():
-            for module in self.layers.values():
-                for name in EXPERT_PARAMS:
-                    param = getattr(module, name)
-                    if param.grad is not None:
-                        param -= lr * param.grad
-                        param.grad = None
-                        updated += 1
-        return updated
+            kept = self.sessions.pop(session, {})
+            for (layer, name), grad in kept.items():
+                getattr(self.layers[layer], name).sub_(lr * grad)
+        return len(kept)

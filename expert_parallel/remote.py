@@ -10,12 +10,13 @@ expert, or the papers' removal); such tokens are counted.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
-from geomoe.expert_parallel.service import MAX_MESSAGE_BYTES, TlsFiles
+from geomoe.expert_parallel.service import MAX_MESSAGE_BYTES, SESSION_KEY, TlsFiles
 from geomoe.expert_parallel.tensors import from_proto, to_proto
 from geomoe.model.moe_layer import MoEMlp, Routing
 from geomoe.model.network import GeoMoENet
@@ -52,7 +53,8 @@ class PeerClient:
     ) -> None:
         self.address, self.deadline_s, self.codec = address, deadline_s, codec
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.session = uuid.uuid4().hex  # the server keeps this client's gradients apart from other callers'
+        self.metadata = ((SESSION_KEY, self.session),) + ((("authorization", f"Bearer {token}"),) if token else ())
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -107,7 +109,7 @@ class PeerClient:
         )
         self._sending(request)
         future = self.stub.Forward.future(request, timeout=self.deadline_s, metadata=self.metadata)
-        return _PendingForward(self, future)
+        return _PendingForward(self, future, tuple(tokens.shape))
 
     def backward(
         self, layer: int, expert_ids: torch.Tensor, tokens: torch.Tensor, grad_outputs: torch.Tensor
@@ -115,7 +117,7 @@ class PeerClient:
         request = expert_pb2.BackwardRequest(
             layer=layer, expert_ids=expert_ids.tolist(), tokens=to_proto(tokens), grad_outputs=to_proto(grad_outputs)
         )
-        return from_proto(self._call(self.stub.Backward, request).grad_tokens)
+        return _checked(self, self._call(self.stub.Backward, request).grad_tokens, tuple(tokens.shape))
 
     def step(self, lr: float) -> int:
         return self._call(self.stub.Step, expert_pb2.StepRequest(lr=lr)).parameters_updated
@@ -124,16 +126,28 @@ class PeerClient:
         self.channel.close()
 
 
+def _checked(peer: PeerClient, message, shape: tuple[int, ...]) -> torch.Tensor:
+    """A peer's tensor, decoded and of the shape asked for; anything else is that peer's fault (PeerError, so
+    the caller falls back), never a crash of the caller."""
+    try:
+        tensor = from_proto(message)
+    except ValueError as error:
+        raise peer._failed(error) from None
+    if tuple(tensor.shape) != shape:
+        raise peer._failed(ValueError(f"answered shape {tuple(tensor.shape)} for tokens {shape}"))
+    return tensor
+
+
 class _PendingForward:
-    def __init__(self, peer: PeerClient, future) -> None:
-        self.peer, self.future = peer, future
+    def __init__(self, peer: PeerClient, future, shape: tuple[int, ...]) -> None:
+        self.peer, self.future, self.shape = peer, future, shape
 
     def result(self) -> torch.Tensor:
         try:
             reply = self.peer._answered(self.future.result())
         except grpc.RpcError as error:
             raise self.peer._failed(error) from None
-        return from_proto(reply.outputs)
+        return _checked(self.peer, reply.outputs, self.shape)
 
 
 class RemoteExperts(torch.autograd.Function):

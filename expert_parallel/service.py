@@ -1,12 +1,17 @@
 """The expert server: a grpcio service over an ExpertHost, with deadlines, auth, TLS and health.
 
-Concurrent Forward calls for a layer are batched: the first caller waits `batch_window_s` for
-others, then all their tokens go through one dispatch. Malformed requests get INVALID_ARGUMENT
-with the reason and the server keeps serving; calls without the shared token get UNAUTHENTICATED.
+Concurrent Forward calls for a layer whose tokens have the same patch count, width and dtype are batched:
+the first caller waits `batch_window_s` for others, then all their tokens go through one dispatch; if that
+fails, each runs alone and only the bad one fails. Waiters are always released. Malformed requests get
+INVALID_ARGUMENT with the reason and the server keeps serving; calls without the shared token (compared in
+constant time) get UNAUTHENTICATED; off loopback a server refuses to start without a token. Memory is
+bounded: concurrent RPCs, message size (a Pi's budget) and tensor elements are capped before decoding.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +28,10 @@ from geomoe.expert_parallel.tensors import from_proto, to_proto
 from geomoe.protos import expert_pb2, expert_pb2_grpc
 
 SERVICE_NAME = "geomoe.expert.v1.ExpertService"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # one request or reply; a Raspberry Pi serves a few of these at once
+MAX_CONCURRENT_RPCS = 32  # calls beyond this are refused (RESOURCE_EXHAUSTED) rather than queued in memory
+MAX_TOKEN_ELEMENTS = 1 << 22  # values in one tensor of a request (16 MB of float32)
+SESSION_KEY = "geomoe-session"  # metadata naming the caller's training session (its gradients and steps)
 
 
 @dataclass
@@ -39,7 +47,7 @@ class TokenAuth(grpc.ServerInterceptor):
     """Refuses every call whose `authorization` metadata is not `Bearer <token>` (health checks included)."""
 
     def __init__(self, token: str) -> None:
-        self.expected = f"Bearer {token}"
+        self.expected = f"Bearer {token}".encode()
 
         def refuse(_request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token in 'authorization' metadata")
@@ -48,7 +56,8 @@ class TokenAuth(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if metadata.get("authorization") != self.expected:
+        given = str(metadata.get("authorization", "")).encode()
+        if not hmac.compare_digest(given, self.expected):  # constant time: the token is not guessed byte by byte
             return self.refusal
         return continuation(handler_call_details)
 
@@ -71,42 +80,51 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self.requests_served = 0
 
     def _batched_forward(self, layer: int, ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        key = (layer, tuple(tokens.shape[1:]), tokens.dtype)  # only requests whose tokens concatenate share a batch
         with self._lock:
-            batch = self._open.get(layer)
+            batch = self._open.get(key)
             leader = batch is None
             if leader:
-                batch = self._open[layer] = _ForwardBatch()
+                batch = self._open[key] = _ForwardBatch()
             index = len(batch.items)
             batch.items.append((ids, tokens))
         if leader:
-            time.sleep(self.batch_window_s)
-            with self._lock:
-                del self._open[layer]
             try:
-                outputs = self.host.forward(
-                    layer, torch.cat([i for i, _ in batch.items]), torch.cat([t for _, t in batch.items])
-                )
-                batch.results = list(outputs.split([len(t) for _, t in batch.items]))
-            except ValueError:  # one bad request must not fail the others: run them alone
-                batch.results = []
-                for i, t in batch.items:
-                    try:
-                        batch.results.append(self.host.forward(layer, i, t))
-                    except ValueError as single:
-                        batch.results.append(single)
-            self.batches_run += 1
-            self.requests_served += len(batch.items)
-            batch.done.set()
+                time.sleep(self.batch_window_s)
+                with self._lock:
+                    del self._open[key]
+                batch.results = self._run_batch(layer, batch.items)
+                self.batches_run += 1
+                self.requests_served += len(batch.items)
+            except BaseException as error:  # never leave followers waiting, whatever happened
+                batch.results = [error] * len(batch.items)
+                raise
+            finally:
+                batch.done.set()
         else:
             batch.done.wait()
         result = batch.results[index]
-        if isinstance(result, Exception):
-            raise result
+        if isinstance(result, BaseException):
+            raise ValueError(str(result)) if not isinstance(result, ValueError) else result
         return result
+
+    def _run_batch(self, layer: int, items: list[tuple[torch.Tensor, torch.Tensor]]) -> list:
+        """Outputs per request; if the joint dispatch fails, each request runs alone and fails alone."""
+        try:
+            outputs = self.host.forward(layer, torch.cat([i for i, _ in items]), torch.cat([t for _, t in items]))
+            return list(outputs.split([len(t) for _, t in items]))
+        except Exception:  # noqa: BLE001 - one bad request must not fail the others
+            results: list = []
+            for ids, tokens in items:
+                try:
+                    results.append(self.host.forward(layer, ids, tokens))
+                except Exception as single:  # noqa: BLE001 - reported to that caller only
+                    results.append(single)
+            return results
 
     def Forward(self, request, context):
         try:
-            tokens = from_proto(request.tokens)
+            tokens = from_proto(request.tokens, max_elements=MAX_TOKEN_ELEMENTS)
             ids = torch.tensor(list(request.expert_ids), dtype=torch.long)
             outputs = self._batched_forward(request.layer, ids, tokens)
             return expert_pb2.ForwardReply(outputs=to_proto(outputs, request.reply_codec))
@@ -115,14 +133,19 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     def Backward(self, request, context):
         try:
-            tokens, grad = from_proto(request.tokens), from_proto(request.grad_outputs)
+            tokens = from_proto(request.tokens, max_elements=MAX_TOKEN_ELEMENTS)
+            grad = from_proto(request.grad_outputs, max_elements=MAX_TOKEN_ELEMENTS)
             ids = torch.tensor(list(request.expert_ids), dtype=torch.long)
-            return expert_pb2.BackwardReply(grad_tokens=to_proto(self.host.backward(request.layer, ids, tokens, grad)))
+            grad_tokens = self.host.backward(request.layer, ids, tokens, grad, session=_session(context))
+            return expert_pb2.BackwardReply(grad_tokens=to_proto(grad_tokens))
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
     def Step(self, request, context):
-        return expert_pb2.StepReply(parameters_updated=self.host.step(request.lr))
+        try:
+            return expert_pb2.StepReply(parameters_updated=self.host.step(request.lr, session=_session(context)))
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
     def Describe(self, request, context):
         layers = [
@@ -130,6 +153,22 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             for layer, ids in self.host.describe().items()
         ]
         return expert_pb2.DescribeReply(layers=layers, device=self.device)
+
+
+def _session(context) -> str:
+    """The caller's training session: what its client names in metadata, else its connection."""
+    metadata = dict(context.invocation_metadata() or ())
+    return str(metadata.get(SESSION_KEY) or context.peer())
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ExpertServer:
@@ -145,7 +184,11 @@ class ExpertServer:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         batch_window_s: float = 0.002,
         workers: int = 8,
+        max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
     ) -> None:
+        host_part = address.rsplit(":", 1)[0]
+        if token is None and not is_loopback(host_part):
+            raise ValueError(f"an expert server on {address} (off loopback) needs a token: give --token-file")
         self.servicer = ExpertServicer(host, device, batch_window_s)
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -153,12 +196,14 @@ class ExpertServer:
         ]
         interceptors = [TokenAuth(token)] if token else []
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers), options=options, interceptors=interceptors
+            futures.ThreadPoolExecutor(max_workers=workers),
+            options=options,
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
         )
         expert_pb2_grpc.add_ExpertServiceServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        host_part = address.rsplit(":", 1)[0]
         if tls is not None:
             credentials = grpc.ssl_server_credentials([(tls.private_key, tls.certificate)])
             port = self.server.add_secure_port(address, credentials)

@@ -2,6 +2,7 @@
 
 import stat
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
@@ -12,18 +13,30 @@ from geomoe.deploy.certs import ensure_fleet_certs
 def test_fleet_certs_once_then_devices_added(tmp_path):
     out = tmp_path / "certs"
     written = ensure_fleet_certs(out, ["127.0.0.1", "link.local"], ["cam-07"])
-    assert len(written) == 2
+    assert len(written) == 3  # CA + SuperLink pair, the expert-server token, the device
+    assert stat.S_IMODE((out / "expert.token").stat().st_mode) == 0o600 and len((out / "expert.token").read_text()) > 40
     ca = (out / "ca.pem").read_bytes()
     server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "link.local" in names.get_values_for_type(x509.DNSName)
 
     assert ensure_fleet_certs(out, ["127.0.0.1"], ["cam-07", "cam-08"]) == [
-        "device cam-08: certificate and SuperNode key"
+        "device cam-08: client and server certificates, SuperNode key"
     ]
     assert (out / "ca.pem").read_bytes() == ca  # devices that trust the CA keep trusting it
     device = x509.load_pem_x509_certificate((out / "devices" / "cam-08.pem").read_bytes())
     assert device.issuer == x509.load_pem_x509_certificate(ca).subject
+    own_server = x509.load_pem_x509_certificate((out / "devices" / "cam-08-server.pem").read_bytes())
+    assert own_server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    ) == ["cam-08"]  # an expert server presents its own certificate: no device carries the SuperLink's key
+    assert (out / "devices" / "cam-08-server.key").read_bytes() != (out / "server.key").read_bytes()
+
+
+def test_device_names_that_would_escape_the_folder_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="device name '../evil' must be"):
+        ensure_fleet_certs(tmp_path, ["127.0.0.1"], ["../evil"])
+    assert not (tmp_path / "ca.pem").exists()
 
 
 def test_supernode_key_is_what_flower_reads(tmp_path):

@@ -28,6 +28,8 @@ from geomoe.deploy.fleet import (
 
 FLEET = """image = "geomoe:latest"
 superlink = "127.0.0.1:9092"
+tls = false
+certs = "certs"
 
 [[device]]
 name = "cam-07"
@@ -39,30 +41,38 @@ memory = "1g"
 
 [[device]]
 name = "relay"
-host = "tcp://127.0.0.1:2376"
+host = "ssh://pi@relay"
 lat = -1.41
 lon = 35.02
 role = "expert-server"
 """
 
 
-def tls_fleet(tmp_path, devices=("cam-07",)):
+def fleet_file(tmp_path, text: str = FLEET, devices=("cam-07", "relay")):
+    """The fleet file `text` next to a certs folder issued for `devices`."""
     ensure_fleet_certs(tmp_path / "certs", ["127.0.0.1"], list(devices))
     path = tmp_path / "fleet.toml"
-    path.write_text(
-        FLEET.replace('superlink = "127.0.0.1:9092"', 'superlink = "127.0.0.1:9092"\ntls = true\ncerts = "certs"')
-    )
+    path.write_text(text)
     return path
 
 
+def tls_fleet(tmp_path, devices=("cam-07", "relay")):
+    return fleet_file(tmp_path, FLEET.replace("tls = false", "tls = true"), devices)
+
+
 def test_tls_fleet_puts_each_role_its_certificates(tmp_path):
-    fleet = read_fleet_file(tls_fleet(tmp_path, ["cam-07"]))
+    fleet = read_fleet_file(tls_fleet(tmp_path))
     camera, relay = fleet.devices
     assert certificate_files(camera, fleet) == {
         "ca.pem": tmp_path / "certs" / "ca.pem",
         "device.auth": tmp_path / "certs" / "devices" / "cam-07.auth",
     }
-    assert set(certificate_files(relay, fleet)) == {"ca.pem", "server.pem", "server.key"}
+    assert certificate_files(relay, fleet) == {  # the relay's own server pair, never the SuperLink's key
+        "expert.token": tmp_path / "certs" / "expert.token",
+        "ca.pem": tmp_path / "certs" / "ca.pem",
+        "server.pem": tmp_path / "certs" / "devices" / "relay-server.pem",
+        "server.key": tmp_path / "certs" / "devices" / "relay-server.key",
+    }
     with tarfile.open(fileobj=io.BytesIO(certificate_archive(certificate_files(camera, fleet)))) as archive:
         entries = {entry.name: entry for entry in archive.getmembers()}
         assert entries["certs"].isdir() and entries["certs"].mode == 0o700
@@ -73,19 +83,18 @@ def test_tls_fleet_puts_each_role_its_certificates(tmp_path):
 
 
 def test_tls_fleet_names_what_is_missing(tmp_path):
-    path = tls_fleet(tmp_path, ["cam-07"])  # the relay, an expert server, needs the server pair only
+    path = tls_fleet(tmp_path)
     read_fleet_file(path)
     path.write_text(path.read_text().replace('name = "cam-07"', 'name = "cam-09"'))
     with pytest.raises(ValueError, match=r"device cam-09: .*cam-09.auth missing; run `geomoe deploy certs"):
         read_fleet_file(path)
     path.write_text(path.read_text().replace('certs = "certs"\n', ""))
-    with pytest.raises(ValueError, match="tls = true needs 'certs'"):
+    with pytest.raises(ValueError, match=r"tls = true \(the default; say tls = false to run without\) needs 'certs'"):
         read_fleet_file(path)
 
 
 def test_fleet_file(tmp_path):
-    path = tmp_path / "fleet.toml"
-    path.write_text(FLEET)
+    path = fleet_file(tmp_path)
     fleet = read_fleet_file(path)
     assert [d.name for d in fleet.devices] == ["cam-07", "relay"]
     assert command_for(fleet.devices[0], fleet) == ["supernode"]
@@ -99,8 +108,7 @@ def test_fleet_file(tmp_path):
 
 
 def test_a_device_trains_on_its_own_folder_mounted_read_only(tmp_path):
-    path = tmp_path / "fleet.toml"
-    path.write_text(FLEET.replace('name = "cam-07"', 'name = "cam-07"\ndata = "/srv/camera/labelled"'))
+    path = fleet_file(tmp_path, FLEET.replace('name = "cam-07"', 'name = "cam-07"\ndata = "/srv/camera/labelled"'))
     options = run_options(read_fleet_file(path).devices[0], read_fleet_file(path))
     assert options["volumes"]["/srv/camera/labelled"] == {"bind": "/data/labelled", "mode": "ro"}
     assert options["environment"]["GEOMOE_DATA"] == "/data/labelled"
@@ -117,11 +125,16 @@ def test_a_device_trains_on_its_own_folder_mounted_read_only(tmp_path):
         (lambda t: t.replace("lat = -1.40", "lat = 100"), "device cam-07: lat/lon 100.0"),
         (lambda t: t.replace('name = "relay"', 'name = "cam-07"'), "name used twice"),
         (lambda t: t.replace('image = "geomoe:latest"\n', ""), "missing top-level 'image'"),
+        (lambda t: t.replace('name = "relay"', 'name = "../../etc"'), "device ../../etc: device name '../../etc' must"),
+        (lambda t: t.replace('name = "relay"', 'name = "Relay 1"'), "device name 'Relay 1' must be"),
+        (lambda t: t.replace('host = "ssh://pi@cam-07"', 'host = "tcp://10.0.0.7:2375"'), "tcp:// Docker host"),
+        (lambda t: t.replace("tls = false\n", "").replace('certs = "certs"\n', ""), r"tls = true \(the default"),
+        (lambda t: t.replace("tls = false", 'tls = "no"'), "tls must be true or false"),
+        (lambda t: t.replace('certs = "certs"\n', ""), r"an expert-server \(its token\) needs 'certs'"),
     ],
 )
 def test_bad_fleet_files_name_device_and_field(tmp_path, change, message):
-    path = tmp_path / "fleet.toml"
-    path.write_text(change(FLEET))
+    path = fleet_file(tmp_path, change(FLEET))
     with pytest.raises(ValueError, match=message):
         read_fleet_file(path)
 
@@ -157,7 +170,7 @@ def test_fleet_lifecycle_on_a_real_engine(tmp_path):
         command=["sh", "-c", "echo hello from $GEOMOE_DEVICE; sleep 600"],
     )
     unreachable = Device(f"{name}-far", "tcp://127.0.0.1:9", 0.0, 0.0, command=["sleep", "600"])
-    fleet = Fleet(tag, "127.0.0.1:9092", [local, unreachable])
+    fleet = Fleet(tag, "127.0.0.1:9092", [local, unreachable], tls=False)
     connect = lambda host: docker.DockerClient(base_url=host, timeout=5)  # noqa: E731
     try:
         outcomes = for_each(fleet.devices, up(fleet), connect)
@@ -222,6 +235,8 @@ def test_entrypoint_roles():
     ]
     relay = command("expert-server", {**env, "GEOMOE_TLS": "1", "GEOMOE_DEVICE": "relay"})
     assert relay[relay.index("--cert") + 1] == "/data/certs/server.pem" and relay[relay.index("--name") + 1] == "relay"
+    assert relay[relay.index("--token-file") + 1] == "/data/certs/expert.token"  # off loopback it must have one
+    assert "--token-file" in command("expert-server", env)
     assert command("runtime", env)[:3] == ["geomoe", "device", "run"]
     with pytest.raises(SystemExit, match="unknown role"):
         command("camera", env)
