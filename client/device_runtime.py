@@ -1,7 +1,10 @@
 """The camera-trap runtime: classify every new image in a folder, surviving power loss.
 
 - Results go to an append-only JSON-lines file, one fsync'ed line per image. A line torn by power
-  loss is cut off at start-up, so the file only ever holds whole results.
+  loss, or one corrupted in the middle, is dropped at start-up (the file rewritten atomically), keeping
+  every good result before and after it.
+- An image that cannot be classified (empty or truncated file, a decompression bomb, one the model
+  fails on) is recorded as failed, with the reason, and never retried: no crash loop.
 - Images already in the results file are skipped on restart: the run resumes where it stopped.
 - Disk use is bounded: once the watched folder exceeds its budget, the oldest classified images go.
 - Model updates are written to a temporary file, checked, fsync'ed, then renamed over the model:
@@ -27,6 +30,7 @@ from PIL import Image
 from geomoe.client.export import load_torchscript
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MAX_PIXELS = 40_000_000  # larger images are refused before decoding (a small file can claim gigapixels)
 
 
 @dataclass
@@ -66,22 +70,27 @@ def install_model(source: BinaryIO, target: Path, check: Callable[[Path], object
 
 
 def repair_results(path: Path) -> set[str]:
-    """Cut a torn last line off the results file; return the images it already holds."""
+    """Drop torn or corrupt lines from the results file (rewritten atomically, the good lines kept in order);
+    return the images it holds."""
     if not path.exists():
         return set()
     data = path.read_bytes()
-    keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
-    done = set()
-    for line in keep.splitlines():
+    done, good = set(), []
+    for line in data.split(b"\n"):
         try:
-            done.add(json.loads(line)["image"])
-        except (json.JSONDecodeError, KeyError):  # a corrupt line: drop it and everything after
-            keep = keep[: keep.find(line)]
-            break
-    if keep != data:
-        with path.open("r+b") as f:
-            f.truncate(len(keep))
+            result = json.loads(line)
+            done.add(result["image"])
+            good.append(line)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):  # torn by power loss, or corrupt
+            continue
+    kept = b"".join(line + b"\n" for line in good)
+    if kept != data:
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(handle, "wb") as f:
+            f.write(kept)
+            f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
     return done
 
 
@@ -104,6 +113,10 @@ class DeviceRuntime:
 
     def _image(self, path: Path) -> torch.Tensor:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:  # checked on the header, before a single pixel is decoded
+                raise ValueError(f"{width}x{height} pixels exceed the {MAX_PIXELS} this device decodes")
+            image.draft("RGB", (self.cfg.image_size, self.cfg.image_size))  # JPEG: decode at a reduced scale
             rgb = image.convert("RGB").resize((self.cfg.image_size, self.cfg.image_size))
         return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
@@ -154,8 +167,8 @@ class DeviceRuntime:
         for path in self.pending():
             try:
                 result = self.classify(path)
-            except (OSError, ValueError) as error:  # unreadable image: record why and go on
-                result = {"image": path.name, "time": time.time(), "error": str(error)}
+            except Exception as error:  # noqa: BLE001 - any image that fails is recorded, never retried
+                result = {"image": path.name, "time": time.time(), "error": f"{type(error).__name__}: {error}"}
             self._append(result)
             count += 1
         self.enforce_budget()

@@ -95,3 +95,11 @@ def test_the_readme_diagram_shows_the_folders_in_their_layers():
 def test_cli_modules_are_thin():
     sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "cli").glob("*.py")}
     assert max(sizes.values()) <= CLI_MODULE_LINES, sizes
+
+
+def test_the_device_image_copies_every_package_folder():
+    wanted = {folder.name for folder in folders().values()} | {"geomoe"}
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert set(re.findall(r"^COPY (\w+) \1$", dockerfile, flags=re.MULTILINE)) == wanted
+    let_in = set(re.findall(r"^!(\w+)$", (ROOT / ".dockerignore").read_text(), flags=re.MULTILINE))
+    assert wanted <= let_in

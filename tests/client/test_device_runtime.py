@@ -33,13 +33,6 @@ def write_images(folder: Path, count: int, start: int = 0) -> list[Path]:
     return paths
 
 
-@pytest.fixture
-def exported(tmp_path) -> Path:
-    torch.manual_seed(0)
-    model = prune_head(GeoMoENet(ModelConfig(num_classes=8, num_experts=4)), [1, 4, 6])
-    return export_torchscript(model, tmp_path / "model.pt", 64)
-
-
 def runtime_for(tmp_path: Path, model: Path, **kwargs) -> DeviceRuntime:
     return DeviceRuntime(DeviceConfig(tmp_path / "watch", model, tmp_path / "results.jsonl", **kwargs))
 

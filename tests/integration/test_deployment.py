@@ -67,7 +67,8 @@ def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "", f
 
 @contextmanager
 def federation(tmp_path, node_configs: list[str]):
-    """A SuperLink and one SuperNode per node config on 127.0.0.1; yields the env for `flwr run` and the nodes."""
+    """A SuperLink and one SuperNode per node config on 127.0.0.1; yields the env for `flwr run`, the nodes and a
+    function that starts one more node (a device joining later)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(tmp_path / "flwr-home")}
     link_port = free_port()
     (tmp_path / "flwr-home").mkdir()
@@ -75,6 +76,24 @@ def federation(tmp_path, node_configs: list[str]):
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
     )
     processes = []
+
+    def add_node(node_config: str) -> subprocess.Popen:
+        node_port, log = free_port(), tmp_path / f"supernode{len(processes)}.log"
+        node_command = [
+            str(BIN / "flower-supernode"),
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{link_port}",
+            "--port",
+            str(node_port),
+            "--node-config",
+            node_config,
+        ]
+        node = start(node_command, log, env)
+        processes.append(node)
+        wait_for_port(node_port, node, log)
+        return node
+
     try:
         link_command = [
             str(BIN / "flower-superlink"),
@@ -86,24 +105,8 @@ def federation(tmp_path, node_configs: list[str]):
         link = start(link_command, tmp_path / "superlink.log", env)
         processes.append(link)
         wait_for_port(link_port, link, tmp_path / "superlink.log")
-        nodes = []
-        for i, node_config in enumerate(node_configs):
-            node_port = free_port()
-            node_command = [
-                str(BIN / "flower-supernode"),
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{link_port}",
-                "--port",
-                str(node_port),
-                "--node-config",
-                node_config,
-            ]
-            node = start(node_command, tmp_path / f"supernode{i}.log", env)
-            processes.append(node)
-            nodes.append(node)
-            wait_for_port(node_port, node, tmp_path / f"supernode{i}.log")
-        yield env, nodes
+        nodes = [add_node(node_config) for node_config in node_configs]
+        yield env, nodes, add_node
     finally:
         for process in reversed(processes):
             stop(process)
@@ -111,14 +114,17 @@ def federation(tmp_path, node_configs: list[str]):
 
 @pytest.fixture
 def deployment(tmp_path):
-    """Two SuperNodes at the first two locations of the small run, on the server's world file (same host)."""
-    locations = World(small_config(tmp_path, tmp_path).world).locations[:2]
-    with federation(tmp_path, [f"lat={loc.lat} lon={loc.lon}" for loc in locations]) as (env, nodes):
-        yield env, nodes, locations
+    """Two SuperNodes at the first two locations of the small run, on the server's world file (same host); the
+    third location's node can join later."""
+    locations = World(small_config(tmp_path, tmp_path).world).locations
+    with federation(tmp_path, [f"lat={loc.lat} lon={loc.lon}" for loc in locations[:2]]) as (env, nodes, add):
+        yield env, nodes, locations, add
 
 
-def test_a_node_that_drops_out_does_not_stall_the_round(tmp_path, model_cache, deployment):
-    env, nodes, _ = deployment
+def test_a_node_that_drops_out_does_not_stall_the_round_and_one_that_joins_takes_part(
+    tmp_path, model_cache, deployment
+):
+    env, nodes, locations, add_node = deployment
     cfg = small_config(tmp_path / "run", model_cache)
     cfg.federation.round_timeout_s = 150.0  # in the config file: Flower overrides only pyproject's keys
     command = flwr_command("test", cfg, tmp_path, "federation.min_nodes=2")
@@ -134,12 +140,14 @@ def test_a_node_that_drops_out_does_not_stall_the_round(tmp_path, model_cache, d
             assert time.monotonic() < deadline and run.poll() is None, "round 1 did not complete"
             time.sleep(0.5)
         stop(nodes[1])  # gone in the middle of the run
+        add_node(f"lat={locations[2].lat} lon={locations[2].lon}")  # a device switched on after set-up
         output, _ = run.communicate(timeout=400)
     finally:
         stop(run)
     assert run.returncode == 0, output[-3000:]
     report = json.loads((Path(cfg.out) / "report.json").read_text())
-    assert [row["replies"] for row in report["rounds"]] == [2, 1]
+    assert [row["replies"] for row in report["rounds"]] == [2, 2]  # node 0 and the newcomer
+    assert locations[2].cell in report["rounds"][1]["sampled"]  # queried, routed and trained in round 2
     assert report["rounds"][1]["seconds"] < 150 + 60  # waited at most the timeout, then went on
 
 
@@ -166,7 +174,7 @@ def test_devices_on_a_superlink_train_on_their_own_labelled_folders(tmp_path, mo
     configs = [
         f'lat={loc.lat} lon={loc.lon} data="{tmp_path / "devices" / f"L{k + 1}"}"' for k, loc in enumerate(locations)
     ]
-    with federation(tmp_path, configs) as (env, _):
+    with federation(tmp_path, configs) as (env, _, _):
         report = flwr_run("test", cfg, tmp_path, env, "federation.min_nodes=3")
     assert [row["replies"] for row in report["rounds"]] == [3, 3]
     by_cell = {loc["cell"]: loc for loc in report["locations"]}
