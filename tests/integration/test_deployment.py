@@ -42,19 +42,18 @@ def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def flwr_command(connection: str, cfg, tmp_path: Path, extra: str = "", federation: list[str] = ()) -> list[str]:
-    """`flwr run` of this project on `connection` for two rounds of `cfg`."""
+def flwr_command(connection: str, cfg, tmp_path: Path, extra: str = "", rounds: int = 2) -> list[str]:
+    """`flwr run` of this project on `connection` for `rounds` rounds of `cfg`."""
     config_file = tmp_path / "run.toml"
     config_file.write_text(to_toml(cfg))
-    overrides = f'config="{config_file}" federation.rounds=2 out="{cfg.out}" cache="{cfg.cache}" {extra}'
-    command = [str(BIN / "flwr"), "run", str(ROOT), connection, "--run-config", overrides.strip(), "--stream"]
-    return command + [a for option in federation for a in ("--federation-config", option)]
+    overrides = f'config="{config_file}" federation.rounds={rounds} out="{cfg.out}" cache="{cfg.cache}" {extra}'
+    return [str(BIN / "flwr"), "run", str(ROOT), connection, "--run-config", overrides.strip(), "--stream"]
 
 
-def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "", federation: list[str] = ()) -> dict:
-    """Run it to the end (in its own session: flwr stops a local SuperLink by process group); the report."""
+def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "") -> dict:
+    """Run it to the end (in its own session); the report."""
     result = subprocess.run(
-        flwr_command(connection, cfg, tmp_path, extra, federation),
+        flwr_command(connection, cfg, tmp_path, extra),
         env=env,
         capture_output=True,
         text=True,
@@ -127,7 +126,7 @@ def test_a_node_that_drops_out_does_not_stall_the_round_and_one_that_joins_takes
     env, nodes, locations, add_node = deployment
     cfg = small_config(tmp_path / "run", model_cache)
     cfg.federation.round_timeout_s = 150.0  # in the config file: Flower overrides only pyproject's keys
-    command = flwr_command("test", cfg, tmp_path, "federation.min_nodes=2")
+    command = flwr_command("test", cfg, tmp_path, "federation.min_nodes=2", rounds=3)
     run = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -146,19 +145,11 @@ def test_a_node_that_drops_out_does_not_stall_the_round_and_one_that_joins_takes
         stop(run)
     assert run.returncode == 0, output[-3000:]
     report = json.loads((Path(cfg.out) / "report.json").read_text())
-    assert [row["replies"] for row in report["rounds"]] == [2, 2]  # node 0 and the newcomer
-    assert locations[2].cell in report["rounds"][1]["sampled"]  # queried, routed and trained in round 2
+    replies = [row["replies"] for row in report["rounds"]]
+    # Round 2 may or may not see the newcomer (it registers while round 2 starts); round 3 always does.
+    assert replies[0] == 2 and replies[1] in (1, 2) and replies[2] == 2, replies
+    assert locations[2].cell in report["rounds"][2]["sampled"]  # queried, routed and trained
     assert report["rounds"][1]["seconds"] < 150 + 60  # waited at most the timeout, then went on
-
-
-def test_flwr_run_with_a_local_simulation_connection(tmp_path, model_cache):
-    cfg = small_config(tmp_path / "run", model_cache)
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home)}
-    report = flwr_run("local", cfg, tmp_path, env, federation=[f"num-supernodes={cfg.world.num_locations}"])
-    assert [row["replies"] for row in report["rounds"]] == [3, 3]
 
 
 def test_devices_on_a_superlink_train_on_their_own_labelled_folders(tmp_path, model_cache):
