@@ -76,16 +76,18 @@ def expert_bytes(model: GeoMoENet) -> dict[int, int]:
 
 
 @torch.no_grad()
+def _patch_grid(model: GeoMoENet, image_size: int) -> dict[int, tuple[int, int]]:
+    """(pixels per patch P, patches per image N) of each MoE layer for one image of `image_size` pixels."""
+    model.eval()
+    _, pre_mlp = model.forward_with_pre_mlp(torch.zeros(1, 3, image_size, image_size))
+    return {layer: tuple(pre_mlp[layer].shape[2:]) for layer in model.cfg.moe_layers}  # [B, C, P, N]
+
+
 def tokens_per_patch(model: GeoMoENet, image_size: int) -> dict[int, int]:
     """Pixel tokens in one patch of each MoE layer: what a patch routed to a peer's expert sends."""
-    model.eval()
-    _, pre_mlp = model.forward_with_pre_mlp(torch.zeros(1, 3, image_size, image_size))
-    return {layer: int(pre_mlp[layer].shape[2]) for layer in model.cfg.moe_layers}  # [B, C, P, N]: P
+    return {layer: p for layer, (p, _) in _patch_grid(model, image_size).items()}
 
 
-@torch.no_grad()
 def tokens_per_image(model: GeoMoENet, image_size: int) -> dict[int, int]:
     """Pixel tokens each MoE layer routes for one image: the most routing counts an image can add there."""
-    model.eval()
-    _, pre_mlp = model.forward_with_pre_mlp(torch.zeros(1, 3, image_size, image_size))
-    return {layer: int(pre_mlp[layer].shape[2] * pre_mlp[layer].shape[3]) for layer in model.cfg.moe_layers}  # P*N
+    return {layer: p * n for layer, (p, n) in _patch_grid(model, image_size).items()}

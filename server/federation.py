@@ -166,7 +166,8 @@ class Federation:
                     setup[cell] = merge_traffic(setup.get(cell), t)
             messages = list(self.strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), self.grid))
             replies, traffic = self.exchange(messages, f"round {server_round}")
-            received_model_accuracy = self.server_accuracy()  # the model the nodes received, before this update
+            # The model the nodes received, before this update: measured only when some node replied.
+            received_model_accuracy = self.server_accuracy() if any(not r.has_error() for r in replies) else None
             _, train_metrics = self.strategy.aggregate_train(server_round, replies)
             # Train replies report the accuracy of the model they received: the model after the previous round.
             received = {cell: vars(e) for cell, e in self.strategy.received.items()}

@@ -247,7 +247,7 @@ def _no_error(reply: Message) -> None:
 
 
 def _record(reply: Message, name: str, kind: type):
-    record = reply.content.get(name) if name in reply.content else None
+    record = reply.content.get(name)
     if not isinstance(record, kind):
         raise RejectedReply(f"no {name} record")
     return record
