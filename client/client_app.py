@@ -23,9 +23,11 @@ from geomoe.client.task import (
     coordinates,
     evaluate_local,
     locate,
+    privatise,
     routing_on_validation,
     train_and_delta,
 )
+from geomoe.data.cells import coarsened
 from geomoe.wire import messages as msg
 from geomoe.wire.compression import ErrorFeedback
 from geomoe.wire.run_config import RunConfig
@@ -106,9 +108,10 @@ def query(message: Message, context: Context) -> Message:
     cfg = _run_config(message)
     world = _world(message, context)
     local, index = local_data(cfg, world, dict(context.node_config))
+    reported, coarse = coarsened(world["cells"], cfg.federation.location_level)  # never its coordinates
     info = {
-        "location": index,
-        "cell": world["cells"][index],
+        "location": coarse[index],
+        "cell": reported[coarse[index]],
         "has-base": msg.BASE in context.state,
         "species": json.dumps(local.species()),
         "train-examples": len(local.train),
@@ -133,6 +136,8 @@ def train(message: Message, context: Context) -> Message:
     model = build_model(cfg.model, _base(message, context), received)
     before = evaluate_local(cfg, model, local)
     deltas, metrics, stats = train_and_delta(cfg, model, received, local, int(config["round"]), index)
+    if cfg.privacy.enabled:  # before compression: what is compressed (and its error feedback) is the clipped update
+        deltas, metrics["unclipped"] = privatise(cfg.privacy, deltas, float(config[msg.CLIP_NORM]))
     reply = RecordDict(
         {
             msg.TOKENS: msg.to_record(msg.stats_to_tensors(stats)),

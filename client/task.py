@@ -8,6 +8,7 @@ tensors it was sent to train.
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass, replace
 
@@ -22,6 +23,7 @@ from geomoe.model.location import LocationSupervision
 from geomoe.model.moe_layer import EXPERT_PARAMS, MoEMlp
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import evaluate, train_epochs
+from geomoe.wire.privacy import PrivacyConfig, add_noise, clip_update
 from geomoe.wire.run_config import RunConfig
 
 
@@ -150,3 +152,16 @@ def evaluate_local(cfg: RunConfig, model: GeoMoENet, local: LocalData) -> dict[s
 def routing_on_validation(model: GeoMoENet, local: LocalData) -> RoutingStats:
     """How the node's validation images route (its training images when it has no validation split)."""
     return routing_stats(model, local.loader("val" if len(local.val) else "train", 128))
+
+
+def privatise(
+    privacy: PrivacyConfig, deltas: dict[str, torch.Tensor], clip_norm: float
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The update clipped to `clip_norm` as a whole and, under local noise, with this device's own Gaussian noise
+    (std z * C, from a seed nobody else knows); and 1.0 if it fitted under the clip unclipped (adaptive clipping's
+    vote), else 0.0."""
+    clipped, norm = clip_update(deltas, clip_norm)
+    if privacy.noise == "local" and privacy.noise_multiplier > 0:
+        secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(6), "little"))
+        clipped = add_noise(clipped, privacy.noise_multiplier * clip_norm, secret)
+    return clipped, float(norm <= clip_norm)

@@ -86,3 +86,23 @@ def polygon(path: str) -> list[tuple[float, float]]:
 def neighbours(path: str) -> list[str]:
     """Tokens of the four edge neighbours at the same level."""
     return [path_from_cell(c) for c in cell_from_path(path).get_edge_neighbors()]
+
+
+def coarsened(cells: list[str], level: int) -> tuple[list[str], list[int]]:
+    """The distinct cells at S2 `level` that hold `cells` (in order of first appearance), and for each cell the
+    index of its coarse cell. A cell already at or above `level` stays itself; level -1 changes nothing. Lets a
+    sensitive site report only a coarse region (federation.location_level)."""
+    if level < 0:
+        return list(cells), list(range(len(cells)))
+    coarse: list[str] = []
+    index: list[int] = []
+    for cell in cells:
+        try:
+            parsed = parse_cell(cell)
+        except ValueError:
+            raise ValueError(f"federation.location_level={level} needs S2 cells; client {cell!r} is not one") from None
+        token = path_from_cell(parsed.parent(level)) if parsed.level() > level else path_from_cell(parsed)
+        if token not in coarse:
+            coarse.append(token)
+        index.append(coarse.index(token))
+    return coarse, index

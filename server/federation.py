@@ -158,12 +158,15 @@ class Federation:
         for server_round in range(self.state.completed_round + 1, fed.rounds + 1):
             started = time.monotonic()
             joined = self._by_cell(self.query_new(sorted(set(self.grid.get_node_ids()) - set(self.strategy.nodes))))
+            if not self.within_budget(server_round):
+                break
             sampled = self.strategy.round_nodes(server_round, self.grid)
             routed = {**joined, **self._by_cell(self.route_new(sampled))}
             if routed:
                 setup = self.setup["traffic"].setdefault(str(server_round - 1), {})
                 for cell, t in routed.items():
                     setup[cell] = merge_traffic(setup.get(cell), t)
+            clip_norm = self.state.clip_norm  # what this round's nodes clip to (adaptive clipping moves it after)
             messages = list(self.strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), self.grid))
             replies, traffic = self.exchange(messages, f"round {server_round}")
             # The model the nodes received, before this update: measured only when some node replied.
@@ -179,17 +182,19 @@ class Federation:
                 "replies": int(train_metrics["replies"]) if train_metrics else 0,
                 "traffic": self._by_cell(traffic),
                 "experts_held": {
-                    self.strategy.nodes[n].cell: sum(
+                    self.strategy.nodes[n].name: sum(
                         len(v) for v in self.strategy.keep_for(self.strategy.nodes[n]).values()
                     )
                     for n in traffic
                     if n in self.strategy.nodes
                 },
                 "rejected": [r for r in self.strategy.rejections if r["round"] == server_round],
-                "sampled": [self.strategy.nodes[n].cell for n in sampled],
+                "sampled": [self.strategy.nodes[n].name for n in sampled],
                 "unknown_species_images": int(train_metrics["unknown_species_images"]) if train_metrics else 0,
                 "skipped_images": int(train_metrics["skipped_images"]) if train_metrics else 0,
             }
+            if self.cfg.privacy.enabled:
+                row |= {"clip_norm": clip_norm, "epsilon": self.strategy.epsilon()}
             self.state.rounds.append(row)
             self.state.completed_round = server_round
             self.checkpoint()
@@ -199,6 +204,19 @@ class Federation:
         report = self.report()
         atomic_write(self.out / REPORT, json.dumps(report, indent=2).encode())
         return report
+
+    def within_budget(self, server_round: int) -> bool:
+        """Whether the round may run under privacy.epsilon_budget; over it, stop (or warn and go on)."""
+        reason = self.strategy.over_budget(server_round, len(self.strategy.online(self.grid)))
+        if reason is None:
+            return True
+        log.warning(reason)
+        if self.cfg.privacy.on_budget == "warn":
+            self.console.print(f"warning: {reason}")
+            return True
+        self.console.print(f"stopped: {reason}")
+        self.state.stopped = reason
+        return False
 
     def final_evaluation(self) -> None:
         done = self.state.completed_round
@@ -220,7 +238,7 @@ class Federation:
         return float(evaluate(self.strategy.model, self.world.loader(indices, 256))["accuracy"])
 
     def _by_cell(self, traffic: dict[int, dict[str, int]]) -> dict[str, dict[str, int]]:
-        return {self.strategy.nodes[n].cell if n in self.strategy.nodes else str(n): t for n, t in traffic.items()}
+        return {self.strategy.nodes[n].name if n in self.strategy.nodes else str(n): t for n, t in traffic.items()}
 
     def checkpoint(self) -> None:
         save_model(
@@ -242,6 +260,7 @@ class Federation:
             f"upload {up / 1e3:.1f} kB/client, {row['seconds']:.1f} s"
             + (f", {row['unknown_species_images']} images of unknown species" if row["unknown_species_images"] else "")
             + (f", {row['skipped_images']} unreadable images skipped" if row["skipped_images"] else "")
+            + (f", epsilon {row['epsilon']:.3g}" if row.get("epsilon") is not None else "")
         )
 
     def report(self) -> dict:
@@ -253,6 +272,7 @@ class Federation:
             "locations": [
                 {
                     "cell": n.cell,
+                    "name": n.name,
                     "species": n.species,
                     "train_examples": n.train_examples,
                     "source": n.source,
@@ -266,25 +286,35 @@ class Federation:
             "evaluations": {str(k): evaluations[k] for k in sorted(evaluations)},
             "final_accuracy": evaluations.get(self.state.completed_round, {}).get("accuracy"),
             "rejected": self.strategy.rejections,
+            "privacy": {
+                "epsilon": self.strategy.epsilon(),
+                "delta": self.cfg.privacy.delta,
+                "noise": self.cfg.privacy.noise,
+                "stopped": self.state.stopped,
+            },
         }
 
 
 def summary_table(report: dict) -> Table:
-    """Per round: accuracy of the model after it, mean bytes per client, and images the nodes left out
-    (species the run does not know, unreadable files), the last two only when there were any."""
+    """Per round: accuracy of the model after it, mean bytes per client, images the nodes left out (species the
+    run does not know, unreadable files) and the privacy spent (epsilon), the last three only when there are any."""
     table = Table(title=f"geomoe {report['strategy']}: {len(report['rounds'])} rounds")
-    left_out = {
+    optional = {
         key: title
-        for key, title in (("unknown_species_images", "unknown sp. imgs"), ("skipped_images", "unreadable imgs"))
+        for key, title in (
+            ("unknown_species_images", "unknown sp. imgs"),
+            ("skipped_images", "unreadable imgs"),
+            ("epsilon", "epsilon"),
+        )
         if any(row.get(key) for row in report["rounds"])
     }
     columns = ("round", "accuracy", "server acc.", "up kB/client", "down kB/client", "experts/client")
-    for column in (*columns, *left_out.values()):
+    for column in (*columns, *optional.values()):
         table.add_column(column, justify="right")
     evaluations = report["evaluations"]
     first = evaluations.get("0")
     if first:
-        dashes = ["-"] * (3 + len(left_out))
+        dashes = ["-"] * (3 + len(optional))
         table.add_row("0", f"{first['accuracy']:.3f}", f"{first['server_accuracy']:.3f}", *dashes)
     for row in report["rounds"]:
         ev = evaluations.get(str(row["round"]), {})
@@ -298,6 +328,6 @@ def summary_table(report: dict) -> Table:
             f"{sum(t['up'] for t in traffic) / n / 1e3:.1f}",
             f"{sum(t['down'] for t in row['traffic'].values()) / n / 1e3:.1f}",
             f"{sum(held) / max(len(held), 1):.1f}",
-            *(str(row[key]) for key in left_out),
+            *(f"{row[key]:.3g}" if isinstance(row[key], float) else str(row[key]) for key in optional),
         )
     return table

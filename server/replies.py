@@ -61,6 +61,10 @@ class QueryReply:
     unknown_species: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     routing: RoutingStats | None = None  # how its validation images route (when it was sent the model)
+    name: str = ""  # how reports name the node: its cell, or cell~node-id when another node reports that cell
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.cell
 
 
 @dataclass
@@ -83,6 +87,7 @@ class TrainReply:
     received: Evaluation | None  # accuracy of the model it received, on its test split
     unknown_species_images: float
     skipped_images: float
+    unclipped: float = 1.0  # under DP: 1 if its update fitted under the round's clip before clipping, else 0
 
 
 class ReplyReader:
@@ -150,7 +155,17 @@ class ReplyReader:
             received=self._evaluation(metrics, "received-") if "received-accuracy" in metrics else None,
             unknown_species_images=_number(metrics, "unknown-species-images", 0, 10**9, default=0.0),
             skipped_images=_number(metrics, "skipped-images", 0, 10**9, default=0.0),
+            unclipped=self._unclipped(metrics),
         )
+
+    def _unclipped(self, metrics: MetricRecord) -> float:
+        """The adaptive clip's bit: 0 or 1 exactly (a node cannot move the clip more than one vote)."""
+        if not self.cfg.privacy.enabled:
+            return 1.0
+        value = _number(metrics, "unclipped", 0, 1)
+        if value not in (0.0, 1.0):
+            raise RejectedReply(f"metrics.unclipped must be 0 or 1, got {value}")
+        return value
 
     def _update(self, reply: Message, sent: SentSpec) -> dict[str, torch.Tensor]:
         """The update, decoded only with the run's codec and only to the shapes sent, then checked."""

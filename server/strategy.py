@@ -10,7 +10,9 @@ hold it. `strategy="fedavg"` sends everything to everyone: dense FedAvg on the s
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import os
+import statistics
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -18,15 +20,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from geomoe.data.cells import coarsened
 from geomoe.model.counting import tokens_per_image
 from geomoe.model.experts import KeepSet, global_centroids, shared_state, take_expert_state
 from geomoe.model.importance import keep_set
 from geomoe.model.moe_layer import EXPERT_PARAMS
 from geomoe.model.network import GeoMoENet
-from geomoe.server.aggregation import RowUpdate, mean_delta, mean_row_delta
+from geomoe.server.aggregation import RowUpdate, mean_row_delta, noisy_row_mean, robust_row_delta
+from geomoe.server.privacy import RoundMechanism, epsilon, local_epsilon, next_clip, update_noise_multiplier
 from geomoe.server.replies import Evaluation, QueryReply, RejectedReply, ReplyReader, SentSpec, TrainReply, spec_of
 from geomoe.server.server_optimizer import ServerOptimizer
 from geomoe.wire import messages as msg
+from geomoe.wire.privacy import clip_update, update_norm
 from geomoe.wire.run_config import RunConfig
 
 log = logging.getLogger("geomoe.server")
@@ -42,6 +47,10 @@ class ServerState:
     optimizer: dict = field(default_factory=lambda: {"moments": {}})
     rounds: list[dict] = field(default_factory=list)  # report rows, one per completed round
     evaluations: dict[int, dict] = field(default_factory=dict)  # rounds done -> accuracy of that model
+    clip_norm: float = 0.0  # the clip of the next round (privacy.clip_norm, then moved by adaptive clipping)
+    mechanisms: list[dict] = field(default_factory=list)  # per noised round: sampling rate q, noise multiplier z
+    rounds_taken: dict[str, int] = field(default_factory=dict)  # node -> rounds it sent an update (local noise)
+    stopped: str = ""  # why training stopped before federation.rounds (the privacy budget), if it did
 
 
 class GeoExpertStrategy(Strategy):
@@ -52,7 +61,7 @@ class GeoExpertStrategy(Strategy):
     ):
         """`world` holds what every node is told in its query (msg.WORLD_KEYS: species, cells, world file)."""
         self.cfg, self.model, self.base, self.state, self.world = cfg, model, base, state, world
-        self.fed = cfg.federation
+        self.fed, self.privacy = cfg.federation, cfg.privacy
         self.optimizer = ServerOptimizer(self.fed.server_optimizer, self.fed.server_lr)
         self.optimizer.load_state_dict(state.optimizer)
         self.nodes: dict[int, QueryReply] = {}
@@ -61,7 +70,15 @@ class GeoExpertStrategy(Strategy):
         self.rejections: list[dict] = []
         self.received: dict[str, Evaluation] = {}  # cell -> accuracy of the model its node received this round
         tokens = tokens_per_image(model, cfg.world.input_size())
-        self.reader = ReplyReader(cfg, list(world.get(msg.CELLS, [])), tokens)
+        cells = list(world.get(msg.CELLS, []))
+        self.reader = ReplyReader(cfg, coarsened(cells, self.fed.location_level)[0], tokens)
+        if self.privacy.enabled and not state.clip_norm:
+            state.clip_norm = self.privacy.clip_norm
+        # DP noise and DP sampling must not be predictable from the run's seed.
+        self.secret_seed = int.from_bytes(os.urandom(6), "little")
+        self.noise = torch.Generator().manual_seed(self.secret_seed)
+        self.population: list[int] = []  # nodes that could have been sampled this round (fixed DP denominators)
+        self.sampling_rate = 1.0  # q of this round
 
     # --- what a node receives ------------------------------------------------------------------
     @property
@@ -110,6 +127,7 @@ class GeoExpertStrategy(Strategy):
             {
                 msg.CONFIG: msg.config_record(
                     {"run": self.cfg.to_json(), "round": server_round, "location": node.location}
+                    | ({msg.CLIP_NORM: self.state.clip_norm} if self.privacy.enabled else {})
                 ),
                 msg.ROUTER: msg.to_record(router),
             }
@@ -132,9 +150,12 @@ class GeoExpertStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per sampled node with its slice (`arrays` is unused: the strategy holds the model)."""
+        online = self.online(grid)
+        self.population = [n for n in online if self.dense or self.nodes[n].location in self.state.keep]
+        self.sampling_rate = self.rate(len(online))
         return [
             Message(self.node_content(node_id, server_round, train=True), dst_node_id=node_id, message_type="train")
-            for node_id in self.round_nodes(server_round, grid)
+            for node_id in self.sample(server_round, online)
             if self.has_keep(node_id)
         ]
 
@@ -154,9 +175,21 @@ class GeoExpertStrategy(Strategy):
         connected = set(grid.get_node_ids())
         return sorted((n for n in self.nodes if n in connected), key=lambda n: self.nodes[n].location)
 
+    def rate(self, online: int) -> float:
+        """Share of the online nodes a round samples."""
+        count = self.fed.clients_per_round or max(1, round(self.fed.fraction_train * online))
+        return min(1.0, count / max(online, 1))
+
     def sample(self, server_round: int, ordered: list[int]) -> list[int]:
-        """Nodes for this round among `ordered`, deterministic given seed and round."""
-        count = self.fed.clients_per_round or max(1, round(self.fed.fraction_train * len(ordered)))
+        """Nodes for this round among `ordered`, deterministic given the seed and round (so the loop can prepare
+        them first). Under DP each node is drawn independently with the round's rate (Poisson sampling, what the
+        accountant assumes) from a seed the run's config does not reveal."""
+        q = self.rate(len(ordered))
+        if self.privacy.accounted:
+            generator = torch.Generator().manual_seed(self.secret_seed * 1000 + server_round)
+            draws = torch.rand(len(ordered), generator=generator).tolist()
+            return [n for n, u in zip(ordered, draws, strict=True) if u < q]
+        count = round(q * len(ordered))
         if count >= len(ordered):
             return ordered
         generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + server_round)
@@ -181,10 +214,25 @@ class GeoExpertStrategy(Strategy):
                 accepted.pop(node_id, None)  # a node that replies twice has neither reply counted
                 continue
             self.confirm_base(node_id)
+            if self.privacy.enabled:  # exact bound on every node's influence, whatever it sent
+                parsed.update, _ = clip_update(parsed.update, self.state.clip_norm)
             accepted[node_id] = (node, parsed)
             if parsed.received is not None:
-                self.received[node.cell] = parsed.received
+                self.received[node.name] = parsed.received
+        self.drop_outliers(server_round, accepted)
         return sorted(accepted.values(), key=lambda item: item[0].location)
+
+    def drop_outliers(self, server_round: int, accepted: dict[int, tuple[QueryReply, TrainReply]]) -> None:
+        """With `outlier_factor` set, leave out replies whose update norm exceeds it times the round's median."""
+        if not self.fed.outlier_factor or not accepted:
+            return
+        norms = {node_id: update_norm(reply.update) for node_id, (_, reply) in accepted.items()}
+        bound = self.fed.outlier_factor * statistics.median(norms.values())
+        for node_id, norm in norms.items():
+            if norm > bound:
+                self.reject(server_round, node_id, f"update norm {norm:.3g} is over {bound:.3g} (outlier_factor x "
+                                                   "the median)")  # fmt: skip
+                del accepted[node_id]
 
     def reject(self, server_round: int, node_id: int, reason: str) -> None:
         self.rejections.append({"round": server_round, "node": node_id, "reason": reason})
@@ -200,9 +248,12 @@ class GeoExpertStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self.accept(server_round, replies)
+        if self.privacy.enabled:
+            self.apply_private_round(accepted)  # noise is released even when no node took part
         if not accepted:
             return None, None
-        self.apply_updates(accepted)
+        if not self.privacy.enabled:
+            self.apply_updates(accepted)
         examples = sum(r.examples for _, r in accepted)
         loss = sum(r.train_loss * r.examples for _, r in accepted) / max(examples, 1)
         left_out = {
@@ -213,43 +264,107 @@ class GeoExpertStrategy(Strategy):
             {"train_loss": loss, "examples": examples, "replies": len(accepted), **left_out}
         )
 
-    def apply_updates(self, accepted: list[tuple[QueryReply, TrainReply]]) -> None:
-        """Per-expert and per-head-row weighted means, FedAvg for shared tensors, through the optimiser. Weights
-        are the reader's bounded counts: routed tokens, or examples seen."""
+    def row_groups(
+        self, accepted: list[tuple[QueryReply, TrainReply]]
+    ) -> Iterator[tuple[str, torch.Tensor, list[RowUpdate], torch.Tensor]]:
+        """Every tensor a round may change, as rows: (name, target, the replies' row updates, how many nodes of
+        the round's population hold each row). Experts and head rows are rows of their stacked tensors; a
+        shared tensor is one row. Update weights are the reader's bounded counts: routed tokens, or examples."""
+        population = [self.nodes[n] for n in self.population]
         for layer, module in self.model.moe_layers().items():
             ids_key = f"moe.{layer}.ids"
-            holders = [r for _, r in accepted if ids_key in r.update]
+            holders = torch.zeros(module.num_global_experts)
+            for node in population:
+                holders[self.keep_for(node)[layer]] += 1
             for param in EXPERT_PARAMS:
-                updates = []
-                for r in holders:
-                    ids = r.update[ids_key]
-                    if self.fed.weighting == "tokens":
-                        weight = r.token_counts[layer][ids].float()
-                    else:
-                        weight = torch.full((len(ids),), r.examples)
-                    updates.append(RowUpdate(ids, r.update[f"moe.{layer}.{param}"], weight))
-                delta, touched = mean_row_delta(module.num_global_experts, updates)
-                if delta is not None:
-                    self.optimizer.apply(f"moe.{layer}.{param}", getattr(module, param).data, delta, touched)
-        head = [r for _, r in accepted if msg.HEAD_IDS in r.update]
+                updates = [
+                    RowUpdate(r.update[ids_key], r.update[f"moe.{layer}.{param}"], self.expert_weight(r, layer))
+                    for _, r in accepted
+                    if ids_key in r.update
+                ]
+                yield f"moe.{layer}.{param}", getattr(module, param).data, updates, holders
+        holders = torch.zeros(self.cfg.model.num_classes)
+        for node in population:
+            holders[self.head_rows_for(node)] += 1
         for name in HEAD_ROWS:
             updates = [
-                RowUpdate(
-                    r.update[msg.HEAD_IDS], r.update[name], torch.full((len(r.update[msg.HEAD_IDS]),), r.examples)
-                )
-                for r in head
+                RowUpdate(rows, r.update[name], torch.full((len(rows),), r.examples))
+                for _, r in accepted
+                if (rows := r.update.get(msg.HEAD_IDS)) is not None
             ]
-            target = self.model.get_parameter(name)
-            delta, touched = mean_row_delta(target.shape[0], updates)
-            if delta is not None:
-                self.optimizer.apply(name, target.data, delta, touched)
+            yield name, self.model.get_parameter(name).data, updates, holders
         state = self.model.state_dict()
         for name in self.shared_trainable():
-            senders = [(r.update[name], r.examples) for _, r in accepted if name in r.update]
-            if senders:
-                delta = mean_delta([d for d, _ in senders], [w for _, w in senders])
-                self.optimizer.apply(name, state[name], delta)
+            updates = [
+                RowUpdate(torch.zeros(1, dtype=torch.long), r.update[name].unsqueeze(0), torch.tensor([r.examples]))
+                for _, r in accepted
+                if name in r.update
+            ]
+            yield name, state[name].unsqueeze(0), updates, torch.tensor([float(len(population))])
+
+    def expert_weight(self, reply: TrainReply, layer: int) -> torch.Tensor:
+        ids = reply.update[f"moe.{layer}.ids"]
+        if self.fed.weighting == "tokens":
+            return reply.token_counts[layer][ids].float()
+        return torch.full((len(ids),), reply.examples)
+
+    def apply_updates(self, accepted: list[tuple[QueryReply, TrainReply]]) -> None:
+        """Per-row weighted mean (or coordinate-wise median / trimmed mean) over each row's holders, through
+        the server optimiser."""
+        for name, target, updates, _ in self.row_groups(accepted):
+            if self.fed.aggregator == "mean":
+                delta, touched = mean_row_delta(target.shape[0], updates)
+            else:
+                delta, touched = robust_row_delta(
+                    target.shape[0], updates, self.fed.aggregator, self.fed.trim_fraction, self.fed.robust_min_holders
+                )
+            if delta is not None:
+                self.optimizer.apply(name, target, delta, touched)
         self.state.optimizer = self.optimizer.state_dict()
+
+    def apply_private_round(self, accepted: list[tuple[QueryReply, TrainReply]]) -> None:
+        """One DP round: noisy per-row sums of the clipped updates over fixed denominators, then the accounting
+        and (with adaptive clipping) the next round's clip."""
+        expected_nodes = self.sampling_rate * len(self.population)
+        z = update_noise_multiplier(self.privacy, expected_nodes)
+        std = z * self.state.clip_norm if self.privacy.noise == "central" else 0.0  # local: the devices added it
+        for name, target, updates, holders in self.row_groups(accepted):
+            delta, touched = noisy_row_mean(tuple(target.shape), updates, holders * self.sampling_rate, std, self.noise)
+            self.optimizer.apply(name, target, delta, touched)
+        self.state.optimizer = self.optimizer.state_dict()
+        if self.privacy.accounted and self.privacy.noise == "central":
+            mechanism = RoundMechanism(self.sampling_rate, self.privacy.noise_multiplier)
+            self.state.mechanisms.append(vars(mechanism))
+        for node, _ in accepted:
+            self.state.rounds_taken[node.name] = self.state.rounds_taken.get(node.name, 0) + 1
+        if self.privacy.adaptive_clip:
+            unclipped = sum(reply.unclipped for _, reply in accepted)
+            self.state.clip_norm = next_clip(self.privacy, self.state.clip_norm, unclipped, expected_nodes, self.noise)
+
+    def over_budget(self, server_round: int, online: int) -> str | None:
+        """Why the round would exceed privacy.epsilon_budget (with `online` nodes to sample from), or None."""
+        if not (self.privacy.accounted and self.privacy.epsilon_budget):
+            return None
+        self.sampling_rate = self.rate(online)
+        projected = self.epsilon(one_more_round=True)
+        if projected <= self.privacy.epsilon_budget:
+            return None
+        return (f"round {server_round} would bring epsilon to {projected:.3g}, over privacy.epsilon_budget="
+                f"{self.privacy.epsilon_budget:g}")  # fmt: skip
+
+    def epsilon(self, one_more_round: bool = False) -> float | None:
+        """The run's epsilon at privacy.delta so far (or after one more round like the last one planned): the
+        client-level guarantee of the sampled Gaussian rounds, or under local noise the guarantee of the device that
+        sent most updates. None without a noised run."""
+        if not self.privacy.accounted:
+            return None
+        if self.privacy.noise == "local":
+            most = max(self.state.rounds_taken.values(), default=0) + int(one_more_round)
+            return local_epsilon(self.privacy.noise_multiplier, most, self.privacy.delta)
+        rounds = [RoundMechanism(**m) for m in self.state.mechanisms]
+        if one_more_round:
+            rounds.append(RoundMechanism(self.sampling_rate, self.privacy.noise_multiplier))
+        return epsilon(rounds, self.privacy.delta)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -275,7 +390,7 @@ class GeoExpertStrategy(Strategy):
                 log.warning("evaluation: rejected reply of node %s: %s", node_id, error)
                 continue
             self.confirm_base(node_id)
-            per_cell[self.nodes[node_id].cell] = vars(evaluation)
+            per_cell[self.nodes[node_id].name] = vars(evaluation)
         return per_cell
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -327,6 +442,8 @@ class GeoExpertStrategy(Strategy):
                 log.warning("node %s (%s): images of species this run does not know: %s", node_id, node.cell, names)
             if node.skipped:
                 log.warning("node %s (%s): left out of its data: %s", node_id, node.cell, node.skipped)
+            if any(other.name == node.cell for other_id, other in self.nodes.items() if other_id != node_id):
+                node.name = f"{node.cell}~{node_id}"  # two devices in one cell (or one coarse cell) stay apart
             self.nodes[node_id] = node
             if node.routing is not None and node.location not in self.state.keep:
                 self.state.keep[node.location] = keep_set(node.routing, self.fed.keep)

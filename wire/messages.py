@@ -30,6 +30,7 @@ INFO = "info"  # query reply: where the node is and what it has
 CONFIG = "config"  # ConfigRecord: run config (json), round, what is trainable
 METRICS = "metrics"  # reply: MetricRecord
 HEAD_IDS = "head.ids"
+CLIP_NORM = "clip-norm"  # train config under DP: the L2 bound the node clips its whole update to this round
 # query config: what a node needs to know of the run's world (kept in its node state)
 SPECIES_NAMES = "species-names"  # JSON list: the run's species, by class index
 CELLS = "cells"  # JSON list: the client cells, by client index

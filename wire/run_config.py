@@ -1,6 +1,6 @@
 """The configuration of one federated run, built once at the entry point and passed down.
 
-Every concern has its own dataclass (world, model, conversion, local training, federation);
+Every concern has its own dataclass (world, model, conversion, local training, federation, privacy);
 `RunConfig` composes them. It round-trips through JSON exactly (the server sends it to clients
 in every message) and rejects unknown keys or wrong types with the dotted name of the field.
 """
@@ -22,13 +22,15 @@ from geomoe.model.conversion import ConversionConfig
 from geomoe.model.importance import KeepPolicy
 from geomoe.model.training import TrainConfig
 from geomoe.wire.compression import Pipeline
+from geomoe.wire.privacy import PrivacyConfig
 
 Strategy = Literal["expert", "fedavg"]
 Trainable = Literal["experts", "experts+head", "all"]
 Weighting = Literal["tokens", "examples"]
 ServerOptimizer = Literal["fedavg", "fedadam", "fedyogi"]
-STRATEGIES, TRAINABLE, WEIGHTINGS, SERVER_OPTIMIZERS = (
-    get_args(t) for t in (Strategy, Trainable, Weighting, ServerOptimizer)
+Aggregator = Literal["mean", "median", "trimmed_mean"]
+STRATEGIES, TRAINABLE, WEIGHTINGS, SERVER_OPTIMIZERS, AGGREGATORS = (
+    get_args(t) for t in (Strategy, Trainable, Weighting, ServerOptimizer, Aggregator)
 )
 
 
@@ -55,6 +57,11 @@ class FederationConfig:
     download_compression: str = "none"  # server -> client pipeline for experts, head rows, shared tensors
     pretrain_epochs: int = 4  # server-side dense pretraining on its share before conversion
     pretrain_lr: float = 2e-3  # learning rate of that pretraining
+    aggregator: Aggregator = "mean"  # per expert / head row over its holders: mean | median | trimmed_mean
+    trim_fraction: float = 0.2  # trimmed_mean: share of holders dropped at each end, per coordinate
+    robust_min_holders: int = 3  # median/trimmed_mean: rows with fewer holders take a norm-bounded mean
+    outlier_factor: float = 0.0  # leave out a reply whose update norm exceeds this times the round's median; 0 = off
+    location_level: int = -1  # S2 level of the cell a node reports (coarser for sensitive sites); -1 = partition's
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -62,6 +69,7 @@ class FederationConfig:
             ("trainable", TRAINABLE),
             ("weighting", WEIGHTINGS),
             ("server_optimizer", SERVER_OPTIMIZERS),
+            ("aggregator", AGGREGATORS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"federation.{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -69,6 +77,15 @@ class FederationConfig:
             raise ValueError(f"federation.clients_per_round must be >= 0, got {self.clients_per_round}")
         if self.rounds < 1:
             raise ValueError(f"federation.rounds must be >= 1, got {self.rounds}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"federation.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.robust_min_holders < 1:
+            raise ValueError(f"federation.robust_min_holders must be >= 1, got {self.robust_min_holders}")
+        if not 0 <= self.outlier_factor < float("inf"):
+            raise ValueError(f"federation.outlier_factor must be a finite number >= 0, got {self.outlier_factor}")
+        if not -1 <= self.location_level <= 30:
+            raise ValueError(f"federation.location_level must be -1 (the partition's cells) or an S2 level 0..30, "
+                             f"got {self.location_level}")  # fmt: skip
         for name in ("upload_compression", "download_compression"):
             try:
                 Pipeline.parse(getattr(self, name))
@@ -88,6 +105,7 @@ class RunConfig:
     conversion: ConversionConfig = field(default_factory=ConversionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     out: str = "runs/sim"  # output folder: report.json, checkpoint.pt
     cache: str = ""  # folder for the pretrained + converted initial model; "" = {out}/cache
     seed: int = 0  # seeds model init, data order and sampling
@@ -100,6 +118,11 @@ class RunConfig:
         self.model.moe_layers = tuple(self.conversion.moe_layers)
         self.model.num_experts = self.conversion.num_experts
         self.model.expert_hidden = self.conversion.expert_hidden
+        if self.privacy.enabled and self.federation.aggregator != "mean":
+            raise ValueError(
+                f'privacy.clip_norm > 0 needs federation.aggregator = "mean" (the noise is calibrated to a sum), '
+                f"got {self.federation.aggregator!r}"
+            )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -147,7 +170,7 @@ def _validated(data: dict[str, Any], source: str) -> RunConfig:
             message = "unknown config key"
         elif "input" in first and not isinstance(first["input"], dict):
             message += f", got {first['input']!r}"
-        where = "" if message.startswith(key) else f"{key}: "
+        where = "" if message.startswith(key) or not first["loc"] else f"{key}: "
         raise ValueError(f"{source}: {where}{message}") from None
 
 
@@ -181,7 +204,7 @@ def user_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def load_run_config(path: Path) -> RunConfig:
-    """RunConfig from a TOML file with [world], [model], [conversion], [train], [federation] tables."""
+    """RunConfig from a TOML file with [world], [model], [conversion], [train], [federation], [privacy] tables."""
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}")
     try:
@@ -235,7 +258,7 @@ def to_toml(cfg: RunConfig) -> str:
 
     data = user_dict(cfg)
     lines.extend(f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict))
-    for section in ("world", "model", "conversion", "train", "federation"):
+    for section in ("world", "model", "conversion", "train", "federation", "privacy"):
         lines.append("")
         table(section, data[section])
     return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 import torch
 
-from geomoe.server.aggregation import RowUpdate, mean_delta, mean_row_delta
+from geomoe.server.aggregation import RowUpdate, mean_row_delta
 from geomoe.server.server_optimizer import ServerOptimizer
 
 
@@ -33,8 +33,10 @@ def test_zero_weight_rows_count_as_untouched():
     assert touched.tolist() == [False, True]
 
 
-def test_dense_fedavg_is_the_example_weighted_mean():
-    assert mean_delta([torch.tensor([1.0]), torch.tensor([4.0])], [1, 2]).item() == 3.0
+def test_a_shared_tensor_as_one_row_takes_the_example_weighted_mean():
+    updates = [RowUpdate(torch.tensor([0]), torch.tensor([[1.0]]), torch.tensor([w])) for w in (1.0, 2.0)]
+    updates[1].delta = torch.tensor([[4.0]])
+    assert mean_row_delta(1, updates)[0].item() == 3.0
 
 
 def test_fedadam_moves_only_touched_rows_and_keeps_their_state():

@@ -30,6 +30,12 @@ VALID_CHANGES = {
     "world.files.locations": ["train2017_locations.json", "val2017_locations.json"],
 }
 
+# Settings that only make sense with another one set first: (key, value) applied before the change.
+PREREQUISITES = {
+    "privacy.adaptive_clip": ("privacy.clip_norm", 1.0),
+    "privacy.noise_multiplier": ("privacy.clip_norm", 1.0),
+}
+
 
 def leaves(cfg: object, prefix: str = "") -> dict[str, object]:
     """Dotted key -> value of every user setting of `cfg` (nested config tables walked, derived keys left out)."""
@@ -93,10 +99,14 @@ def test_every_printed_key_can_be_overridden_and_is_honoured(key, tmp_path):
     the value the run uses: nothing derives it away afterwards."""
     value = changed(key, PRINTED[key])
     raw = json.dumps(value)
-    by_set = set_override(RunConfig(), key, raw)
+    base, before = RunConfig(), {}
+    if key in PREREQUISITES:
+        before = dict([PREREQUISITES[key]])
+        base = set_override(base, *(str(part) for part in PREREQUISITES[key]))
+    by_set = set_override(base, key, raw)
     assert read(by_set, key) == json.loads(raw)
     assert read(RunConfig.from_json(by_set.to_json()), key) == json.loads(raw)  # what clients parse
-    assert read(from_flat({key: value}), key) == json.loads(raw)  # Flower's flat run config
+    assert read(from_flat({**before, key: value}), key) == json.loads(raw)  # Flower's flat run config
     file = tmp_path / "run.toml"
     file.write_text(to_toml(by_set))
     assert read(load_run_config(file), key) == json.loads(raw)
@@ -116,7 +126,7 @@ def test_keys_a_run_does_not_take_are_refused_on_every_path(key, tmp_path):
 
 
 @pytest.mark.parametrize("table", ["", "world.", "world.files.", "world.images.", "world.synthetic.", "model.",
-                                   "conversion.", "train.", "federation.", "federation.keep."])  # fmt: skip
+                                   "conversion.", "train.", "federation.", "federation.keep.", "privacy."])  # fmt: skip
 def test_an_unknown_key_in_any_table_is_refused(table, tmp_path):
     with pytest.raises(ValueError, match="unknown config key"):
         set_override(RunConfig(), f"{table}bogus", "1")
@@ -138,6 +148,13 @@ def test_an_unknown_key_in_any_table_is_refused(table, tmp_path):
         ("conversion.moe_layers", '["1"]', "conversion.moe_layers.0: Input should be a valid integer"),
         ("federation.keep.always_keep", '{"1": ["x"]}', "federation.keep.always_keep.1.0"),
         ("federation.strategy", '"fedprox"', "federation.strategy: Input should be 'expert' or 'fedavg'"),
+        ("privacy.noise_multiplier", "1.0", "privacy.noise_multiplier needs privacy.clip_norm > 0"),
+        ("privacy.adaptive_clip", "true", "privacy.adaptive_clip needs privacy.clip_norm > 0"),
+        ("privacy.delta", "1.5", "privacy.delta must be in"),
+        ("privacy.noise", '"both"', "privacy.noise: Input should be 'central' or 'local'"),
+        ("federation.aggregator", '"krum"', "federation.aggregator: Input should be"),
+        ("federation.trim_fraction", "0.5", "federation.trim_fraction must be in"),
+        ("federation.location_level", "31", "federation.location_level must be -1"),
         ("model.head", '"mlp"', "model.head: Input should be 'linear' or 'bottleneck'"),
         ("world.images.augment", '"rotate"', "world.images.augment"),
         ("out", "3", "out: Input should be a valid string, got 3"),

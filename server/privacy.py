@@ -1,0 +1,93 @@
+"""The server's side of client-level differential privacy: the accountant and the adaptive clip.
+
+Each round is a Poisson-sampled Gaussian mechanism on the sum of clipped updates: every online node takes part
+with probability q, and a node added or removed changes the vector of all per-row sums by at most C in L2 (its
+whole update is clipped to C). Google's `dp-accounting` composes the rounds (RDP at integer orders, which it
+computes exactly and quickly). With adaptive clipping (Andrew et al. 2021) the noisy count of unclipped nodes
+is a second Gaussian query; splitting the noise as z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2) keeps the pair of
+them equal to one Gaussian mechanism of multiplier z, so the accountant needs only z.
+
+What the guarantee covers: the model updates. Which experts and head rows a node holds is decided at set-up from
+its query (its cell and species) and is not protected; nor is Mersenne-Twister noise hardened against
+floating-point attacks (Mironov 2012). The README's security section says the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import dp_accounting
+import torch
+from dp_accounting import rdp
+
+from geomoe.wire.privacy import PrivacyConfig
+
+ORDERS = [*range(2, 256), 512, 1024]
+
+
+@dataclass
+class RoundMechanism:
+    """One round as the accountant sees it."""
+
+    sampling_rate: float  # q: probability that a node takes part
+    noise_multiplier: float  # z of the round (the clip may differ between rounds; z does not)
+
+
+def epsilon(rounds: list[RoundMechanism], delta: float) -> float:
+    """Client-level epsilon at `delta` after `rounds` (add/remove one node's whole data)."""
+    if not rounds:
+        return 0.0
+    accountant = rdp.RdpAccountant(ORDERS)
+    for mechanism in rounds:
+        accountant.compose(
+            dp_accounting.PoissonSampledDpEvent(
+                min(max(mechanism.sampling_rate, 0.0), 1.0), dp_accounting.GaussianDpEvent(mechanism.noise_multiplier)
+            )
+        )
+    return float(accountant.get_epsilon(delta))
+
+
+def local_epsilon(noise_multiplier: float, rounds_taken: int, delta: float) -> float:
+    """What a device's own noise guarantees it against anyone, the server included: each of its updates is a
+    Gaussian release of a vector that may change by 2C (any data for any other), with no sampling to hide in."""
+    if rounds_taken == 0:
+        return 0.0
+    accountant = rdp.RdpAccountant(ORDERS)
+    accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier / 2), rounds_taken)
+    return float(accountant.get_epsilon(delta))
+
+
+def count_stddev(cfg: PrivacyConfig, expected_nodes: float) -> float:
+    """sigma_b: noise on the count of unclipped nodes (Andrew et al. suggest expected nodes / 20; never below z,
+    so the update keeps most of the noise budget)."""
+    if cfg.clip_count_stddev > 0:
+        return cfg.clip_count_stddev
+    return max(expected_nodes / 20, cfg.noise_multiplier)
+
+
+def update_noise_multiplier(cfg: PrivacyConfig, expected_nodes: float) -> float:
+    """The z applied to the update sums: all of z without adaptive clipping, else what the count leaves."""
+    z = cfg.noise_multiplier
+    if not cfg.adaptive_clip or z == 0:
+        return z
+    sigma_b = count_stddev(cfg, expected_nodes)
+    if 2 * sigma_b <= z:
+        raise ValueError(
+            f"privacy.clip_count_stddev={sigma_b} is too small for noise_multiplier={z}: it must exceed {z / 2}"
+        )
+    return (z**-2 - (2 * sigma_b) ** -2) ** -0.5
+
+
+def next_clip(
+    cfg: PrivacyConfig,
+    clip: float,
+    unclipped: int,
+    expected_nodes: float,
+    generator: torch.Generator,
+) -> float:
+    """C <- C * exp(-eta * (b - gamma)), b the noisy share of nodes whose update fitted under C (geometric
+    update of Andrew et al. 2021: C rises while fewer than the target quantile fit, falls while more do)."""
+    noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * count_stddev(cfg, expected_nodes)
+    share = (unclipped + noise) / max(expected_nodes, 1e-12)
+    return clip * math.exp(-cfg.clip_lr * (share - cfg.target_quantile))
