@@ -1,6 +1,6 @@
 import torch
 
-from geomoe.server.aggregation import RowUpdate, mean_row_delta
+from geomoe.server.aggregation import RowUpdate, mean_row_delta, noisy_row_mean, robust_row_delta
 from geomoe.server.server_optimizer import ServerOptimizer
 
 
@@ -54,3 +54,64 @@ def test_fedyogi_steps_in_the_direction_of_the_delta():
     target = torch.zeros(2)
     optimizer.apply("w", target, torch.tensor([1.0, -1.0]), torch.tensor([True, True]))
     assert target[0] > 0 > target[1]
+
+
+def row(ids, values):
+    return RowUpdate(torch.tensor(ids), torch.tensor(values, dtype=torch.float32), torch.ones(len(ids)))
+
+
+def test_without_noise_the_private_mean_is_the_sum_over_the_expected_holders():
+    updates = [row([0, 1], [[1.0], [10.0]]), row([1], [[20.0]])]
+    delta, touched = noisy_row_mean((3, 1), updates, torch.tensor([1.0, 2.0, 0.0]), 0.0, torch.Generator())
+    assert delta[:, 0].tolist() == [1.0, 15.0, 0.0]  # weights 1: the row's mean over its expected holders
+    assert touched.tolist() == [True, True, False]  # a row nobody could hold stays as it is
+
+
+def test_private_noise_reaches_every_row_some_node_could_hold_even_when_none_did():
+    generator = torch.Generator().manual_seed(1)
+    delta, touched = noisy_row_mean((3, 20000), [], torch.tensor([2.0, 1.0, 0.0]), 0.5, generator)
+    assert touched.tolist() == [True, True, False]
+    assert abs(float(delta[0].std()) - 0.25) < 0.01 and abs(float(delta[1].std()) - 0.5) < 0.02  # sigma / expected
+    assert torch.equal(delta[2], torch.zeros(20000))
+
+
+HONEST = [1.0, 2.0]
+
+
+def test_median_keeps_an_expert_honest_when_its_two_hostile_holders_disagree():
+    """Expert 0: one honest holder, one scaled (x100) and one sign-flipped; expert 1: honest majority."""
+    updates = [
+        row([0, 1], [HONEST, HONEST]),
+        row([0, 1], [[100.0, 200.0], HONEST]),
+        row([0, 1], [[-1.0, -2.0], [-100.0, -100.0]]),
+    ]
+    delta, touched = robust_row_delta(2, updates, "median", 0.2, 3)
+    assert delta[0].tolist() == HONEST and delta[1].tolist() == HONEST
+    mean, _ = mean_row_delta(2, updates)
+    assert mean[0].tolist() != HONEST  # what plain averaging would have done
+
+
+def test_median_of_an_even_number_of_holders_is_the_mean_of_the_middle_two():
+    updates = [row([0], [[v]]) for v in (1.0, 2.0, 4.0, 100.0)]
+    assert robust_row_delta(1, updates, "median", 0.2, 3)[0].item() == 3.0
+
+
+def test_trimmed_mean_drops_the_extremes_of_each_coordinate():
+    values = [[1.0, -50.0], [2.0, 1.0], [3.0, 2.0], [4.0, 3.0], [90.0, 4.0]]
+    updates = [row([0], [v]) for v in values]
+    delta, _ = robust_row_delta(1, updates, "trimmed_mean", 0.2, 3)  # floor(0.2 x 5) = 1 dropped at each end
+    assert delta[0].tolist() == [3.0, 2.0]
+
+
+def test_a_row_with_too_few_holders_takes_a_norm_bounded_mean():
+    """Expert 1 has a single (hostile) holder: its update is scaled to the median row norm of the tensor."""
+    updates = [
+        row([0, 1], [[3.0, 4.0], [300.0, 400.0]]),  # row norms 5 and 500
+        row([0], [[0.0, 5.0]]),  # 5
+        row([0, 2], [[5.0, 0.0], [0.6, 0.8]]),  # 5 and 1
+    ]
+    delta, touched = robust_row_delta(3, updates, "median", 0.2, 3)
+    assert touched.tolist() == [True, True, True]
+    torch.testing.assert_close(delta[1], torch.tensor([3.0, 4.0]))  # 500 scaled down to the median norm, 5
+    torch.testing.assert_close(delta[2], torch.tensor([0.6, 0.8]))  # under the bound: unchanged
+    torch.testing.assert_close(delta[0], torch.tensor([3.0, 4.0]))  # three holders: the coordinate-wise median

@@ -10,6 +10,7 @@ from geomoe.model.network import GeoMoENet
 from geomoe.server.replies import QueryReply
 from geomoe.server.strategy import GeoExpertStrategy, ServerState
 from geomoe.wire import messages as msg
+from geomoe.wire.privacy import PrivacyConfig
 from geomoe.wire.run_config import RunConfig
 
 
@@ -33,22 +34,27 @@ class ListedNodes:
 GRID = ListedNodes([101, 202])
 
 
-def make_strategy(strategy: str = "expert") -> GeoExpertStrategy:
+def make_strategy(strategy: str = "expert", privacy: dict | None = None, cells=("0/", "4/"), **federation):
+    """Nodes 101 (location 0) and 202 (location 1) registered, each with its keep set; `privacy` and `federation`
+    set fields of those config tables."""
     cfg = RunConfig()
     cfg.conversion.num_experts = 4
     cfg.federation.strategy = strategy
     cfg.federation.weighting = "examples"
     cfg.federation.max_update_norm = 1e6  # replies move every tensor by +1: exact expectations, not realistic norms
+    for key, value in federation.items():
+        setattr(cfg.federation, key, value)
+    cfg.privacy = PrivacyConfig(**(privacy or {}))
     cfg.__post_init__()
     torch.manual_seed(0)
     model = GeoMoENet(cfg.model)
     keep = {0: {1: [0, 1], 3: [2], 5: [3], 7: [0]}, 1: {1: [1, 2], 3: [2], 5: [0], 7: [1]}}
-    s = GeoExpertStrategy(cfg, model, shared_state(model), ServerState(keep=keep), world={msg.CELLS: ["0/", "4/"]})
+    s = GeoExpertStrategy(cfg, model, shared_state(model), ServerState(keep=keep), world={msg.CELLS: list(cells)})
     s.nodes = {101: QueryReply(0, "0/", True, [1, 2], 50), 202: QueryReply(1, "4/", True, [2, 5], 150)}
     return s
 
 
-def reply_to(message: Message, change=None, examples: float = 100.0) -> Message:
+def reply_to(message: Message, change=None, examples: float = 50.0, **metrics) -> Message:
     """A well-formed reply: every sent tensor moved by +1 (ids unchanged)."""
     sent = {}
     for name in (msg.EXPERTS, msg.HEAD, msg.SHARED):
@@ -62,7 +68,7 @@ def reply_to(message: Message, change=None, examples: float = 100.0) -> Message:
         {
             msg.UPDATE: msg.to_record(update),
             msg.TOKENS: msg.to_record(counts),
-            msg.METRICS: MetricRecord({"examples": examples, "train_loss": 1.0}),
+            msg.METRICS: MetricRecord({"examples": examples, "train_loss": 1.0, **metrics}),
         }
     )
     return Message(content, reply_to=message)
