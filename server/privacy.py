@@ -4,9 +4,10 @@ Each round is a Poisson-sampled Gaussian mechanism on the sum of clipped updates
 with probability q, and a node added or removed changes the vector of all per-row sums by at most C in L2 (its
 whole update is clipped to C). Google's `dp-accounting` composes the rounds (its RDP accountant at its default
 orders; at small noise it skips orders whose series do not converge and says so on absl's logger at WARNING,
-which is kept quiet: the epsilon is still a valid bound over the remaining orders). With adaptive clipping (Andrew et al. 2021) the noisy count of unclipped nodes
-is a second Gaussian query; splitting the noise as z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2) keeps the pair of
-them equal to one Gaussian mechanism of multiplier z, so the accountant needs only z.
+which is kept quiet: the epsilon is still a valid bound over the remaining orders). With adaptive clipping
+(Andrew et al. 2021) the noisy count of unclipped nodes is a second Gaussian query; splitting the noise as
+z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2) keeps the pair equal to one Gaussian mechanism of multiplier z, so
+the accountant needs only z.
 
 What the guarantee covers: the model updates. Which experts and head rows a node holds is decided at set-up from
 its query (its cell and species) and is not protected; nor is Mersenne-Twister noise hardened against
@@ -26,7 +27,6 @@ import torch
 from dp_accounting import rdp
 
 from geomoe.wire.privacy import PrivacyConfig
-
 
 
 @contextmanager

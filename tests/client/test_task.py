@@ -49,3 +49,50 @@ def test_the_compact_model_holds_only_what_was_sent():
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in full.parameters())
     with pytest.raises(ValueError, match="base state does not fit"):
         build_model(cfg.model, {"bogus": torch.zeros(1)}, Received(take_expert_state(full, keep), router, {}, {}))
+
+
+def an_update():
+    return {"moe.1.w1": torch.full((2, 4, 2), 1.0), "moe.1.ids": torch.tensor([0, 3]), "head.fc.bias": torch.ones(3)}
+
+
+def test_a_dp_node_clips_its_whole_update_and_votes_whether_it_fitted():
+    from geomoe.client.task import privatise
+    from geomoe.wire.privacy import PrivacyConfig, update_norm
+
+    clipped, fitted = privatise(PrivacyConfig(clip_norm=0.5), an_update(), 0.5)
+    assert update_norm(clipped) == pytest.approx(0.5) and fitted == 0.0
+    assert clipped["moe.1.ids"].tolist() == [0, 3]
+    small, fitted = privatise(PrivacyConfig(clip_norm=100.0), an_update(), 100.0)
+    assert torch.equal(small["moe.1.w1"], an_update()["moe.1.w1"]) and fitted == 1.0
+
+
+def test_local_noise_is_added_on_the_device_at_z_times_c():
+    from geomoe.client.task import privatise
+    from geomoe.wire.privacy import PrivacyConfig
+
+    big = {"w": torch.zeros(20000)}
+    noised, _ = privatise(PrivacyConfig(clip_norm=2.0, noise_multiplier=1.5, noise="local"), big, 2.0)
+    assert float(noised["w"].std()) == pytest.approx(3.0, rel=0.05)
+    again, _ = privatise(PrivacyConfig(clip_norm=2.0, noise_multiplier=1.5, noise="local"), big, 2.0)
+    assert not torch.equal(noised["w"], again["w"])  # a fresh secret seed each time, not the run's seed
+
+
+def test_compression_sees_the_clipped_update_and_keeps_the_residual_on_the_device():
+    """int8+zstd of the clipped update: what arrives is within quantisation of norm C, and the error feedback
+    residual (which never leaves the node) is what quantisation dropped from the clipped update."""
+    from flwr.app import RecordDict
+
+    from geomoe.client.task import privatise
+    from geomoe.wire import messages as msg
+    from geomoe.wire.compression import ErrorFeedback
+    from geomoe.wire.privacy import PrivacyConfig, update_norm
+
+    torch.manual_seed(0)
+    update = {"moe.1.w1": torch.randn(2, 64, 8) * 10, "moe.1.ids": torch.tensor([0, 3])}
+    clipped, _ = privatise(PrivacyConfig(clip_norm=1.0), update, 1.0)
+    content, feedback = RecordDict(), ErrorFeedback()
+    msg.pack(content, msg.UPDATE, clipped, "int8+zstd", feedback)
+    arrived = msg.unpack(content, msg.UPDATE)
+    assert update_norm(arrived) == pytest.approx(1.0, rel=0.02)
+    torch.testing.assert_close(feedback.residuals["moe.1.w1"], clipped["moe.1.w1"] - arrived["moe.1.w1"])
+    assert msg.UPDATE + "-residual" not in content and set(content) == {msg.UPDATE, msg.UPDATE + msg.CODEC}

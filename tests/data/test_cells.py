@@ -61,3 +61,13 @@ def test_bad_tokens_are_refused(bad):
 def test_bad_coordinates_are_refused():
     with pytest.raises(ValueError, match="lat=95"):
         cell_at(95, 0, 3)
+
+
+def test_cells_coarsen_to_a_level_and_keep_their_index():
+    from geomoe.data.cells import coarsened
+
+    cells, index = coarsened(["2/0123", "2/0130", "4/", "3/2"], 2)
+    assert cells == ["2/01", "4/", "3/2"] and index == [0, 0, 1, 2]  # cells at or above the level stay
+    assert coarsened(["2/0123"], -1) == (["2/0123"], [0])
+    with pytest.raises(ValueError, match="location_level=2 needs S2 cells; client 'cluster-4'"):
+        coarsened(["cluster-4"], 2)

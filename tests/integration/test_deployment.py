@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from geomoe.data.cells import coarsened
 from geomoe.sim.export import export_world
 from geomoe.sim.world import World
+from geomoe.wire.privacy import PrivacyConfig
 from geomoe.wire.run_config import to_toml
 
 from .conftest import free_port, small_config, stop
@@ -50,8 +52,8 @@ def flwr_command(connection: str, cfg, tmp_path: Path, extra: str = "", rounds: 
     return [str(BIN / "flwr"), "run", str(ROOT), connection, "--run-config", overrides.strip(), "--stream"]
 
 
-def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "") -> dict:
-    """Run it to the end (in its own session); the report."""
+def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "") -> tuple[dict, str]:
+    """Run it to the end (in its own session); the report and what `flwr run` printed."""
     result = subprocess.run(
         flwr_command(connection, cfg, tmp_path, extra),
         env=env,
@@ -61,7 +63,7 @@ def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "") -
         start_new_session=True,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads((Path(cfg.out) / "report.json").read_text())
+    return json.loads((Path(cfg.out) / "report.json").read_text()), result.stdout + result.stderr
 
 
 @contextmanager
@@ -120,12 +122,34 @@ def deployment(tmp_path):
         yield env, nodes, locations, add
 
 
+def server_side_text(tmp_path, cfg, output: str) -> str:
+    """Everything the server side wrote: its report, its streamed log, the SuperLink's log."""
+    return output + (Path(cfg.out) / "report.json").read_text() + (tmp_path / "superlink.log").read_text()
+
+
+def assert_no_coordinates(text: str, locations) -> None:
+    """Nodes hold their coordinates in their node config; none may reach the server (any usual rendering). A
+    round value (a face cell's centre at 0.0) could be any number in a log and is not looked for."""
+    assert "lat=" not in text and "lon=" not in text
+    for location in locations:
+        for value in (location.lat, location.lon):
+            if value == round(value, 2):
+                continue
+            for shown in (repr(value), f"{value:.6f}", f"{value:.5f}"):
+                assert shown not in text, f"coordinate {shown} reached the server"
+
+
 def test_a_node_that_drops_out_does_not_stall_the_round_and_one_that_joins_takes_part(
     tmp_path, model_cache, deployment
 ):
+    """With client-level DP (central noise, int8+zstd uploads) and coarse locations on the deployment runtime: the
+    nodes report level-2 cells only, never their coordinates."""
     env, nodes, locations, add_node = deployment
     cfg = small_config(tmp_path / "run", model_cache)
     cfg.federation.round_timeout_s = 150.0  # in the config file: Flower overrides only pyproject's keys
+    cfg.federation.upload_compression = "int8+zstd"
+    cfg.federation.location_level = 2
+    cfg.privacy = PrivacyConfig(clip_norm=1.0, noise_multiplier=0.001, adaptive_clip=True)
     command = flwr_command("test", cfg, tmp_path, "federation.min_nodes=2", rounds=3)
     run = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -148,8 +172,14 @@ def test_a_node_that_drops_out_does_not_stall_the_round_and_one_that_joins_takes
     replies = [row["replies"] for row in report["rounds"]]
     # Round 2 may or may not see the newcomer (it registers while round 2 starts); round 3 always does.
     assert replies[0] == 2 and replies[1] in (1, 2) and replies[2] == 2, replies
-    assert locations[2].cell in report["rounds"][2]["sampled"]  # queried, routed and trained
+    coarse, index = coarsened([loc.cell for loc in locations], 2)
+    assert coarse[index[2]] in [name.split("~")[0] for name in report["rounds"][2]["sampled"]]  # queried and trained
+    assert {loc["cell"] for loc in report["locations"]} <= set(coarse)
     assert report["rounds"][1]["seconds"] < 150 + 60  # waited at most the timeout, then went on
+    epsilons = [row["epsilon"] for row in report["rounds"]]
+    assert epsilons == sorted(epsilons) and report["privacy"]["epsilon"] == epsilons[-1] > 0
+    assert len({row["clip_norm"] for row in report["rounds"]}) == 3  # the adaptive clip moved every round
+    assert_no_coordinates(server_side_text(tmp_path, cfg, output), locations)
 
 
 def test_devices_on_a_superlink_train_on_their_own_labelled_folders(tmp_path, model_cache):
@@ -166,7 +196,8 @@ def test_devices_on_a_superlink_train_on_their_own_labelled_folders(tmp_path, mo
         f'lat={loc.lat} lon={loc.lon} data="{tmp_path / "devices" / f"L{k + 1}"}"' for k, loc in enumerate(locations)
     ]
     with federation(tmp_path, configs) as (env, _, _):
-        report = flwr_run("test", cfg, tmp_path, env, "federation.min_nodes=3")
+        report, output = flwr_run("test", cfg, tmp_path, env, "federation.min_nodes=3")
+    assert_no_coordinates(server_side_text(tmp_path, cfg, output), locations)
     assert [row["replies"] for row in report["rounds"]] == [3, 3]
     by_cell = {loc["cell"]: loc for loc in report["locations"]}
     assert sorted(by_cell) == sorted(loc.cell for loc in locations)  # each device found its cell
