@@ -1,4 +1,4 @@
-"""`geomoe bench model|data|comm|ep`: benchmarks that write JSON; speed and cost as ratios within one run."""
+"""`geomoe bench model|data|comm|ep|privacy`: benchmarks that write JSON; speed and cost as ratios within one run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import click
 import typer
 from rich.table import Table
 
-from geomoe.cli.options import console
+from geomoe.cli.options import CONFIG_OPTION, SET_OPTION, console
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON (speed and cost as ratios).")
 
@@ -101,3 +101,41 @@ def ep(
         extra = f", overhead x{entry['overhead_over_local']:.2f}" if "overhead_over_local" in entry else ""
         console.print(f"{name}: {entry['images_per_s']:.1f} images/s, layer ms {entry['layer_ms']}{extra}")
     console.print(f"wrote {out}")
+
+
+@app.command("privacy")
+def privacy(
+    out: Path = typer.Option(Path("runs/bench-privacy"), help="Folder for the runs, bench_privacy.json and .png."),
+    rounds: int = typer.Option(5, help="Rounds of each run."),
+    noise: str = typer.Option("0.03,0.1,0.3", help="Noise multipliers of the DP runs, comma-separated."),
+    attacks: str = typer.Option("scaled,sign_flipped", help="Attacks of the hostile node, comma-separated."),
+    aggregators: str = typer.Option("mean,median,trimmed_mean", help="Aggregators compared, comma-separated."),
+    config: Path = CONFIG_OPTION,
+    set_: list[str] = SET_OPTION,
+) -> None:
+    """Accuracy vs epsilon (client-level DP), and accuracy with 1 hostile node per aggregator, on one world."""
+    from geomoe.analysis.privacy_bench import bench_privacy
+    from geomoe.wire.run_config import build_run_config
+
+    try:
+        multipliers = tuple(float(z) for z in noise.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected numbers like 0.1,1.0, got {noise!r}", param_hint="--noise") from None
+    base = build_run_config(config, {"federation.rounds": rounds}, set_)
+    split = (tuple(a for a in attacks.split(",") if a), tuple(a for a in aggregators.split(",") if a))
+    result = bench_privacy(out, base, multipliers, *split, announce=console.print)
+    table = Table(title=f"client-level DP ({result['nodes']} nodes, {result['rounds']} rounds)")
+    for column in ("noise multiplier", "epsilon", "final accuracy"):
+        table.add_column(column, justify="right")
+    table.add_row("no DP", "-", f"{result['no_dp_accuracy']:.3f}")
+    for row in result["dp"]:
+        table.add_row(f"{row['noise_multiplier']:g}", f"{row['epsilon']:.3g}", f"{row['final_accuracy']:.3f}")
+    console.print(table)
+    robust = Table(title="final accuracy with 1 hostile node")
+    names = list(next(iter(result["robustness"].values())))
+    for column in ("attack", *names):
+        robust.add_column(column, justify="right")
+    for attack, row in result["robustness"].items():
+        robust.add_row(attack, *(f"{row[name]:.3f}" for name in names))
+    console.print(robust)
+    console.print(f"wrote {out / 'bench_privacy.json'} and {out / 'bench_privacy.png'}")

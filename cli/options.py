@@ -9,5 +9,7 @@ from rich.console import Console
 
 console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get whole tables
 
-CONFIG_OPTION = typer.Option(None, help="TOML file with [world], [model], [conversion], [train], [federation] tables.")
+CONFIG_OPTION = typer.Option(
+    None, help="TOML file with [world], [model], [conversion], [train], [federation], [privacy] tables."
+)
 SET_OPTION = typer.Option([], "--set", help="Override any field: --set world.synthetic.num_observations=20000.")

@@ -37,7 +37,7 @@ STARTUP_TIMEOUT_S = 60.0
 SERVER_APP = "geomoe.server.server_app:app"
 CLIENT_APP = "geomoe.client.client_app:app"
 # The app's manifest: the FAB carries no code, the apps are the installed geomoe package.
-APP_MANIFEST = f"""[build-system]
+APP_MANIFEST = """[build-system]
 requires = ["setuptools>=68"]
 build-backend = "setuptools.build_meta"
 
@@ -52,8 +52,8 @@ dependencies = []
 publisher = "geomoe"
 
 [tool.flwr.app.components]
-serverapp = "{SERVER_APP}"
-clientapp = "{CLIENT_APP}"
+serverapp = "{server_app}"
+clientapp = "{client_app}"
 
 [tool.flwr.app.config]
 config = ""
@@ -145,8 +145,10 @@ def simulate(
     ray_address: str | None = None,
     cpus_per_client: int = 1,
     verbose: bool = False,
+    client_app: str = CLIENT_APP,
 ) -> dict:
-    """Run the job to completion and return its report (also written to `cfg.out/report.json`)."""
+    """Run the job to completion and return its report (also written to `cfg.out/report.json`). `client_app`
+    names another ClientApp object to run on the virtual nodes (benchmarks run hostile ones)."""
     if importlib.util.find_spec("ray") is None:
         raise RuntimeError("local simulation needs Ray: pip install 'geomoe[simulation]' (device images leave it out)")
     out = Path(cfg.out).resolve()
@@ -155,7 +157,7 @@ def simulate(
     flower = out / "flower"
     app = flower / "app"
     app.mkdir(parents=True, exist_ok=True)
-    (app / "pyproject.toml").write_text(APP_MANIFEST)
+    (app / "pyproject.toml").write_text(APP_MANIFEST.format(server_app=SERVER_APP, client_app=client_app))
     config_file = flower / "run.toml"
     cache = Path(cfg.cache).resolve() if cfg.cache else out / "cache"
     config_file.write_text(to_toml(replace(cfg, out=str(out), cache=str(cache))))

@@ -86,7 +86,8 @@ def robust_row_delta(
     stacked = torch.full((len(updates), num_rows, *row_shape), float("nan"), dtype=torch.float64)  # (H, R, ...)
     for h, update in enumerate(updates):
         stacked[h, update.ids] = update.delta.double()
-    present = ~stacked.flatten(2).isnan().any(dim=2)  # (H, R): holder h sent row r
+    flat = stacked.reshape(len(updates), num_rows, -1)  # (H, R, D): a row of any shape, scalars included
+    present = ~flat.isnan().any(dim=2)  # (H, R): holder h sent row r
     count = present.sum(dim=0)  # (R,)
     ordered = stacked.sort(dim=0).values  # NaN (rows a holder lacks) sort last, per coordinate
     if aggregator == "median":
@@ -100,7 +101,7 @@ def robust_row_delta(
     kept_values = kept.reshape(*kept.shape, *([1] * len(row_shape)))
     robust = torch.where(kept_values, ordered, 0.0).sum(dim=0) / kept_values.sum(dim=0).clamp(min=1)
 
-    norms = stacked.nan_to_num(0.0).flatten(2).norm(dim=2)  # (H, R)
+    norms = flat.nan_to_num(0.0).norm(dim=2)  # (H, R)
     bound = norms[present].median() if present.any() else torch.tensor(0.0, dtype=torch.float64)
     scale = torch.where(norms > bound, bound / norms.clamp(min=1e-30), torch.ones_like(norms))
     scaled = (stacked.nan_to_num(0.0) * scale.reshape(*scale.shape, *([1] * len(row_shape)))).sum(dim=0)

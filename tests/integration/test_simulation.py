@@ -12,7 +12,9 @@ import time
 import pytest
 import torch
 
+from geomoe.analysis.hostile import HOSTILE_APPS
 from geomoe.runner.simulation import simulate
+from geomoe.wire.privacy import PrivacyConfig
 
 from .conftest import SMALL_RUN, small_config, stop
 
@@ -20,7 +22,12 @@ pytestmark = pytest.mark.integration
 
 
 def test_per_expert_run_learns_and_uploads_little(tmp_path, model_cache):
-    report = simulate(small_config(tmp_path / "expert", model_cache, rounds=2))
+    """Under client-level DP (clipped on the nodes, noised on the server: here a negligible noise, so that learning
+    is visible in two rounds) on Flower's simulation runtime."""
+    cfg = small_config(tmp_path / "expert", model_cache, rounds=2)
+    cfg.privacy = PrivacyConfig(clip_norm=1.0, noise_multiplier=0.001)
+    report = simulate(cfg)
+    assert report["privacy"]["epsilon"] == report["rounds"][-1]["epsilon"] > report["rounds"][0]["epsilon"] > 0
     evaluations = report["evaluations"]
     chance = 1 / report["config"]["world"]["synthetic"]["num_species"]
     assert evaluations["2"]["accuracy"] > evaluations["0"]["accuracy"] > chance
@@ -34,6 +41,16 @@ def test_per_expert_run_learns_and_uploads_little(tmp_path, model_cache):
         for traffic in row["traffic"].values():
             assert traffic["up"] < 0.1 * dense_bytes
     assert (tmp_path / "expert" / "report.json").is_file()
+
+
+def test_one_hostile_node_of_three_is_outvoted_by_the_median(tmp_path, model_cache):
+    """Partition 0 sends its updates x10 (`analysis.hostile`) with int8+zstd uploads; the median still learns."""
+    cfg = small_config(tmp_path / "median", model_cache, rounds=2)
+    cfg.federation.aggregator = "median"
+    cfg.federation.upload_compression = "int8+zstd"
+    report = simulate(cfg, client_app=HOSTILE_APPS["scaled"])
+    assert [row["replies"] for row in report["rounds"]] == [3, 3]
+    assert report["evaluations"]["2"]["accuracy"] > report["evaluations"]["0"]["accuracy"]
 
 
 def sim_command(out, model_cache) -> list[str]:

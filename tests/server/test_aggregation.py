@@ -115,3 +115,10 @@ def test_a_row_with_too_few_holders_takes_a_norm_bounded_mean():
     torch.testing.assert_close(delta[1], torch.tensor([3.0, 4.0]))  # 500 scaled down to the median norm, 5
     torch.testing.assert_close(delta[2], torch.tensor([0.6, 0.8]))  # under the bound: unchanged
     torch.testing.assert_close(delta[0], torch.tensor([3.0, 4.0]))  # three holders: the coordinate-wise median
+
+
+def test_robust_rows_may_be_scalars():
+    """Head biases: one number per row."""
+    updates = [RowUpdate(torch.tensor([0, 1]), torch.tensor([v, 1.0]), torch.ones(2)) for v in (1.0, 2.0, 50.0)]
+    delta, touched = robust_row_delta(2, updates, "median", 0.2, 3)
+    assert delta.tolist() == [2.0, 1.0] and touched.all()
