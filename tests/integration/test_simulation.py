@@ -44,12 +44,15 @@ def test_per_expert_run_learns_and_uploads_little(tmp_path, model_cache):
 
 
 def test_one_hostile_node_of_three_is_outvoted_by_the_median(tmp_path, model_cache):
-    """Partition 0 sends its updates x10 (`analysis.hostile`) with int8+zstd uploads; the median still learns."""
+    """Partition 0 sends its updates x10 (`analysis.hostile`) with int8+zstd uploads; the median still learns.
+    Nodes report level-1 cells (coarse locations on the simulation runtime)."""
     cfg = small_config(tmp_path / "median", model_cache, rounds=2)
     cfg.federation.aggregator = "median"
+    cfg.federation.location_level = 1
     cfg.federation.upload_compression = "int8+zstd"
     report = simulate(cfg, client_app=HOSTILE_APPS["scaled"])
     assert [row["replies"] for row in report["rounds"]] == [3, 3]
+    assert all(len(location["cell"]) <= len("0/1") for location in report["locations"])
     assert report["evaluations"]["2"]["accuracy"] > report["evaluations"]["0"]["accuracy"]
 
 
