@@ -34,6 +34,7 @@ from geomoe.wire.run_config import RunConfig
 
 app = ClientApp()
 FEEDBACK = "error-feedback"  # node state: what compression dropped from the last update
+PROJECTIONS = "location-projections"  # node state: the location loss's projections, trained across rounds
 RUN = "run-world"  # node state: the query's species names, client cells and world file
 _LOCAL: dict[str, LocalData] = {}  # this process's node data, keyed by source (reading a folder is costly)
 
@@ -135,7 +136,12 @@ def train(message: Message, context: Context) -> Message:
     received = _received(message)
     model = build_model(cfg.model, _base(message, context), received)
     before = evaluate_local(cfg, model, local)
-    deltas, metrics, stats = train_and_delta(cfg, model, received, local, int(config["round"]), index)
+    projections = msg.from_record(context.state[PROJECTIONS]) if PROJECTIONS in context.state else None
+    deltas, metrics, stats, projections = train_and_delta(
+        cfg, model, received, local, int(config["round"]), index, projections
+    )
+    if projections is not None:
+        context.state[PROJECTIONS] = msg.to_record(projections)
     if cfg.privacy.enabled:  # before compression: what is compressed (and its error feedback) is the clipped update
         deltas, metrics["unclipped"] = privatise(cfg.privacy, deltas, float(config[msg.CLIP_NORM]))
     reply = RecordDict(

@@ -107,21 +107,29 @@ def training_seed(run_seed: int, server_round: int, location: int) -> int:
 
 
 def train_and_delta(
-    cfg: RunConfig, model: GeoMoENet, received: Received, local: LocalData, server_round: int, index: int
-) -> tuple[dict[str, torch.Tensor], dict[str, float], RoutingStats]:
-    """Train locally; deltas for the sent tensors, metrics, and routing statistics on the training set."""
+    cfg: RunConfig,
+    model: GeoMoENet,
+    received: Received,
+    local: LocalData,
+    server_round: int,
+    index: int,
+    projections: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float], RoutingStats, dict[str, torch.Tensor] | None]:
+    """Train locally; deltas for the sent tensors, metrics, routing statistics on the training set, and (with
+    the location loss on) the node's location projections after this round, to keep for the next one."""
     seed = training_seed(cfg.seed, server_round, index)
     train_cfg = replace(cfg.train, seed=seed)
     use_location = train_cfg.location_weight > 0
     loader = local.loader("train", train_cfg.batch_size, shuffle=True, seed=seed, with_location=use_location)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     backbone_trained = any(n.startswith("backbone.") for n in received.shared)
+    location = location_supervision(model, cfg.seed, projections) if use_location else None
     metrics = train_epochs(
         model,
         loader,
         train_cfg,
         trainable_names(model, received),
-        location=location_supervision(model, seed) if use_location else None,
+        location=location,
         freeze_norm_stats=not backbone_trained,
     )
     after = model.state_dict()
@@ -135,14 +143,20 @@ def train_and_delta(
     for name in received.shared:
         deltas[name] = (after[name] - before[name]).to(received.shared[name].dtype)
     stats = routing_stats(model, local.loader("train", 128))
-    return deltas, metrics, stats
+    kept = {k: v.detach().clone() for k, v in location.state_dict().items()} if location is not None else None
+    return deltas, metrics, stats, kept
 
 
-def location_supervision(model: GeoMoENet, seed: int) -> LocationSupervision:
-    """Fresh per-block projections for this round's local training (they never leave the node)."""
-    torch.manual_seed(seed)
-    widths = sorted(set(model.widths))
-    return LocationSupervision(widths, model.blocks)
+def location_supervision(
+    model: GeoMoENet, run_seed: int, projections: dict[str, torch.Tensor] | None
+) -> LocationSupervision:
+    """The node's per-block location projections: what it trained in earlier rounds (kept in its node state;
+    they never leave the node), or on its first round a fresh initialisation from the run's seed."""
+    torch.manual_seed(run_seed)
+    supervision = LocationSupervision(sorted(set(model.widths)), model.blocks)
+    if projections is not None:
+        supervision.load_state_dict(projections)
+    return supervision
 
 
 def evaluate_local(cfg: RunConfig, model: GeoMoENet, local: LocalData) -> dict[str, float | list[float]]:

@@ -96,3 +96,39 @@ def test_compression_sees_the_clipped_update_and_keeps_the_residual_on_the_devic
     assert update_norm(arrived) == pytest.approx(1.0, rel=0.02)
     torch.testing.assert_close(feedback.residuals["moe.1.w1"], clipped["moe.1.w1"] - arrived["moe.1.w1"])
     assert msg.UPDATE + "-residual" not in content and set(content) == {msg.UPDATE, msg.UPDATE + msg.CODEC}
+
+
+def test_location_projections_carry_over_from_round_to_round():
+    """Round 2 starts from round 1's trained projections: its result differs from a fresh start, and it is
+    exactly round 1's end plus round 2's training (same seed, same data)."""
+    from geomoe.client.data import LocalData
+    from geomoe.client.task import location_supervision, train_and_delta
+    from geomoe.wire.run_config import build_run_config
+
+    cfg = build_run_config(
+        None, {}, ["world.synthetic.num_observations=600", "world.num_locations=2", "conversion.num_experts=4",
+                   "train.location_weight=0.5", "train.batch_size=16"],
+    )  # fmt: skip
+    world = World(cfg.world)
+    loc = world.locations[0]
+    local = LocalData(world.data, loc.train[:32], loc.val, loc.test, loc.lat, loc.lon, cfg.world.images, "cell")
+    torch.manual_seed(0)
+    full = GeoMoENet(cfg.model)
+    keep = {layer: [0, 1] for layer in cfg.model.moe_layers}
+    router = {f"moe.{layer}.absent_centroids": global_centroids(m)[[2, 3]] for layer, m in full.moe_layers().items()}
+
+    def train_round(server_round, projections):
+        received = Received(take_expert_state(full, keep), router, {}, {})
+        model = build_model(cfg.model, shared_state(full), received)
+        return train_and_delta(cfg, model, received, local, server_round, 0, projections)[3]
+
+    fresh = location_supervision(full, cfg.seed, None).state_dict()
+    after_round_1 = train_round(1, None)
+    after_round_2 = train_round(2, after_round_1)
+    changed = [k for k in fresh if not torch.equal(fresh[k], after_round_1[k])]
+    assert changed and all(k.startswith(("projections.", "norm.")) for k in changed)  # the encoder stays frozen
+    assert any(not torch.equal(after_round_2[k], after_round_1[k]) for k in changed)
+    for key, value in train_round(2, after_round_1).items():
+        torch.testing.assert_close(value, after_round_2[key], rtol=0, atol=0)
+    from_scratch = train_round(2, None)
+    assert any(not torch.equal(from_scratch[k], after_round_2[k]) for k in changed)
