@@ -11,12 +11,13 @@ import click
 import typer
 from rich.console import Console
 
-from geomoe.cli import bench, comm, data, deploy, device, expert_server, experts, figures, model, sim
+from geomoe.cli import bench, comm, data, deploy, device, expert_server, experts, figures, model, repro, sim
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 app.command()(sim.sim)
 app.command()(data.partition)
 app.command()(experts.prune)
+app.command()(repro.repro)
 for name, command in figures.COMMANDS.items():
     experts.app.command(name)(command)
 for name, group in (

@@ -70,6 +70,7 @@ def _world(message: Message, context: Context) -> dict:
         "cells": json.loads(str(record[msg.CELLS])),
         "file": Path(str(record[msg.WORLD_FILE])),
         "sha256": str(record[msg.WORLD_SHA256]),
+        "superclasses": json.loads(str(record[msg.SUPERCLASSES])),
     }
 
 
@@ -132,13 +133,15 @@ def train(message: Message, context: Context) -> Message:
     """Evaluate what was received, train it locally, and send back deltas of what was sent."""
     cfg = _run_config(message)
     config = message.content[msg.CONFIG]
-    local, index = local_data(cfg, _world(message, context), dict(context.node_config))
+    world = _world(message, context)
+    local, index = local_data(cfg, world, dict(context.node_config))
     received = _received(message)
     model = build_model(cfg.model, _base(message, context), received)
     before = evaluate_local(cfg, model, local)
     projections = msg.from_record(context.state[PROJECTIONS]) if PROJECTIONS in context.state else None
+    superclasses = torch.tensor(world["superclasses"]) if world["superclasses"] else None
     deltas, metrics, stats, projections = train_and_delta(
-        cfg, model, received, local, int(config["round"]), index, projections
+        cfg, model, received, local, int(config["round"]), index, projections, superclasses
     )
     if projections is not None:
         context.state[PROJECTIONS] = msg.to_record(projections)

@@ -114,9 +114,11 @@ def train_and_delta(
     server_round: int,
     index: int,
     projections: dict[str, torch.Tensor] | None = None,
+    superclasses: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], RoutingStats, dict[str, torch.Tensor] | None]:
     """Train locally; deltas for the sent tensors, metrics, routing statistics on the training set, and (with
-    the location loss on) the node's location projections after this round, to keep for the next one."""
+    the location loss on) the node's location projections after this round, to keep for the next one.
+    `superclasses` (class -> super-class, per-image routing) turns on the super-class router loss."""
     seed = training_seed(cfg.seed, server_round, index)
     train_cfg = replace(cfg.train, seed=seed)
     use_location = train_cfg.location_weight > 0
@@ -131,6 +133,7 @@ def train_and_delta(
         trainable_names(model, received),
         location=location,
         freeze_norm_stats=not backbone_trained,
+        superclasses=superclasses,
     )
     after = model.state_dict()
     now = take_expert_state(model, keep_of(received.experts))

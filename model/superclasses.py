@@ -30,8 +30,23 @@ def superclasses(confusion: np.ndarray, num_superclasses: int) -> np.ndarray:
     return model.fit_predict(distance)
 
 
+@torch.no_grad()
+def superclasses_of(model: GeoMoENet, batches, num_classes: int, count: int) -> np.ndarray:
+    """Super-class of every class from `model`'s confusion on `batches` (a dense baseline, as in the paper);
+    `count` is capped at the number of classes."""
+    model.eval()
+    labels, predictions = [], []
+    for images, batch_labels, *_ in batches:
+        logits = model(images)
+        predictions.append(model.head.class_ids[logits.argmax(dim=1)].numpy())
+        labels.append(batch_labels.numpy())
+    confusion = confusion_matrix(np.concatenate(labels), np.concatenate(predictions), num_classes)
+    return superclasses(confusion, min(count, num_classes))
+
+
 def router_supervision_loss(model: GeoMoENet, labels: torch.Tensor, class_to_superclass: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each per-image router (after a forward pass) against the label's super-class."""
+    """Cross-entropy of each per-image router (after a forward pass) against the label's super-class, over the
+    images whose super-class expert this model holds (a node holds only some experts); 0 if none."""
     targets = class_to_superclass[labels]
     losses = []
     for module in model.moe_layers().values():
@@ -39,5 +54,6 @@ def router_supervision_loss(model: GeoMoENet, labels: torch.Tensor, class_to_sup
             raise RuntimeError("router supervision needs routing='image' and a forward pass first")
         held = module.expert_ids.tolist()
         local = torch.tensor([held.index(t) if t in held else -100 for t in targets.tolist()])
-        losses.append(F.cross_entropy(module.last_logits, local, ignore_index=-100))
-    return torch.stack(losses).mean()
+        if (local >= 0).any():
+            losses.append(F.cross_entropy(module.last_logits, local, ignore_index=-100))
+    return torch.stack(losses).mean() if losses else torch.zeros(())

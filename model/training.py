@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from geomoe.model.location import LocationSupervision
 from geomoe.model.moe_layer import MoEMlp
 from geomoe.model.network import GeoMoENet
+from geomoe.model.superclasses import router_supervision_loss
 
 
 @dataclass
@@ -32,6 +33,7 @@ class TrainConfig:
     lr_rest: float = 5e-4  # everything else (the paper's 5e-5 assumes a long fine-tune)
     weight_decay: float = 0.0  # AdamW weight decay
     location_weight: float = 0.0  # weight of the location contrastive loss (0.01 in the paper); 0 = off
+    superclass_weight: float = 0.1  # weight of the super-class router loss when model.routing = "image"
     seed: int = 0  # data order and dropout
 
 
@@ -57,6 +59,7 @@ def train_epochs(
     trainable: set[str] | None = None,
     location: LocationSupervision | None = None,
     freeze_norm_stats: bool = False,
+    superclasses: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Train in place; returns mean loss and examples seen. `loader` yields (images, labels[, lonlat]).
 
@@ -78,18 +81,34 @@ def train_epochs(
     total_loss, seen = 0.0, 0
     for _ in range(cfg.epochs):
         for batch in loader:
-            images, labels = batch[0], head_targets(batch[1], model.head.class_ids)
-            if location is not None and cfg.location_weight > 0:
-                logits, pre_mlp = model.forward_with_pre_mlp(images)
-                loss = F.cross_entropy(logits, labels) + cfg.location_weight * location.loss(pre_mlp, batch[2], labels)
-            else:
-                loss = F.cross_entropy(model(images), labels)
+            loss = batch_loss(model, batch, cfg, location, superclasses)
+            labels = batch[1]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += float(loss.detach()) * labels.numel()
             seen += labels.numel()
     return {"train_loss": total_loss / max(seen, 1), "examples": float(seen)}
+
+
+def batch_loss(
+    model: GeoMoENet,
+    batch: tuple,
+    cfg: TrainConfig,
+    location: LocationSupervision | None = None,
+    superclasses: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy, plus the location loss (Mensah et al. 2025) and, with per-image routing and `superclasses`
+    (class -> super-class id), the super-class router loss (Mobile V-MoE) at their weights."""
+    images, labels = batch[0], head_targets(batch[1], model.head.class_ids)
+    if location is not None and cfg.location_weight > 0:
+        logits, pre_mlp = model.forward_with_pre_mlp(images)
+        loss = F.cross_entropy(logits, labels) + cfg.location_weight * location.loss(pre_mlp, batch[2], labels)
+    else:
+        loss = F.cross_entropy(model(images), labels)
+    if superclasses is not None and model.cfg.routing == "image" and cfg.superclass_weight > 0:
+        loss = loss + cfg.superclass_weight * router_supervision_loss(model, batch[1], superclasses)
+    return loss
 
 
 @torch.no_grad()

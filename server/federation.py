@@ -79,6 +79,7 @@ class Federation:
             msg.CELLS: [location.cell for location in self.world.locations],
             msg.WORLD_FILE: str(world_file.resolve()),
             msg.WORLD_SHA256: world_sha,
+            msg.SUPERCLASSES: self.setup.get("superclasses", []),
         }
         self.strategy = GeoExpertStrategy(cfg, model, self.base, self.state, world_info)
 

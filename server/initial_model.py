@@ -8,12 +8,14 @@ import hashlib
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from geomoe.model.config import ModelConfig
 from geomoe.model.conversion import convert_to_moe
 from geomoe.model.network import GeoMoENet
+from geomoe.model.superclasses import superclasses_of
 from geomoe.model.training import TrainConfig, evaluate, train_epochs
 from geomoe.server.checkpoint import load_model, save_model
 from geomoe.server.progress import phase, progress
@@ -35,12 +37,19 @@ def cache_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def initial_model(cfg: RunConfig, world: World, cache_dir: Path) -> tuple[GeoMoENet, dict[str, float]]:
-    """Pretrained + converted global model and the dense/MoE accuracies on the server's held-out images."""
+def dense_model_path(cfg: RunConfig, cache_dir: Path) -> Path:
+    """Where the pretrained dense model of `cfg` is kept (beside the converted one), for comparisons."""
+    return cache_dir / f"dense-{cache_key(cfg)}.pt"
+
+
+def initial_model(cfg: RunConfig, world: World, cache_dir: Path) -> tuple[GeoMoENet, dict[str, Any]]:
+    """Pretrained + converted global model, the dense/MoE accuracies on the server's held-out images and, with
+    per-image routing, each class's super-class (from the dense model's confusion there, Mobile V-MoE)."""
     path = cache_dir / f"initial-{cache_key(cfg)}.pt"
     if path.is_file():
         model, extra = load_model(path)
-        return model, extra["metrics"]
+        if cfg.model.routing != "image" or "superclasses" in extra["metrics"]:  # else: cached before they existed
+            return model, extra["metrics"]
     torch.manual_seed(cfg.seed)
     dense = GeoMoENet(ModelConfig.from_dict({**cfg.model.to_dict(), "moe_layers": [], "expert_ids": {}}))
     indices = world.server_indices
@@ -62,9 +71,14 @@ def initial_model(cfg: RunConfig, world: World, cache_dir: Path) -> tuple[GeoMoE
     images, labels = world.tensors(train[:CONVERSION_SAMPLE])
     with phase(f"converting to {cfg.conversion.num_experts} experts per layer (router init, clustering, MoEfication)"):
         moe = convert_to_moe(dense, images, labels, cfg.conversion)
-    metrics = {
+    metrics: dict[str, Any] = {
         "dense_accuracy": float(evaluate(dense, world.loader(held_out, 128))["accuracy"]),
         "converted_accuracy": float(evaluate(moe, world.loader(held_out, 128))["accuracy"]),
     }
+    if cfg.model.routing == "image":  # one super-class per expert: the router loss sends its images there
+        count = cfg.conversion.num_experts
+        groups = superclasses_of(dense, world.loader(held_out, 128), world.num_classes, count)
+        metrics["superclasses"] = groups.tolist()
+    save_model(dense, dense_model_path(cfg, cache_dir), metrics=metrics)
     save_model(moe, path, metrics=metrics)
     return moe, metrics

@@ -36,7 +36,8 @@ SPECIES_NAMES = "species-names"  # JSON list: the run's species, by class index
 CELLS = "cells"  # JSON list: the client cells, by client index
 WORLD_FILE = "world-file"  # absolute path of the world file (simulated cells read it)
 WORLD_SHA256 = "world-sha256"  # its SHA-256: a node refuses any other file
-WORLD_KEYS = (SPECIES_NAMES, CELLS, WORLD_FILE, WORLD_SHA256)
+SUPERCLASSES = "superclasses"  # JSON list: super-class of each class (per-image routing), else []
+WORLD_KEYS = (SPECIES_NAMES, CELLS, WORLD_FILE, WORLD_SHA256, SUPERCLASSES)
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -56,6 +56,16 @@ def test_one_hostile_node_of_three_is_outvoted_by_the_median(tmp_path, model_cac
     assert report["evaluations"]["2"]["accuracy"] > report["evaluations"]["0"]["accuracy"]
 
 
+def test_per_image_routing_with_superclass_guidance_learns(tmp_path, model_cache):
+    """Mobile V-MoE routing federated: super-classes from the server's dense model, the router loss on the nodes."""
+    cfg = small_config(tmp_path / "image", model_cache, rounds=2)
+    cfg.model.routing = "image"
+    report = simulate(cfg)
+    groups = report["setup"]["superclasses"]
+    assert len(groups) == cfg.model.num_classes and set(groups) <= set(range(cfg.conversion.num_experts))
+    assert report["evaluations"]["2"]["accuracy"] > report["evaluations"]["0"]["accuracy"]
+
+
 def sim_command(out, model_cache) -> list[str]:
     overrides = [a for item in SMALL_RUN for a in ("--set", item)]
     return [sys.executable, "-m", "geomoe.cli", "sim", "--rounds", "2", "--out", str(out),

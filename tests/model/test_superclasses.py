@@ -38,3 +38,27 @@ def test_router_supervision_trains_the_router():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_the_superclass_loss_changes_the_routers_gradients():
+    """Per-image routing: the same batch with and without the super-class loss moves the router differently;
+    with patch routing the loss is off."""
+    from geomoe.model.config import ModelConfig
+    from geomoe.model.training import TrainConfig, batch_loss
+
+    torch.manual_seed(0)
+    model = GeoMoENet(
+        ModelConfig(num_classes=6, moe_layers=(1, 3), num_experts=4, routing="image")
+    ).eval()  # no dropout
+    batch = (torch.rand(8, 3, 64, 64), torch.tensor([0, 1, 2, 3, 4, 5, 0, 1]))
+    superclasses = torch.tensor([0, 0, 1, 2, 3, 3])
+
+    def router_grads(weight: float) -> list[torch.Tensor]:
+        model.zero_grad()
+        batch_loss(model, batch, TrainConfig(superclass_weight=weight), superclasses=superclasses).backward()
+        return [m.centroids.grad.clone() for m in model.moe_layers().values()]
+
+    plain, guided = router_grads(0.0), router_grads(1.0)
+    assert any(not torch.allclose(a, b) for a, b in zip(plain, guided, strict=True))
+    model.cfg.routing = "patch"
+    assert all(torch.allclose(a, b) for a, b in zip(plain, router_grads(1.0), strict=True))
