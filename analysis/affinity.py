@@ -110,6 +110,8 @@ def plot_affinity(result: dict, path: Path) -> None:
         image = axes.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=1)
         axes.set_yticks(range(len(result["cells"])), result["cells"])
         axes.set_xlabel(xlabel)
+        if key == "class_cell" and len(result["classes"]) <= 60:  # names stay readable up to about this many
+            axes.set_xticks(range(len(result["classes"])), result["classes"], rotation=90, fontsize=7)
         figure.colorbar(image, ax=axes)
     top.set_title(f"affinity to cells (MoE layer {result['layer']}, softmax temperature {result['temperature']:g})")
     figure.tight_layout()

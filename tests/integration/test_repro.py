@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 def test_repro_writes_the_papers_table_for_every_cell(tmp_path, model_cache):
     cfg = small_config(tmp_path / "run", model_cache)
     export_world(cfg.world, "hsu", tmp_path / "files")
-    overrides = [*SMALL_RUN, "federation.rounds=1", 'world.clients="locations"', f'cache="{tmp_path / "cache"}"']
+    small = ["federation.rounds=1", "federation.pretrain_epochs=1", 'world.clients="locations"']
+    overrides = [*SMALL_RUN, *small, f'cache="{tmp_path / "cache"}"']
     files = tmp_path / "files"
     args = ["repro", "--inat", str(files), "--train-split", str(files / "federated_train_geo.csv"),
             "--test-split", str(files / "test.csv"), "--out", str(tmp_path / "repro")]  # fmt: skip

@@ -43,26 +43,20 @@ def test_per_expert_run_learns_and_uploads_little(tmp_path, model_cache):
     assert (tmp_path / "expert" / "report.json").is_file()
 
 
-def test_one_hostile_node_of_three_is_outvoted_by_the_median(tmp_path, model_cache):
-    """Partition 0 sends its updates x10 (`analysis.hostile`) with int8+zstd uploads; the median still learns.
-    Nodes report level-1 cells (coarse locations on the simulation runtime)."""
-    cfg = small_config(tmp_path / "median", model_cache, rounds=2)
+def test_per_image_routing_learns_with_one_hostile_node_outvoted_by_the_median(tmp_path, model_cache):
+    """Mobile V-MoE routing federated (super-classes from the server's dense model, the router loss on the
+    nodes), while partition 0 sends its updates x10 (`analysis.hostile`) with int8+zstd uploads and the median
+    aggregates; nodes report level-1 cells (coarse locations on the simulation runtime)."""
+    cfg = small_config(tmp_path / "image", model_cache, rounds=2)
+    cfg.model.routing = "image"
     cfg.federation.aggregator = "median"
     cfg.federation.location_level = 1
     cfg.federation.upload_compression = "int8+zstd"
     report = simulate(cfg, client_app=HOSTILE_APPS["scaled"])
-    assert [row["replies"] for row in report["rounds"]] == [3, 3]
-    assert all(len(location["cell"]) <= len("0/1") for location in report["locations"])
-    assert report["evaluations"]["2"]["accuracy"] > report["evaluations"]["0"]["accuracy"]
-
-
-def test_per_image_routing_with_superclass_guidance_learns(tmp_path, model_cache):
-    """Mobile V-MoE routing federated: super-classes from the server's dense model, the router loss on the nodes."""
-    cfg = small_config(tmp_path / "image", model_cache, rounds=2)
-    cfg.model.routing = "image"
-    report = simulate(cfg)
     groups = report["setup"]["superclasses"]
     assert len(groups) == cfg.model.num_classes and set(groups) <= set(range(cfg.conversion.num_experts))
+    assert [row["replies"] for row in report["rounds"]] == [3, 3]
+    assert all(len(location["cell"]) <= len("0/1") for location in report["locations"])
     assert report["evaluations"]["2"]["accuracy"] > report["evaluations"]["0"]["accuracy"]
 
 
