@@ -19,28 +19,38 @@ from geomoe.model.network import GeoMoENet
 from geomoe.wire.run_config import RunConfig
 
 
-def _step_time(model: GeoMoENet, images: torch.Tensor, labels: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one forward+backward pass."""
-    times = []
-    for i in range(repeats + 2):
-        if images.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        F.cross_entropy(model(images), labels).backward()
-        if images.is_cuda:
-            torch.cuda.synchronize()
-        if i >= 2:  # two warm-up passes
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def _step_time(model: GeoMoENet, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Seconds of one forward+backward pass."""
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    F.cross_entropy(model(images), labels).backward()
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
-def bench_model(batch_size: int, image_size: int, repeats: int) -> dict:
-    """Dense vs MoE (16 experts at 1,3,5,7, d_e 2) forward+backward, interleaved, per device."""
+def pair_ratios(dense_s: list[float], moe_s: list[float]) -> dict[str, float]:
+    """MoE over dense per interleaved pair: the median and the spread (10th and 90th percentiles, min, max)."""
+    ratios = np.array(moe_s) / np.array(dense_s)
+    return {
+        "median": float(np.median(ratios)),
+        "p10": float(np.percentile(ratios, 10)),
+        "p90": float(np.percentile(ratios, 90)),
+        "min": float(ratios.min()),
+        "max": float(ratios.max()),
+    }
+
+
+def bench_model(batch_size: int, image_size: int, pairs: int) -> dict:
+    """Dense vs MoE (16 experts at 1,3,5,7, d_e 2) forward+backward per device: `pairs` interleaved dense/MoE
+    steps (after two warm-up steps each), so that a load change on a shared machine hits both sides of a pair;
+    the ratio is the median over pairs, with its spread."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     result: dict = {
         "batch_size": batch_size,
         "image_size": image_size,
-        "repeats": repeats,
+        "pairs": pairs,
         "torch": torch.__version__,
         "machine": platform.machine(),
         "devices": {},
@@ -51,13 +61,21 @@ def bench_model(batch_size: int, image_size: int, repeats: int) -> dict:
         moe = GeoMoENet(ModelConfig(num_classes=182)).to(device).train()
         images = torch.randn(batch_size, 3, image_size, image_size, device=device)
         labels = torch.randint(0, 182, (batch_size,), device=device)
+        for _ in range(2):
+            _step_time(dense, images, labels), _step_time(moe, images, labels)
         dense_s, moe_s = [], []
-        for _ in range(3):  # interleave so that load changes hit both models alike
-            dense_s.append(_step_time(dense, images, labels, repeats))
-            moe_s.append(_step_time(moe, images, labels, repeats))
-        d, m = min(dense_s), min(moe_s)
+        for k in range(pairs):  # alternate which model goes first, so neither always follows the other
+            first, second = (dense, moe) if k % 2 == 0 else (moe, dense)
+            a, b = _step_time(first, images, labels), _step_time(second, images, labels)
+            dense_s.append(a if first is dense else b)
+            moe_s.append(b if first is dense else a)
         name = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}"
-        result["devices"][device] = {"name": name, "dense_s": d, "moe_s": m, "ratio": m / d}
+        result["devices"][device] = {
+            "name": name,
+            "dense_s": float(np.median(dense_s)),
+            "moe_s": float(np.median(moe_s)),
+            "ratio": pair_ratios(dense_s, moe_s),
+        }
     return result
 
 

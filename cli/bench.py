@@ -20,16 +20,19 @@ def model(
     out: Path = typer.Option(Path("bench_model.json"), help="JSON file to write."),
     batch_size: int = typer.Option(32, help="Images per batch."),
     image_size: int = typer.Option(224, help="Image side."),
-    repeats: int = typer.Option(5, help="Timed forward+backward passes per model and device."),
+    pairs: int = typer.Option(30, help="Interleaved dense/MoE forward+backward pairs per device."),
 ) -> None:
-    """Forward+backward time of the MoE model over the dense one, on CPU and (if present) GPU."""
+    """Forward+backward time of the MoE model over the dense one, on CPU and (if present) GPU: the median ratio
+    over interleaved pairs, with its spread."""
     from geomoe.analysis.bench import bench_model
 
-    result = bench_model(batch_size, image_size, repeats)
+    result = bench_model(batch_size, image_size, pairs)
     out.write_text(json.dumps(result, indent=2))
     for device, r in result["devices"].items():
+        ratio = r["ratio"]
         console.print(
-            f"{device}: dense {r['dense_s'] * 1e3:.1f} ms, moe {r['moe_s'] * 1e3:.1f} ms, ratio {r['ratio']:.2f}"
+            f"{device}: dense {r['dense_s'] * 1e3:.1f} ms, moe {r['moe_s'] * 1e3:.1f} ms (medians); MoE/dense "
+            f"median {ratio['median']:.3f} over {pairs} pairs (p10 {ratio['p10']:.3f}, p90 {ratio['p90']:.3f})"
         )
     console.print(f"wrote {out}")
 

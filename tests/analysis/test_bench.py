@@ -52,3 +52,11 @@ def test_bench_comm_runs_the_three_variants_on_one_cache_and_seed(tmp_path, monk
     assert {c.federation.rounds for c in seen} == {2}
     assert result["upload_ratio_to_fedavg"]["expert-compressed"] == 0.05
     assert json.loads((tmp_path / "bench_comm.json").read_text())["compressed_pipeline"] == "int8c+zstd"
+
+
+def test_model_ratio_is_the_median_over_pairs_with_its_spread():
+    from geomoe.analysis.bench import pair_ratios
+
+    ratios = pair_ratios([1.0, 1.0, 2.0, 1.0, 1.0], [1.0, 0.9, 4.0, 1.1, 0.8])
+    assert ratios["median"] == 1.0 and ratios["min"] == 0.8 and ratios["max"] == 2.0
+    assert ratios["p10"] < ratios["median"] < ratios["p90"]
