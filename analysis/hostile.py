@@ -13,8 +13,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from geomoe.client import client_app as honest
+from geomoe.client.client_app import run_config
 from geomoe.wire import messages as msg
-from geomoe.wire.run_config import RunConfig
 
 HOSTILE_PARTITION = 0  # the one corrupted node of a simulation (1 of 6 on the synthetic default)
 ATTACK_FACTORS = {"scaled": 10.0, "sign_flipped": -4.0}  # what multiplies its honest update
@@ -29,7 +29,7 @@ def corrupting(factor: float):
         hostile = int(context.node_config.get("partition-id", -1)) == HOSTILE_PARTITION
         if message.metadata.message_type != "train" or not hostile or reply.has_error():
             return reply
-        cfg = RunConfig.from_json(str(message.content[msg.CONFIG]["run"]))
+        cfg = run_config(message, context)
         update = msg.unpack(reply.content, msg.UPDATE)
         corrupted = {k: v * factor if v.is_floating_point() else v for k, v in update.items()}
         msg.pack(reply.content, msg.UPDATE, corrupted, cfg.federation.upload_compression)

@@ -3,8 +3,8 @@
 The same code runs in simulation and on devices; only the node config differs:
 `partition-id` (a simulated cell of the server's world file), `data=/path` (the device's own
 labelled images, with `lat`/`lon`), or only `lat`/`lon` (a cell of the world file found by its
-coordinates, for trials on the server's host). The run's configuration arrives with every message;
-what the query told the node (species names, client cells, world file) is kept in its node state.
+coordinates, for trials on the server's host). The run's configuration and what the query told the node
+(species names, client cells, world file) arrive with the query and are kept in its node state.
 """
 
 from __future__ import annotations
@@ -36,11 +36,18 @@ app = ClientApp()
 FEEDBACK = "error-feedback"  # node state: what compression dropped from the last update
 PROJECTIONS = "location-projections"  # node state: the location loss's projections, trained across rounds
 RUN = "run-world"  # node state: the query's species names, client cells and world file
+RUN_CONFIG = "run-config"  # node state: the run's config as the query carried it
 _LOCAL: dict[str, LocalData] = {}  # this process's node data, keyed by source (reading a folder is costly)
 
 
-def _run_config(message: Message) -> RunConfig:
-    return RunConfig.from_json(str(message.content[msg.CONFIG]["run"]))
+def run_config(message: Message, context: Context) -> RunConfig:
+    """The run's config: sent once, with the query (then kept in node state); later messages carry none."""
+    config = message.content[msg.CONFIG]
+    if "run" in config:
+        context.state[RUN_CONFIG] = ConfigRecord({"run": str(config["run"])})
+    if RUN_CONFIG not in context.state:
+        raise RuntimeError("this node was never queried by this run's server: it does not know the run's config")
+    return RunConfig.from_json(str(context.state[RUN_CONFIG]["run"]))
 
 
 def _base(message: Message, context: Context) -> dict[str, torch.Tensor]:
@@ -107,7 +114,7 @@ def evaluation_metrics(result: dict) -> dict:
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Say where this node is, what it holds, what it left out, and (if sent a model) how it routes."""
-    cfg = _run_config(message)
+    cfg = run_config(message, context)
     world = _world(message, context)
     local, index = local_data(cfg, world, dict(context.node_config))
     reported, coarse = coarsened(world["cells"], cfg.federation.location_level)  # never its coordinates
@@ -131,7 +138,7 @@ def query(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Evaluate what was received, train it locally, and send back deltas of what was sent."""
-    cfg = _run_config(message)
+    cfg = run_config(message, context)
     config = message.content[msg.CONFIG]
     world = _world(message, context)
     local, index = local_data(cfg, world, dict(context.node_config))
@@ -149,7 +156,7 @@ def train(message: Message, context: Context) -> Message:
         deltas, metrics["unclipped"] = privatise(cfg.privacy, deltas, float(config[msg.CLIP_NORM]))
     reply = RecordDict(
         {
-            msg.TOKENS: msg.to_record(msg.stats_to_tensors(stats)),
+            msg.TOKENS: msg.to_record(msg.stats_to_tensors(stats, edges=False)),  # the server weighs by counts
             msg.METRICS: MetricRecord(
                 {
                     **metrics,
@@ -170,7 +177,7 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Accuracy, loss and per-species recall of the received model on the local test split."""
-    cfg = _run_config(message)
+    cfg = run_config(message, context)
     local, _ = local_data(cfg, _world(message, context), dict(context.node_config))
     model = build_model(cfg.model, _base(message, context), _received(message))
     metrics = MetricRecord(evaluation_metrics(evaluate_local(cfg, model, local)))

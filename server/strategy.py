@@ -125,8 +125,9 @@ class GeoExpertStrategy(Strategy):
         shared = {k: state[k].clone() for k in self.shared_trainable()}
         content = RecordDict(
             {
+                # The run config went with the query (the node keeps it): a round's message says only what changes.
                 msg.CONFIG: msg.config_record(
-                    {"run": self.cfg.to_json(), "round": server_round, "location": node.location}
+                    {"round": server_round, "location": node.location}
                     | ({msg.CLIP_NORM: self.state.clip_norm} if self.privacy.enabled else {})
                 ),
                 msg.ROUTER: msg.to_record(router),

@@ -27,7 +27,7 @@ UPDATE = "update"  # reply: deltas for exactly the tensors the node was sent to 
 TOKENS = "tokens"  # reply: routing statistics on the training set (counts.{layer}, edges.{layer})
 CODEC = ".codec"  # suffix of the ConfigRecord describing a compressed record
 INFO = "info"  # query reply: where the node is and what it has
-CONFIG = "config"  # ConfigRecord: run config (json), round, what is trainable
+CONFIG = "config"  # ConfigRecord: the run config (json, in queries only: nodes keep it), round, location
 METRICS = "metrics"  # reply: MetricRecord
 HEAD_IDS = "head.ids"
 CLIP_NORM = "clip-norm"  # train config under DP: the L2 bound the node clips its whole update to this round
@@ -126,10 +126,11 @@ def unpack(content: RecordDict, name: str) -> dict[str, torch.Tensor]:
     return decode_all(arrays, str(codec["tensors"]), Pipeline.parse(str(codec["pipeline"])))
 
 
-def stats_to_tensors(stats: RoutingStats) -> dict[str, torch.Tensor]:
-    """Routing statistics as named arrays (counts.{layer}, edges.{layer})."""
+def stats_to_tensors(stats: RoutingStats, edges: bool = True) -> dict[str, torch.Tensor]:
+    """Routing statistics as named arrays (counts.{layer} and, with `edges`, edges.{layer})."""
     out = {f"counts.{k}": torch.from_numpy(v.astype(np.float32)) for k, v in stats.expert_counts.items()}
-    out.update({f"edges.{k}": torch.from_numpy(v.astype(np.float32)) for k, v in stats.edges.items()})
+    if edges:
+        out.update({f"edges.{k}": torch.from_numpy(v.astype(np.float32)) for k, v in stats.edges.items()})
     return out
 
 

@@ -85,6 +85,14 @@ def test_each_node_gets_only_its_experts_and_species_rows():
     assert msg.SHARED not in messages[101].content and msg.BASE not in messages[101].content
 
 
+def test_the_run_config_travels_once_with_the_query_not_with_every_round():
+    strategy = make_strategy()
+    [query] = strategy.configure_query([101], with_model=False)
+    assert RunConfig.from_json(str(query.content[msg.CONFIG]["run"])).conversion.num_experts == 4
+    train = strategy.configure_train(1, None, None, GRID)[0]
+    assert set(train.content[msg.CONFIG]) == {"round", "location"}
+
+
 def test_experts_average_over_their_holders_only():
     strategy = make_strategy()
     before = {k: v.clone() for k, v in strategy.model.state_dict().items()}
