@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -44,12 +47,34 @@ def model_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("initial-models")
 
 
+SESSION_MARK = ("GEOMOE_TEST_SESSION", uuid.uuid4().hex)  # inherited by every process this session starts
+
+
+def session_processes() -> list[int]:
+    """Processes (other than this one) whose environment carries this session's mark: what its tests started,
+    however deep (SuperLink -> SuperExec -> ServerApp) and even after their parent died."""
+    marker = f"{SESSION_MARK[0]}={SESSION_MARK[1]}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kill_leftover_children():
-    """Whatever a failed test left running (SuperLink, SuperNodes, Ray) is stopped at the end."""
+    """Whatever a failed test left running (SuperLink, SuperNodes, Ray) is stopped at the end: only this session's
+    processes, never those of another test run on the same machine (CI beside a developer's run)."""
+    os.environ[SESSION_MARK[0]] = SESSION_MARK[1]
     yield
-    for pattern in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-clientapp", "flwr-serverapp"):
-        subprocess.run(["pkill", "-f", pattern], check=False)
+    for pid in session_processes():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def stop(process: subprocess.Popen) -> None:
