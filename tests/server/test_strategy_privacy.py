@@ -46,15 +46,21 @@ def rows_sent(message):
                 yield param, row
 
 
+def holders_of(messages) -> dict:
+    """(tensor name, row) -> how many of the round's nodes were sent that row."""
+    holders: dict = {}
+    for message in messages.values():
+        for key in rows_sent(message):
+            holders[key] = holders.get(key, 0) + 1
+    return holders
+
+
 def test_clipping_bounds_each_nodes_influence_exactly():
     """Node 101 alone replies with a huge update; what it adds to the per-row sums has norm exactly C."""
     strategy = make_strategy(privacy={"clip_norm": 0.5})
     before = trained_state(strategy)
     messages = sent_to(strategy)
-    holders = {}
-    for message in messages.values():
-        for key in rows_sent(message):
-            holders[key] = holders.get(key, 0) + 1
+    holders = holders_of(messages)
     strategy.aggregate_train(1, [reply_to(messages[101], scaled(1000.0), unclipped=0.0)])
     after = trained_state(strategy)
     contribution = [(after[p][r] - before[p][r]).double() * holders[(p, r)] for p, r in rows_sent(messages[101])]
@@ -90,10 +96,7 @@ def test_central_noise_has_the_calibrated_scale_and_spares_rows_nobody_holds():
     strategy = make_strategy(privacy={"clip_norm": 1.0, "noise_multiplier": 2.0})
     before = trained_state(strategy)
     messages = sent_to(strategy)
-    holders = {}
-    for message in messages.values():
-        for key in rows_sent(message):
-            holders[key] = holders.get(key, 0) + 1
+    holders = holders_of(messages)
     strategy.aggregate_train(1, [])
     after = trained_state(strategy)
     noise = torch.cat([((after[p][r] - before[p][r]) * n).flatten() for (p, r), n in holders.items()])
