@@ -104,13 +104,22 @@ def accuracy_at_budget(points: list[tuple[float, float]], budget: float) -> floa
 
 
 def compare_strategies(reports: dict[str, dict]) -> dict:
-    """Upload ratios to dense FedAvg (`reports["fedavg"]`) and accuracy at equal upload, for every run."""
+    """Upload ratios to full-model FedAvg (`reports["fedavg"]`) and, when run, to dense FedAvg of the same
+    trainable parts (`reports["fedavg-parts"]`: what slicing by location saves on its own), and accuracy at
+    equal upload, for every run."""
     dense_points = accuracy_by_upload(reports["fedavg"])
     budget = dense_points[1][0]  # what dense FedAvg uploads per client in its first round
     dense_upload = upload_per_client_round(reports["fedavg"])
+    ratios = {}
+    if "fedavg-parts" in reports:
+        parts_upload = upload_per_client_round(reports["fedavg-parts"])
+        ratios["upload_ratio_to_fedavg_parts"] = {
+            name: upload_per_client_round(r) / parts_upload for name, r in reports.items()
+        }
     return {
         "upload_per_client_round": {name: upload_per_client_round(r) for name, r in reports.items()},
         "upload_ratio_to_fedavg": {name: upload_per_client_round(r) / dense_upload for name, r in reports.items()},
+        **ratios,
         "final_accuracy": {name: r["final_accuracy"] for name, r in reports.items()},
         "equal_upload_budget_bytes": budget,
         "accuracy_at_equal_upload": {
@@ -120,21 +129,35 @@ def compare_strategies(reports: dict[str, dict]) -> dict:
     }
 
 
-def comm_variants(compressed: str) -> dict[str, tuple[str, str]]:
-    """The runs `bench comm` compares: name -> (strategy, upload pipeline)."""
-    return {"fedavg": ("fedavg", "none"), "expert": ("expert", "none"), "expert-compressed": ("expert", compressed)}
+FEDPROX_MU = 0.01  # FedProx's proximal weight in the baseline (Li et al. 2020 use 0.001 to 1)
+
+
+def comm_variants(compressed: str) -> dict[str, tuple[str, str, str, float]]:
+    """The runs `bench comm` compares: name -> (strategy, trainable, upload pipeline, FedProx mu). Full-model
+    FedAvg; dense FedAvg and FedProx of the same parts the per-expert runs train (every expert and the whole
+    head), so the gain of slicing by location shows on its own; per-expert, plain and compressed."""
+    return {
+        "fedavg": ("fedavg", "all", "none", 0.0),
+        "fedavg-parts": ("fedavg", "experts+head", "none", 0.0),
+        "fedprox-parts": ("fedavg", "experts+head", "none", FEDPROX_MU),
+        "expert": ("expert", "experts+head", "none", 0.0),
+        "expert-compressed": ("expert", "experts+head", compressed, 0.0),
+    }
 
 
 def bench_comm(out: Path, rounds: int, compressed: str, seed: int, announce: Callable[[str], None] = print) -> dict:
-    """Dense FedAvg, per-expert, and compressed per-expert on the same partitions, seed and initial model (one
-    shared cache); writes `out/bench_comm.json` and returns it."""
+    """The `comm_variants` runs on the same partitions, seed and initial model (one shared cache); writes
+    `out/bench_comm.json` and returns it."""
     from geomoe.runner.simulation import simulate
 
     reports = {}
-    for name, (strategy, codec) in comm_variants(compressed).items():
+    for name, (strategy, trainable, codec, mu) in comm_variants(compressed).items():
         cfg = RunConfig(out=str(out / name), cache=str(out / "cache"), seed=seed)
-        cfg.federation = replace(cfg.federation, strategy=strategy, rounds=rounds, upload_compression=codec)
-        announce(f"{name}: {strategy}, upload {codec}, {rounds} rounds")
+        cfg.federation = replace(
+            cfg.federation, strategy=strategy, trainable=trainable, rounds=rounds, upload_compression=codec
+        )
+        cfg.train = replace(cfg.train, prox_mu=mu)
+        announce(f"{name}: {strategy} of {trainable}, upload {codec}, FedProx mu {mu:g}, {rounds} rounds")
         reports[name] = simulate(cfg)
     result = {**compare_strategies(reports), "compressed_pipeline": compressed}
     (out / "bench_comm.json").write_text(json.dumps(result, indent=2))

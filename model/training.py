@@ -34,6 +34,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     location_weight: float = 0.0  # weight of the location contrastive loss (0.01 in the paper); 0 = off
     superclass_weight: float = 0.1  # weight of the super-class router loss when model.routing = "image"
+    prox_mu: float = 0.0  # FedProx: mu/2 * ||w - w_received||^2 on the trained parameters; 0 = plain local SGD
     seed: int = 0  # data order and dropout
 
 
@@ -79,9 +80,14 @@ def train_epochs(
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
     total_loss, seen = 0.0, 0
+    anchors = [(p, p.detach().clone()) for g in params if g["name"] != "location" for p in g["params"]] * (
+        cfg.prox_mu > 0
+    )
     for _ in range(cfg.epochs):
         for batch in loader:
             loss = batch_loss(model, batch, cfg, location, superclasses)
+            if cfg.prox_mu > 0:  # FedProx (Li et al. 2020): stay near the model the round started from
+                loss = loss + cfg.prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
             labels = batch[1]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -4,7 +4,8 @@ The strategy holds the global model itself, because every node gets a different 
 its location's keep set of experts, the centroids of the others, the head rows of its species and
 whatever shared parameters are trainable in this run. Flower's stock FedAvg rejects replies with
 different keys and normalises over all replies; here each expert is averaged over the clients that
-hold it. `strategy="fedavg"` sends everything to everyone: dense FedAvg on the same model.
+hold it. `strategy="fedavg"` sends every expert and head row to everyone (and with trainable="all" every shared
+tensor too): dense FedAvg of the same trainable parts, or of the whole model.
 """
 
 from __future__ import annotations
@@ -91,13 +92,14 @@ class GeoExpertStrategy(Strategy):
         return self.state.keep[node.location]
 
     def head_rows_for(self, node: QueryReply) -> list[int]:
-        if self.dense:
-            return list(range(self.cfg.model.num_classes))
-        return node.species if self.fed.trainable in ("experts+head", "all") else []
+        """Head rows a node trains: none under trainable="experts"; else every row (fedavg) or its species'."""
+        if self.fed.trainable == "experts":
+            return []
+        return list(range(self.cfg.model.num_classes)) if self.dense else node.species
 
     def shared_trainable(self) -> list[str]:
-        """Shared float tensors sent (and trained) every round: all of them under dense or 'all'."""
-        if not (self.dense or self.fed.trainable == "all"):
+        """Shared float tensors sent (and trained) every round: all of them under trainable="all", else none."""
+        if self.fed.trainable != "all":
             return []
         return [k for k, v in shared_state(self.model).items() if v.is_floating_point() and k not in HEAD_ROWS]
 

@@ -40,9 +40,9 @@ class FederationConfig:
 
     __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
 
-    strategy: Strategy = "expert"  # "expert": per-expert averaging of location keep sets; "fedavg": dense baseline
+    strategy: Strategy = "expert"  # "expert": per-expert averaging of keep sets; "fedavg": every expert to everyone
     rounds: int = 3  # federated rounds
-    trainable: Trainable = "experts+head"  # what clients train under "expert": experts | experts+head | all
+    trainable: Trainable = "experts+head"  # what clients train: experts | experts+head | all (whole model)
     weighting: Weighting = "tokens"  # weight of a client's expert update: routed tokens or examples
     server_optimizer: ServerOptimizer = "fedavg"  # fedavg (plain mean) | fedadam | fedyogi on the pseudo-gradient
     server_lr: float = 1.0  # step on the aggregated pseudo-gradient (use ~0.01 with fedadam/fedyogi)

@@ -43,14 +43,18 @@ def test_bench_comm_runs_the_three_variants_on_one_cache_and_seed(tmp_path, monk
 
     monkeypatch.setattr(simulation, "simulate", fake_simulate)
     result = bench.bench_comm(tmp_path, rounds=2, compressed="int8c+zstd", seed=3, announce=lambda _: None)
-    assert [(c.federation.strategy, c.federation.upload_compression) for c in seen] == [
-        ("fedavg", "none"),
-        ("expert", "none"),
-        ("expert", "int8c+zstd"),
-    ]
+    assert [(c.federation.strategy, c.federation.trainable, c.federation.upload_compression, c.train.prox_mu)
+            for c in seen] == [
+        ("fedavg", "all", "none", 0.0),
+        ("fedavg", "experts+head", "none", 0.0),
+        ("fedavg", "experts+head", "none", 0.01),
+        ("expert", "experts+head", "none", 0.0),
+        ("expert", "experts+head", "int8c+zstd", 0.0),
+    ]  # fmt: skip
     assert {c.cache for c in seen} == {str(tmp_path / "cache")} and {c.seed for c in seen} == {3}
     assert {c.federation.rounds for c in seen} == {2}
     assert result["upload_ratio_to_fedavg"]["expert-compressed"] == 0.05
+    assert result["upload_ratio_to_fedavg_parts"]["expert"] == 0.05
     assert json.loads((tmp_path / "bench_comm.json").read_text())["compressed_pipeline"] == "int8c+zstd"
 
 

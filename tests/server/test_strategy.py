@@ -140,8 +140,18 @@ def test_error_replies_and_missing_nodes_do_not_stall_the_round():
     assert metrics["replies"] == 1
 
 
-def test_dense_fedavg_sends_everything_and_averages_by_examples():
-    strategy = make_strategy("fedavg")
+def test_dense_fedavg_of_the_same_parts_sends_every_expert_and_head_row_but_no_shared_tensor():
+    strategy = make_strategy("fedavg")  # trainable "experts+head", as the per-expert runs
+    message = strategy.configure_train(1, None, None, GRID)[0]
+    assert msg.from_record(message.content[msg.EXPERTS])["moe.5.ids"].tolist() == [0, 1, 2, 3]
+    assert msg.from_record(message.content[msg.HEAD])["head.ids"].tolist() == list(
+        range(strategy.cfg.model.num_classes)
+    )
+    assert msg.SHARED not in message.content
+
+
+def test_dense_fedavg_of_the_whole_model_sends_everything_and_averages_by_examples():
+    strategy = make_strategy("fedavg", trainable="all")
     messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, GRID)}
     shared = msg.from_record(messages[101].content[msg.SHARED])
     assert "backbone.stem.conv.weight" in shared
