@@ -37,6 +37,36 @@ def model(
     console.print(f"wrote {out}")
 
 
+@app.command("device")
+def device(
+    out: Path = typer.Option(Path("bench_device.json"), help="JSON file to write."),
+    image_size: int = typer.Option(224, help="Image side."),
+    repeats: int = typer.Option(30, help="Timed single-image passes per model and runtime (interleaved)."),
+    classes: int = typer.Option(5089, help="Classes of the bottleneck head (the papers' iNat: 5089)."),
+    experts: int = typer.Option(64, help="Experts per MoE layer."),
+    keep: int = typer.Option(8, help="Experts per layer the cell's pruned model keeps."),
+    species: int = typer.Option(100, help="Species of the cell's pruned head."),
+) -> None:
+    """Dense vs MoE vs a cell's pruned MoE on the device: parameters, and latency under TorchScript and ONNX
+    Runtime."""
+    from geomoe.analysis.device_bench import bench_device
+
+    with tempfile.TemporaryDirectory(prefix="geomoe-bench-device-") as folder:
+        result = bench_device(Path(folder), image_size, repeats, classes, experts, keep, species)
+    out.write_text(json.dumps(result, indent=2))
+    table = Table(title=f"device models ({image_size} px, 1 image, {result['threads']} threads)")
+    for column in ("model", "parameters", "TorchScript ms", "ONNX Runtime ms"):
+        table.add_column(column, justify="right")
+    for name, row in result["models"].items():
+        table.add_row(name, f"{row['parameters']:,}", f"{row['torchscript_ms']:.1f}", f"{row['onnx_ms']:.1f}")
+    console.print(table)
+    ratio = result["pruned_over_dense"]
+    console.print(
+        f"pruned/dense: parameters {ratio['parameters']:.2f}, latency {ratio['torchscript_latency']:.2f} "
+        f"(TorchScript), {ratio['onnx_latency']:.2f} (ONNX Runtime); wrote {out}"
+    )
+
+
 @app.command("data")
 def data(
     out: Path = typer.Option(Path("bench_data.json"), help="JSON file to write."),

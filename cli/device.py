@@ -17,7 +17,7 @@ EXPORT_FORMATS = ("torchscript", "onnx")
 @app.command("run")
 def run(
     watch: Path = typer.Option(..., help="Folder the camera writes images to."),
-    model: Path = typer.Option(..., help="TorchScript model (from `geomoe device export`)."),
+    model: Path = typer.Option(..., help="Exported model (`geomoe device export`): TorchScript or .onnx."),
     results: Path = typer.Option(..., help="Append-only results file (JSON lines)."),
     max_watch_mb: float = typer.Option(512.0, help="Disk budget of the watched folder."),
     top_k: int = typer.Option(3, help="Species reported per image."),

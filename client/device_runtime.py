@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import torch
 from PIL import Image
 
-from geomoe.client.export import load_torchscript
+from geomoe.client.inference import load_exported, runtime_of
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (a small file can claim gigapixels)
@@ -38,7 +37,7 @@ class DeviceConfig:
     """One camera trap's runtime settings."""
 
     watch: Path  # folder the camera writes images to
-    model: Path  # TorchScript export of the location's pruned model
+    model: Path  # export of the location's pruned model: TorchScript, or ONNX (`.onnx`, run by ONNX Runtime)
     results: Path  # append-only JSON lines: one result per image
     max_watch_mb: float = 512.0  # budget of the watched folder; oldest classified images are deleted beyond it
     top_k: int = 3  # species reported per image
@@ -47,7 +46,7 @@ class DeviceConfig:
     settle_s: float = 1.0  # an image younger than this may still be being written: wait for it
 
 
-def install_model(source: BinaryIO, target: Path, check: Callable[[Path], object] = load_torchscript) -> None:
+def install_model(source: BinaryIO, target: Path, check: Callable[[Path], object] | None = None) -> None:
     """Copy `source` next to `target`, check that it loads, fsync, then rename it over `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
@@ -57,7 +56,10 @@ def install_model(source: BinaryIO, target: Path, check: Callable[[Path], object
             shutil.copyfileobj(source, out, length=1 << 20)
             out.flush()
             os.fsync(out.fileno())
-        check(tmp)
+        if check is None:  # it must load as what its target is (the part file's suffix says nothing)
+            load_exported(tmp, runtime_of(target))
+        else:
+            check(tmp)
         os.replace(tmp, target)
         directory = os.open(target.parent, os.O_RDONLY)
         try:
@@ -108,26 +110,24 @@ class DeviceRuntime:
     def _load_model(self) -> None:
         mtime = self.cfg.model.stat().st_mtime
         if mtime != self._model_mtime:
-            self.module, self.class_ids = load_torchscript(self.cfg.model)
+            self.model = load_exported(self.cfg.model)
             self._model_mtime = mtime
 
-    def _image(self, path: Path) -> torch.Tensor:
+    def _image(self, path: Path) -> np.ndarray:
         with Image.open(path) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:  # checked on the header, before a single pixel is decoded
                 raise ValueError(f"{width}x{height} pixels exceed the {MAX_PIXELS} this device decodes")
             image.draft("RGB", (self.cfg.image_size, self.cfg.image_size))  # JPEG: decode at a reduced scale
             rgb = image.convert("RGB").resize((self.cfg.image_size, self.cfg.image_size))
-        return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return np.ascontiguousarray((np.asarray(rgb, dtype=np.float32) / 255.0).transpose(2, 0, 1))  # (3, H, W)
 
     def classify(self, path: Path) -> dict:
-        with torch.no_grad():
-            probabilities = self.module(self._image(path)[None]).softmax(dim=1)[0]
-        top = probabilities.topk(min(self.cfg.top_k, probabilities.numel()))
-        species = [
-            {"species": self.class_ids[i], "score": round(float(p), 5)}
-            for p, i in zip(top.values, top.indices, strict=True)
-        ]
+        logits = self.model.predict(self._image(path)[None])[0].astype(np.float64)
+        probabilities = np.exp(logits - logits.max())
+        probabilities /= probabilities.sum()
+        top = np.argsort(-probabilities, kind="stable")[: self.cfg.top_k]
+        species = [{"species": self.model.class_ids[i], "score": round(float(probabilities[i]), 5)} for i in top]
         return {"image": path.name, "time": time.time(), "top": species}
 
     def _append(self, result: dict) -> None:

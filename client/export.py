@@ -1,7 +1,7 @@
 """Export a (pruned) model for inference without the training stack: TorchScript or ONNX.
 
-The export carries the head's global class ids, so a device maps outputs to species with nothing
-but torch (TorchScript) or onnxruntime (ONNX).
+The export carries the head's global class ids (a TorchScript extra file, ONNX metadata), so a device maps
+outputs to species with nothing but torch (TorchScript) or onnxruntime (ONNX).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 
 if TYPE_CHECKING:  # the camera runtime loads exports with torch alone: no timm, no training stack
     from geomoe.model.network import GeoMoENet
+
+from geomoe.client.inference import CLASS_IDS
 
 CLASS_IDS_FILE = "class_ids.json"  # extra file inside a TorchScript export
 
@@ -30,20 +32,25 @@ def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
 
 
 def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
+    """ONNX with a dynamic batch axis. Torch's dynamo exporter (torch >= 2.9 with onnxscript) gives a graph ONNX
+    Runtime runs; the legacy TorchScript-based one bakes a reshape of the MobileViT unfold wrongly (ORT refuses
+    it), so it is used only where dynamo does not exist (Debian's torch 1.13)."""
     model = model.eval()
     example = torch.zeros(1, 3, image_size, image_size)
-    # torch >= 2.9 defaults to the dynamo exporter; Debian's torch 1.13 (the device image) has only this one.
-    exporter = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        **exporter,
-    )
-    path.with_suffix(".classes.json").write_text(json.dumps(model.head.class_ids.tolist()))
+    names = {"input_names": ["images"], "output_names": ["logits"]}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes={"images": {0: batch}},
+                          verbose=False, **names)  # fmt: skip
+    else:
+        torch.onnx.export(model, (example,), str(path), dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                          **names)  # fmt: skip
+    import onnx
+
+    exported = onnx.load(str(path))
+    entry = exported.metadata_props.add()
+    entry.key, entry.value = CLASS_IDS, json.dumps(model.head.class_ids.tolist())
+    onnx.save(exported, str(path))
     return path
 
 

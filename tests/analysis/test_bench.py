@@ -64,3 +64,19 @@ def test_model_ratio_is_the_median_over_pairs_with_its_spread():
     ratios = pair_ratios([1.0, 1.0, 2.0, 1.0, 1.0], [1.0, 0.9, 4.0, 1.1, 0.8])
     assert ratios["median"] == 1.0 and ratios["min"] == 0.8 and ratios["max"] == 2.0
     assert ratios["p10"] < ratios["median"] < ratios["p90"]
+
+
+def test_bench_device_times_every_model_under_both_runtimes(tmp_path):
+    """Small sizes: the JSON has both runtimes per model, and the pruned model is the smallest."""
+    import pytest
+
+    from geomoe.analysis.device_bench import bench_device
+
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    result = bench_device(tmp_path, image_size=64, repeats=2, num_classes=50, num_experts=8, keep_per_layer=2,
+                          species=5)  # fmt: skip
+    assert set(result["models"]) == {"dense", "moe", "pruned"}
+    for row in result["models"].values():
+        assert row["torchscript_ms"] > 0 and row["onnx_ms"] > 0
+    assert result["models"]["pruned"]["parameters"] < result["models"]["moe"]["parameters"]
+    assert 0 < result["pruned_over_dense"]["parameters"] < 1

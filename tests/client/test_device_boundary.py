@@ -66,17 +66,17 @@ def test_a_bad_image_is_recorded_as_failed_and_the_good_ones_classified(tmp_path
 def test_an_image_the_model_fails_on_is_recorded_not_a_crash_loop(tmp_path, exported):
     write_images(tmp_path / "watch", 3)
     runtime = runtime_for(tmp_path, exported)
-    model = runtime.module
+    predict = runtime.model.predict
 
     def fragile(images):
         if images.mean() > 0.6:
             raise RuntimeError("kernel failed on this input")
-        return model(images)
+        return predict(images)
 
     bright = tmp_path / "watch" / "bright.png"
     Image.new("RGB", (64, 64), (250, 250, 250)).save(bright)
     aged(bright)
-    runtime.module = fragile
+    runtime.model.predict = fragile
     assert runtime.run_once() == 4
     rows = {r["image"]: r for r in results(tmp_path)}
     assert rows["bright.png"]["error"] == "RuntimeError: kernel failed on this input"

@@ -131,7 +131,53 @@ def test_model_update_is_atomic(tmp_path, exported):
         install_model(f, exported)
     os.utime(exported, (time.time() + 5, time.time() + 5))  # make the change visible to a coarse clock
     runtime.run_once()
-    assert runtime.class_ids == [2, 3, -1]
+    assert runtime.model.class_ids == [2, 3, -1]
+
+
+def test_onnx_runtime_classifies_as_torchscript_does(tmp_path, exported):
+    """The same pruned model exported both ways: ONNX Runtime gives the TorchScript species and scores."""
+    from geomoe.client.export import export_onnx
+
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    torch.manual_seed(0)
+    model = prune_head(GeoMoENet(ModelConfig(num_classes=8, num_experts=4)), [1, 4, 6])  # what `exported` holds
+    onnx_model = export_onnx(model, tmp_path / "model.onnx", 64)
+    write_images(tmp_path / "watch", 4)
+    by_runtime = {}
+    for name, path in (("torchscript", exported), ("onnx", onnx_model)):
+        results = tmp_path / f"{name}.jsonl"
+        runtime = DeviceRuntime(DeviceConfig(tmp_path / "watch", path, results, settle_s=0))
+        assert runtime.model.runtime == name and runtime.run_once() == 4
+        by_runtime[name] = {r["image"]: r["top"] for r in map(json.loads, results.read_text().splitlines())}
+    for image, top in by_runtime["torchscript"].items():
+        onnx_top = by_runtime["onnx"][image]
+        assert [t["species"] for t in onnx_top] == [t["species"] for t in top]
+        assert [t["score"] for t in onnx_top] == pytest.approx([t["score"] for t in top], abs=1e-4)
+
+
+def test_an_onnx_camera_runs_without_torch(tmp_path):
+    """The runtime-only device: an ONNX export, onnxruntime, numpy and Pillow; importing torch must not happen."""
+    import subprocess
+    import sys
+
+    from geomoe.client.export import export_onnx
+
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    torch.manual_seed(0)
+    export_onnx(GeoMoENet(ModelConfig(num_classes=5, num_experts=4)).eval(), tmp_path / "m.onnx", 64)
+    write_images(tmp_path / "watch", 2)
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'timm', 'torchvision'): sys.modules[name] = None  # importing them now fails\n"
+        "from pathlib import Path\n"
+        "from geomoe.client.device_runtime import DeviceConfig, DeviceRuntime\n"
+        f"folder = Path({str(tmp_path)!r})\n"
+        "runtime = DeviceRuntime(DeviceConfig(folder / 'watch', folder / 'm.onnx', folder / 'r.jsonl', settle_s=0))\n"
+        "print(runtime.run_once())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2"
 
 
 def test_the_camera_runtime_needs_no_training_stack():

@@ -1,0 +1,68 @@
+"""An exported model ready to classify: TorchScript (run by torch) or ONNX (run by ONNX Runtime), by suffix.
+
+Neither runtime is imported until a model of its kind is loaded, so a camera that only classifies can carry an
+ONNX export, onnxruntime, numpy and Pillow, and no torch at all (the runtime-only device image).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+RUNTIMES = ("torchscript", "onnx")
+CLASS_IDS = "class_ids"  # ONNX metadata key: JSON list, the global class id of each output
+
+
+@dataclass
+class ExportedModel:
+    """`predict` maps (B, 3, H, W) float32 images in [0, 1] to (B, K) logits; `class_ids` names the K outputs."""
+
+    predict: Callable[[np.ndarray], np.ndarray]
+    class_ids: list[int]
+    runtime: str  # one of RUNTIMES
+
+
+def runtime_of(path: Path) -> str:
+    return "onnx" if path.suffix.lower() == ".onnx" else "torchscript"
+
+
+def load_exported(path: Path, runtime: str | None = None) -> ExportedModel:
+    """The model at `path`, run by `runtime` (default: by suffix, `.onnx` through ONNX Runtime, anything else as
+    TorchScript). Both kinds carry the class id of each output inside the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    runtime = runtime or runtime_of(path)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    return _load_onnx(path) if runtime == "onnx" else _load_torchscript(path)
+
+
+def _load_onnx(path: Path) -> ExportedModel:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    metadata = session.get_modelmeta().custom_metadata_map
+    if CLASS_IDS not in metadata:
+        raise ValueError(f"{path} carries no '{CLASS_IDS}' metadata: export it with `geomoe device export`")
+    name = session.get_inputs()[0].name
+    return ExportedModel(lambda images: session.run(None, {name: images})[0], json.loads(metadata[CLASS_IDS]), "onnx")
+
+
+def _load_torchscript(path: Path) -> ExportedModel:
+    import torch
+
+    from geomoe.client.export import load_torchscript
+
+    module, class_ids = load_torchscript(path)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(images)).numpy()
+
+    return ExportedModel(predict, class_ids, "torchscript")
