@@ -6,8 +6,11 @@ outputs to species with nothing but torch (TorchScript) or onnxruntime (ONNX).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,8 +43,12 @@ def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
     names = {"input_names": ["images"], "output_names": ["logits"]}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         batch = torch.export.Dim("batch", min=1, max=1024)
-        torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes={"images": {0: batch}},
-                          verbose=False, **names)  # fmt: skip
+        # Its progress lines and its warning about the routers' debug attributes (last_choice, set in forward
+        # and not part of the graph) say nothing to the user.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes={"images": {0: batch}},
+                              verbose=False, **names)  # fmt: skip
     else:
         torch.onnx.export(model, (example,), str(path), dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                           **names)  # fmt: skip
