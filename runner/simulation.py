@@ -16,11 +16,14 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -179,7 +182,8 @@ def simulate(
     options = federation_options(len(world.locations), cpus_per_client, ray_address, verbose)
     for attempt in range(1, RAY_ATTEMPTS + 1):
         try:
-            _run_on_local_superlink(flower, env, app, config_file, resume, options, verbose)
+            with _terminate_as_interrupt():
+                _run_on_local_superlink(flower, env, app, config_file, resume, options, verbose)
             break
         except RuntimeError as error:
             link_log = flower / "superlink.log"
@@ -196,6 +200,24 @@ def simulate(
             f"the simulation ended without writing {report_path}; see {flower}/flwr-run.log and superlink.log"
         )
     return json.loads(report_path.read_text())
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill PID`, a job scheduler) unwinds like Ctrl-C: `flwr run` and the SuperLink are stopped on the
+    way out instead of outliving this process (the default SIGTERM exits without running any cleanup)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 FLOWER_LOG_LINE = re.compile(r"^(\x1b\[\d+m)?(INFO|WARNING|DEBUG)\s*(\x1b\[0m)?\s*:")

@@ -74,3 +74,25 @@ def test_other_failures_are_not_retried(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="ServerApp raised ValueError"):
         simulation.simulate(cfg)
     assert len(calls) == 1
+
+
+def test_sigterm_unwinds_the_run_like_ctrl_c(tmp_path, monkeypatch):
+    """`kill PID` of `geomoe sim` runs the launcher's cleanup (stopping `flwr run` and the SuperLink); after the
+    run the default SIGTERM handling is back."""
+    import os
+    import signal
+
+    cleaned = []
+
+    def launch(flower, env, app, config_file, resume, options, verbose):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next bytecode: raises here
+        finally:
+            cleaned.append(True)
+
+    monkeypatch.setattr(simulation, "_run_on_local_superlink", launch)
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = build_run_config(None, {"out": str(tmp_path / "run")}, SMALL)
+    with pytest.raises(KeyboardInterrupt):
+        simulation.simulate(cfg)
+    assert cleaned == [True] and signal.getsignal(signal.SIGTERM) is before
