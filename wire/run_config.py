@@ -118,6 +118,11 @@ class RunConfig:
         self.model.moe_layers = tuple(self.conversion.moe_layers)
         self.model.num_experts = self.conversion.num_experts
         self.model.expert_hidden = self.conversion.expert_hidden
+        if self.privacy.enabled and self.federation.trainable == "all":
+            raise ValueError(
+                'privacy.clip_norm > 0 needs federation.trainable "experts" or "experts+head": with "all" the '
+                "backbone's BatchNorm statistics would travel, and noise can make a variance negative"
+            )
         if self.privacy.enabled and self.federation.aggregator != "mean":
             raise ValueError(
                 f'privacy.clip_norm > 0 needs federation.aggregator = "mean" (the noise is calibrated to a sum), '

@@ -168,6 +168,14 @@ def test_wrong_types_and_values_are_refused_naming_the_field(key, raw, message):
     assert message in str(refused.value)
 
 
+def test_dp_refuses_settings_its_noise_cannot_serve():
+    private = set_override(RunConfig(), "privacy.clip_norm", "1.0")
+    with pytest.raises(ValueError, match='needs federation.aggregator = "mean"'):
+        set_override(private, "federation.aggregator", '"median"')
+    with pytest.raises(ValueError, match="BatchNorm statistics"):
+        set_override(private, "federation.trainable", '"all"')
+
+
 def test_a_float_field_takes_an_integer():
     assert set_override(RunConfig(), "train.lr_moe", "1").train.lr_moe == 1.0
 
