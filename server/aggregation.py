@@ -54,9 +54,10 @@ def noisy_row_mean(
     """Differentially private per-row mean: (sum of the holders' clipped rows + N(0, noise_std^2)) / expected
     holders, on every row some node could hold (expected > 0), whether or not one did this round.
 
-    Weights are 1 and the denominator fixed (sampling rate x nodes holding the row): token or example weights,
-    and the count of actual holders, would depend on who took part. Noise goes on every coordinate of every
-    such row, so one node's whole clipped update (norm <= C, spread over any rows) is hidden by N(0, (zC)^2).
+    Weights are 1 and the denominator fixed (sampling rate x nodes holding the row, never below 1, so a rarely
+    sampled holder's update is not amplified past its own size): token or example weights, and the count of
+    actual holders, would depend on who took part. Noise goes on every coordinate of every such row, so one
+    node's whole clipped update (norm <= C, spread over any rows) is hidden by N(0, (zC)^2).
     """
     total = torch.zeros(shape, dtype=torch.float64)
     for update in updates:
@@ -64,7 +65,7 @@ def noisy_row_mean(
     touched = expected_holders > 0
     noise = torch.randn(shape, generator=generator, dtype=torch.float64) * noise_std
     mean = torch.zeros_like(total)
-    denominator = expected_holders.double().reshape(-1, *([1] * (len(shape) - 1)))
+    denominator = expected_holders.double().clamp(min=1.0).reshape(-1, *([1] * (len(shape) - 1)))
     mean[touched] = (total[touched] + noise[touched]) / denominator[touched]
     return mean.float(), touched
 

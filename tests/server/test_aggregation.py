@@ -67,6 +67,11 @@ def test_without_noise_the_private_mean_is_the_sum_over_the_expected_holders():
     assert touched.tolist() == [True, True, False]  # a row nobody could hold stays as it is
 
 
+def test_a_rarely_sampled_holder_is_not_amplified_past_its_own_update():
+    delta, _ = noisy_row_mean((1, 1), [row([0], [[4.0]])], torch.tensor([0.25]), 0.0, torch.Generator())
+    assert delta.item() == 4.0  # expected holders 0.25 (q = 0.25, one holder): divided by 1, not by 0.25
+
+
 def test_private_noise_reaches_every_row_some_node_could_hold_even_when_none_did():
     generator = torch.Generator().manual_seed(1)
     delta, touched = noisy_row_mean((3, 20000), [], torch.tensor([2.0, 1.0, 0.0]), 0.5, generator)
