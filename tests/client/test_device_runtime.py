@@ -134,14 +134,19 @@ def test_model_update_is_atomic(tmp_path, exported):
     assert runtime.model.class_ids == [2, 3, -1]
 
 
-def test_onnx_runtime_classifies_as_torchscript_does(tmp_path, exported):
-    """The same pruned model exported both ways: ONNX Runtime gives the TorchScript species and scores."""
+def test_onnx_runtime_classifies_as_torchscript_does_and_needs_no_torch(tmp_path, exported):
+    """The same pruned model exported both ways: ONNX Runtime gives the TorchScript species and scores, with the
+    class ids from the ONNX file's own metadata; and a camera running it works with torch, timm and torchvision
+    made unimportable (the runtime-only device: onnxruntime, numpy, Pillow)."""
     from geomoe.client.export import export_onnx
 
-    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    onnx = pytest.importorskip("onnx", reason="the export extra (onnx, onnxruntime) is not installed")
+    pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
     torch.manual_seed(0)
     model = prune_head(GeoMoENet(ModelConfig(num_classes=8, num_experts=4)), [1, 4, 6])  # what `exported` holds
     onnx_model = export_onnx(model, tmp_path / "model.onnx", 64)
+    onnx.checker.check_model(onnx.load(str(onnx_model)))
+    assert {p.key: p.value for p in onnx.load(str(onnx_model)).metadata_props}["class_ids"] == "[1, 4, 6, -1]"
     write_images(tmp_path / "watch", 4)
     by_runtime = {}
     for name, path in (("torchscript", exported), ("onnx", onnx_model)):
@@ -154,30 +159,19 @@ def test_onnx_runtime_classifies_as_torchscript_does(tmp_path, exported):
         assert [t["species"] for t in onnx_top] == [t["species"] for t in top]
         assert [t["score"] for t in onnx_top] == pytest.approx([t["score"] for t in top], abs=1e-4)
 
-
-def test_an_onnx_camera_runs_without_torch(tmp_path):
-    """The runtime-only device: an ONNX export, onnxruntime, numpy and Pillow; importing torch must not happen."""
-    import subprocess
-    import sys
-
-    from geomoe.client.export import export_onnx
-
-    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
-    torch.manual_seed(0)
-    export_onnx(GeoMoENet(ModelConfig(num_classes=5, num_experts=4)).eval(), tmp_path / "m.onnx", 64)
-    write_images(tmp_path / "watch", 2)
     code = (
         "import sys\n"
         "for name in ('torch', 'timm', 'torchvision'): sys.modules[name] = None  # importing them now fails\n"
         "from pathlib import Path\n"
         "from geomoe.client.device_runtime import DeviceConfig, DeviceRuntime\n"
         f"folder = Path({str(tmp_path)!r})\n"
-        "runtime = DeviceRuntime(DeviceConfig(folder / 'watch', folder / 'm.onnx', folder / 'r.jsonl', settle_s=0))\n"
-        "print(runtime.run_once())\n"
+        "config = DeviceConfig(folder / 'watch', folder / 'model.onnx', folder / 'bare.jsonl', settle_s=0)\n"
+        "print(DeviceRuntime(config).run_once())\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "2"
+    bare = {r["image"]: r["top"] for r in map(json.loads, (tmp_path / "bare.jsonl").read_text().splitlines())}
+    assert result.stdout.strip() == "4" and bare == by_runtime["onnx"]
 
 
 def test_the_camera_runtime_needs_no_training_stack():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from geomoe.client.export import export_onnx, export_torchscript, load_torchscript
+from geomoe.client.export import export_torchscript, load_torchscript
 from geomoe.model.config import ModelConfig
 from geomoe.model.experts import prune_model
 from geomoe.model.network import GeoMoENet, prune_head
@@ -24,12 +24,3 @@ def test_torchscript_export_matches_the_eager_model(tmp_path, policy):
         torch.testing.assert_close(module(images), model(images), rtol=1e-5, atol=1e-5)
     if policy == "remove":
         assert any((m.last_choice == -1).any() for m in model.moe_layers().values()), "no patch was removed"
-
-
-def test_onnx_export_is_a_valid_model(tmp_path):
-    onnx = pytest.importorskip("onnx", reason="the export extra (onnx) is not installed")
-    torch.manual_seed(0)
-    model = prune_model(GeoMoENet(ModelConfig(num_classes=4, num_experts=4)), {1: [0, 1]}).eval()
-    path = export_onnx(model, tmp_path / "m.onnx", 64)
-    onnx.checker.check_model(onnx.load(str(path)))
-    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["class_ids"] == "[0, 1, 2, 3]"
