@@ -80,9 +80,8 @@ def train_epochs(
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
     total_loss, seen = 0.0, 0
-    anchors = [(p, p.detach().clone()) for g in params if g["name"] != "location" for p in g["params"]] * (
-        cfg.prox_mu > 0
-    )
+    trained = [p for group in params if group["name"] != "location" for p in group["params"]]
+    anchors = [(p, p.detach().clone()) for p in trained] if cfg.prox_mu > 0 else []  # FedProx's w_received
     for _ in range(cfg.epochs):
         for batch in loader:
             loss = batch_loss(model, batch, cfg, location, superclasses)

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from geomoe.model.importance import RoutingStats
 from geomoe.wire import messages as msg
 from geomoe.wire.compression import Pipeline, decode_all
+from geomoe.wire.privacy import update_norm
 from geomoe.wire.run_config import RunConfig
 
 REPLY_ALLOWANCE = 64 * 1024  # bytes a reply may carry besides its update (metrics, routing counts)
@@ -43,9 +44,7 @@ class SentSpec:
 def spec_of(tensors: dict[str, torch.Tensor]) -> SentSpec:
     ids = {k: v.clone() for k, v in tensors.items() if k.endswith(".ids")}
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
-    floats = [v.double().pow(2).sum() for v in tensors.values() if v.is_floating_point()]
-    norm = math.sqrt(float(sum(floats))) if floats else 0.0
-    return SentSpec(shapes, ids, sum(v.numel() * v.element_size() for v in tensors.values()), norm)
+    return SentSpec(shapes, ids, sum(v.numel() * v.element_size() for v in tensors.values()), update_norm(tensors))
 
 
 @dataclass

@@ -154,7 +154,7 @@ class GeoExpertStrategy(Strategy):
     ) -> Iterable[Message]:
         """One message per sampled node with its slice (`arrays` is unused: the strategy holds the model)."""
         online = self.online(grid)
-        self.population = [n for n in online if self.dense or self.nodes[n].location in self.state.keep]
+        self.population = [n for n in online if self.keep_known(n)]
         self.sampling_rate = self.rate(len(online))
         return [
             Message(self.node_content(node_id, server_round, train=True), dst_node_id=node_id, message_type="train")
@@ -162,9 +162,14 @@ class GeoExpertStrategy(Strategy):
             if self.has_keep(node_id)
         ]
 
+    def keep_known(self, node_id: int) -> bool:
+        """Whether the node's location has a keep set (never-sampled cells, or a routing reply rejected or lost,
+        have none)."""
+        return self.dense or self.nodes[node_id].location in self.state.keep
+
     def has_keep(self, node_id: int) -> bool:
-        """Whether the node's location has a keep set (its routing reply may have been rejected or lost)."""
-        if self.dense or self.nodes[node_id].location in self.state.keep:
+        """`keep_known`, logging a node left out of training for lack of one."""
+        if self.keep_known(node_id):
             return True
         log.warning("node %s (%s) has no keep set yet: left out of this round", node_id, self.nodes[node_id].cell)
         return False
@@ -348,25 +353,24 @@ class GeoExpertStrategy(Strategy):
         """Why the round would exceed privacy.epsilon_budget (with `online` nodes to sample from), or None."""
         if not (self.privacy.accounted and self.privacy.epsilon_budget):
             return None
-        self.sampling_rate = self.rate(online)
-        projected = self.epsilon(one_more_round=True)
+        projected = self.epsilon(next_round_rate=self.rate(online))
         if projected <= self.privacy.epsilon_budget:
             return None
         return (f"round {server_round} would bring epsilon to {projected:.3g}, over privacy.epsilon_budget="
                 f"{self.privacy.epsilon_budget:g}")  # fmt: skip
 
-    def epsilon(self, one_more_round: bool = False) -> float | None:
-        """The run's epsilon at privacy.delta so far (or after one more round like the last one planned): the
-        client-level guarantee of the sampled Gaussian rounds, or under local noise the guarantee of the device that
-        sent most updates. None without a noised run."""
+    def epsilon(self, next_round_rate: float | None = None) -> float | None:
+        """The run's epsilon at privacy.delta so far (or, given `next_round_rate`, after one more round sampling at
+        that rate): the client-level guarantee of the sampled Gaussian rounds, or under local noise the guarantee
+        of the device that sent most updates. None without a noised run."""
         if not self.privacy.accounted:
             return None
         if self.privacy.noise == "local":
-            most = max(self.state.rounds_taken.values(), default=0) + int(one_more_round)
+            most = max(self.state.rounds_taken.values(), default=0) + int(next_round_rate is not None)
             return local_epsilon(self.privacy.noise_multiplier, most, self.privacy.delta)
         rounds = [RoundMechanism(**m) for m in self.state.mechanisms]
-        if one_more_round:
-            rounds.append(RoundMechanism(self.sampling_rate, self.privacy.noise_multiplier))
+        if next_round_rate is not None:
+            rounds.append(RoundMechanism(next_round_rate, self.privacy.noise_multiplier))
         return epsilon(rounds, self.privacy.delta)
 
     def configure_evaluate(
@@ -375,7 +379,7 @@ class GeoExpertStrategy(Strategy):
         return [
             Message(self.node_content(node_id, server_round, train=False), dst_node_id=node_id, message_type="evaluate")
             for node_id in self.online(grid)
-            if self.dense or self.nodes[node_id].location in self.state.keep  # never-sampled cells have no keep set
+            if self.keep_known(node_id)
         ]
 
     def per_cell_evaluation(self, replies: Iterable[Message]) -> dict[str, dict]:
