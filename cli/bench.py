@@ -21,17 +21,25 @@ def model(
     batch_size: int = typer.Option(32, help="Images per batch."),
     image_size: int = typer.Option(224, help="Image side."),
     pairs: int = typer.Option(30, help="Interleaved dense/MoE forward+backward pairs per device."),
+    device: str = typer.Option("all", help="cpu, cuda, or all (the CPU and a GPU where there is one)."),
+    compile_mode: str = typer.Option(
+        "", "--compile", help="torch.compile both models in this mode (default, reduce-overhead, max-autotune)."
+    ),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast)."),
 ) -> None:
     """Forward+backward time of the MoE model over the dense one, on CPU and (if present) GPU: the median ratio
     over interleaved pairs, with its spread."""
-    from geomoe.analysis.bench import bench_model
+    from geomoe.analysis.bench import bench_devices, bench_model
+    from geomoe.model.compute import PRECISIONS
 
-    result = bench_model(batch_size, image_size, pairs)
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"{precision!r} is not one of {PRECISIONS}", param_hint="--precision")
+    result = bench_model(batch_size, image_size, pairs, bench_devices(device), compile_mode, precision)
     out.write_text(json.dumps(result, indent=2))
-    for device, r in result["devices"].items():
+    for name, r in result["devices"].items():
         ratio = r["ratio"]
         console.print(
-            f"{device}: dense {r['dense_s'] * 1e3:.1f} ms, moe {r['moe_s'] * 1e3:.1f} ms (medians); MoE/dense "
+            f"{name}: dense {r['dense_s'] * 1e3:.1f} ms, moe {r['moe_s'] * 1e3:.1f} ms (medians); MoE/dense "
             f"median {ratio['median']:.3f} over {pairs} pairs (p10 {ratio['p10']:.3f}, p90 {ratio['p90']:.3f})"
         )
     console.print(f"wrote {out}")

@@ -24,12 +24,16 @@ def sim(
     set_: list[str] = typer.Option([], "--set", help="Override any field: --set federation.keep.percentile=80."),
     resume: bool = typer.Option(False, help="Continue a killed run from its last completed round."),
     ray_address: str = typer.Option(None, help="Address of an existing Ray cluster (e.g. 'auto')."),
+    cpus_per_client: int = typer.Option(1, help="CPUs Ray reserves for each virtual client."),
+    gpus_per_client: float = typer.Option(
+        None, help="Share of a GPU each virtual client reserves (0.25: four per GPU) [default: 0.2 with a GPU, else 0]."
+    ),
     verbose: bool = typer.Option(False, help="Show Flower's and Ray's logs."),
     print_config: bool = typer.Option(False, help="Print the effective config as TOML (for --config) and exit."),
 ) -> None:
     """Simulate federated training on Flower's simulation runtime (the path `flwr run` takes), one virtual
     SuperNode per client."""
-    from geomoe.runner.simulation import simulate
+    from geomoe.runner.simulation import ClientResources, simulate
     from geomoe.wire.run_config import build_run_config, to_toml
 
     flags = {
@@ -46,5 +50,7 @@ def sim(
     if print_config:
         print(to_toml(cfg), end="")
         return
-    report = simulate(cfg, resume=resume, ray_address=ray_address, verbose=verbose)  # the ServerApp prints its table
+    default = ClientResources.default()
+    resources = ClientResources(cpus_per_client, default.gpus if gpus_per_client is None else gpus_per_client)
+    report = simulate(cfg, resume, ray_address, resources, verbose)  # the ServerApp prints its table
     console.print(f"final accuracy {report['final_accuracy']:.3f}; report: {Path(cfg.out) / 'report.json'}")

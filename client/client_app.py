@@ -131,7 +131,7 @@ def query(message: Message, context: Context) -> Message:
     content = RecordDict({msg.INFO: ConfigRecord(info)})
     if msg.EXPERTS in message.content:
         model = build_model(cfg.model, _base(message, context), _received(message))
-        content[msg.TOKENS] = msg.to_record(msg.stats_to_tensors(routing_on_validation(model, local)))
+        content[msg.TOKENS] = msg.to_record(msg.stats_to_tensors(routing_on_validation(cfg, model, local)))
     return Message(content, reply_to=message)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from geomoe.client.data import LocalData
 from geomoe.data.cells import cell_at, parse_cell
+from geomoe.model.compute import on_device, resolve_device
 from geomoe.model.config import ModelConfig
 from geomoe.model.experts import KeepSet, merge_expert_state, shared_state, take_expert_state
 from geomoe.model.importance import RoutingStats, routing_stats
@@ -145,7 +146,8 @@ def train_and_delta(
         deltas["head.ids"] = rows
     for name in received.shared:
         deltas[name] = (after[name] - before[name]).to(received.shared[name].dtype)
-    stats = routing_stats(model, local.loader("train", 128))
+    with on_device(resolve_device(cfg.train.device), model):
+        stats = routing_stats(model, local.loader("train", 128))
     kept = {k: v.detach().clone() for k, v in location.state_dict().items()} if location is not None else None
     return deltas, metrics, stats, kept
 
@@ -163,12 +165,14 @@ def location_supervision(
 
 
 def evaluate_local(cfg: RunConfig, model: GeoMoENet, local: LocalData) -> dict[str, float | list[float]]:
-    return evaluate(model, local.loader("test", 128), cfg.model.num_classes)
+    with on_device(resolve_device(cfg.train.device), model):
+        return evaluate(model, local.loader("test", 128), cfg.model.num_classes)
 
 
-def routing_on_validation(model: GeoMoENet, local: LocalData) -> RoutingStats:
+def routing_on_validation(cfg: RunConfig, model: GeoMoENet, local: LocalData) -> RoutingStats:
     """How the node's validation images route (its training images when it has no validation split)."""
-    return routing_stats(model, local.loader("val" if len(local.val) else "train", 128))
+    with on_device(resolve_device(cfg.train.device), model):
+        return routing_stats(model, local.loader("val" if len(local.val) else "train", 128))
 
 
 def privatise(

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import AgglomerativeClustering, KMeans
 
+from geomoe.model.compute import model_device, on_device
 from geomoe.model.config import CLUSTERINGS, Clustering, ModelConfig
 from geomoe.model.network import GeoMoENet, transformer_layers
 
@@ -71,18 +72,19 @@ def collect_patches(
 ) -> dict[int, LayerSample]:
     """Pre-MLP patches of every layer in `cfg.moe_layers`, over all scales."""
     dense.eval()
+    device = model_device(dense)
     tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in cfg.moe_layers}
     patch_labels: dict[int, list[torch.Tensor]] = {layer: [] for layer in cfg.moe_layers}
     for side in cfg.scales:
         for start in range(0, len(images), cfg.batch_size):
-            batch = images[start : start + cfg.batch_size]
+            batch = images[start : start + cfg.batch_size].to(device)
             if batch.shape[-1] != side:
                 batch = F.interpolate(batch, size=(side, side), mode="bilinear", align_corners=False)
             _, pre_mlp = dense.forward_with_pre_mlp(batch)
             for layer in cfg.moe_layers:
                 x = pre_mlp[layer]  # (B, C, P, N)
                 B, C, P, N = x.shape
-                tokens[layer].append(x.permute(0, 3, 2, 1).reshape(B * N, P, C))  # [B, C, P, N] --> [B*N, P, C]
+                tokens[layer].append(x.permute(0, 3, 2, 1).reshape(B * N, P, C).cpu())  # [B, C, P, N] --> [B*N, P, C]
                 patch_labels[layer].append(labels[start : start + cfg.batch_size].repeat_interleave(N))
     return {layer: LayerSample(torch.cat(tokens[layer]), torch.cat(patch_labels[layer])) for layer in cfg.moe_layers}
 
@@ -111,12 +113,20 @@ def cluster_centroids(points: np.ndarray, num_clusters: int, method: str, seed: 
     return centroids, assignment
 
 
-def convert_to_moe(dense: GeoMoENet, images: torch.Tensor, labels: torch.Tensor, cfg: ConversionConfig) -> GeoMoENet:
-    """A MoE model initialised from `dense` on sample `images` (N, 3, H, W) with `labels` (N,)."""
+def convert_to_moe(
+    dense: GeoMoENet,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: ConversionConfig,
+    device: torch.device = torch.device("cpu"),
+) -> GeoMoENet:
+    """A MoE model initialised from `dense` (a CPU model) on sample `images` (N, 3, H, W) with `labels` (N,).
+    The sample's forward passes run on `device`; clustering and MoEfication on the CPU."""
     if cfg.min_images_per_class:
         keep = torch.from_numpy(resample_classes(labels.numpy(), cfg.min_images_per_class, cfg.seed))
         images, labels = images[keep], labels[keep]
-    samples = collect_patches(dense, images, labels, cfg)
+    with on_device(device, dense):
+        samples = collect_patches(dense, images, labels, cfg)
     moe_cfg = ModelConfig.from_dict(
         {
             **dense.cfg.to_dict(),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from geomoe.model.compute import model_device
 from geomoe.model.experts import KeepSet, prune_model
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import evaluate
@@ -56,8 +57,9 @@ def choice_histograms(model: GeoMoENet) -> dict[int, np.ndarray]:
     for layer, module in model.moe_layers().items():
         choice = module.last_choice  # (B, N), -1 where removed
         hist = np.zeros((choice.shape[0], module.num_global_experts))
-        rows, cols = np.nonzero(choice.numpy() >= 0)
-        np.add.at(hist, (rows, choice.numpy()[rows, cols]), 1)
+        choice = choice.cpu().numpy()
+        rows, cols = np.nonzero(choice >= 0)
+        np.add.at(hist, (rows, choice[rows, cols]), 1)
         out[layer] = hist
     return out
 
@@ -70,8 +72,9 @@ def routing_stats(model: GeoMoENet, batches: Iterable) -> RoutingStats:
     num_experts = model.cfg.num_experts
     counts = {layer: np.zeros(num_experts) for layer in layers}
     edges = {a: np.zeros((num_experts, num_experts)) for a in layers[:-1]}
+    device = model_device(model)
     for batch in batches:
-        model(batch[0])
+        model(batch[0].to(device))
         hist = choice_histograms(model)
         for layer in layers:
             counts[layer] += hist[layer].sum(axis=0)

@@ -76,7 +76,7 @@ class LocationSupervision(nn.Module):
 
     def loss(self, pre_mlp: dict[int, torch.Tensor], lonlat_deg: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         embedding = self.norm(self.encoder(lonlat_deg))
-        total = torch.zeros(())
+        total = torch.zeros((), device=lonlat_deg.device)
         for layer, tokens in pre_mlp.items():
             pooled = tokens.mean(dim=(2, 3))  # [B, C, P, N] --> [B, C]
             total = total + supervised_contrastive(

@@ -134,15 +134,18 @@ class MoEMlp(nn.Module):
         bias = self.b1 + torch.einsum("ec,ech->eh", self.norm_bias, self.w1)  # (E, H)
         return weight.permute(1, 0, 2).reshape(self.dim, -1), bias.reshape(-1)
 
-    def expert_outputs(self, tokens: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-        """Routed expert output with correction, for tokens (B, N, P, C) and choice (B, N)."""
+    def expert_outputs(self, tokens: torch.Tensor, choice: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """gate * ((1 - gamma) * MLP_e(x) + gamma * x_corr_e) for tokens (B, N, P, C), the routed expert `choice` and
+        its `gate` (B, N). The gate and 1 - gamma ride on the routing mask and the second bias and the correction on
+        one per-patch shift, so that past the two matmuls the (B, N, P, C) tensor is touched once (it dominates
+        the layer's memory traffic, forward and backward)."""
         weight1, bias1 = self.folded_first_layer()
         hidden = F.silu(tokens @ weight1 + bias1)  # (B, N, P, E*H)
-        mask = F.one_hot(choice, self.num_held).to(hidden.dtype).repeat_interleave(self.expert_hidden, dim=-1)
-        out = (hidden * mask[:, :, None, :]) @ self.w2.reshape(-1, self.dim)  # (B, N, P, C)
-        out = out + self.b2[choice][:, :, None, :]
-        gamma = self.gamma[choice][:, :, None, None]
-        return (1 - gamma) * out + gamma * self.x_corr[choice][:, :, None, :]
+        gamma = self.gamma[choice][:, :, None]  # (B, N, 1)
+        scale = gate[:, :, None] * (1 - gamma)
+        mask = (F.one_hot(choice, self.num_held).to(hidden.dtype) * scale).repeat_interleave(self.expert_hidden, -1)
+        shift = gate[:, :, None] * ((1 - gamma) * self.b2[choice] + gamma * self.x_corr[choice])  # (B, N, C)
+        return (hidden * mask[:, :, None, :]) @ self.w2.reshape(-1, self.dim) + shift[:, :, None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, P, N = x.shape
@@ -152,7 +155,7 @@ class MoEMlp(nn.Module):
             routing = self.route(patch_embedding.mean(dim=1, keepdim=True)).expand(B, N)
         else:
             routing = self.route(patch_embedding)  # one decision per patch: (B, N)
-        out = self.expert_outputs(tokens, routing.choice) * routing.gate[:, :, None, None]  # (B, N, P, C)
+        out = self.expert_outputs(tokens, routing.choice, routing.gate)  # (B, N, P, C)
         served = torch.zeros_like(routing.wants_absent)
         if self.remote is not None and routing.wants_absent.any():  # expert-parallel: peers run absent experts
             out, served = self.remote.dispatch(self, tokens, routing, out)

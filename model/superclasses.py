@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import AgglomerativeClustering
 
+from geomoe.model.compute import model_device
 from geomoe.model.network import GeoMoENet
 
 
@@ -36,9 +37,10 @@ def superclasses_of(model: GeoMoENet, batches, num_classes: int, count: int) -> 
     `count` is capped at the number of classes."""
     model.eval()
     labels, predictions = [], []
+    device = model_device(model)
     for images, batch_labels, *_ in batches:
-        logits = model(images)
-        predictions.append(model.head.class_ids[logits.argmax(dim=1)].numpy())
+        logits = model(images.to(device))
+        predictions.append(model.head.class_ids[logits.argmax(dim=1)].cpu().numpy())
         labels.append(batch_labels.numpy())
     confusion = confusion_matrix(np.concatenate(labels), np.concatenate(predictions), num_classes)
     return superclasses(confusion, min(count, num_classes))
@@ -47,7 +49,7 @@ def superclasses_of(model: GeoMoENet, batches, num_classes: int, count: int) -> 
 def router_supervision_loss(model: GeoMoENet, labels: torch.Tensor, class_to_superclass: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each per-image router (after a forward pass) against the label's super-class, over the
     images whose super-class expert this model holds (a node holds only some experts); 0 if none."""
-    targets = class_to_superclass[labels]
+    targets = class_to_superclass[labels.cpu()]
     losses = []
     for module in model.moe_layers().values():
         if module.last_logits is None:
@@ -55,5 +57,6 @@ def router_supervision_loss(model: GeoMoENet, labels: torch.Tensor, class_to_sup
         held = module.expert_ids.tolist()
         local = torch.tensor([held.index(t) if t in held else -100 for t in targets.tolist()])
         if (local >= 0).any():
-            losses.append(F.cross_entropy(module.last_logits, local, ignore_index=-100))
-    return torch.stack(losses).mean() if losses else torch.zeros(())
+            logits = module.last_logits.float()
+            losses.append(F.cross_entropy(logits, local.to(logits.device), ignore_index=-100))
+    return torch.stack(losses).mean() if losses else torch.zeros((), device=labels.device)

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -127,12 +127,42 @@ class LocalSuperLink:
             self.process.wait()
 
 
-def federation_options(clients: int, cpus_per_client: int, ray_address: str | None, verbose: bool) -> list[str]:
+@dataclass(frozen=True)
+class ClientResources:
+    """What Ray reserves for each virtual client. A fractional `gpus` lets clients share a GPU: 0.25 runs four
+    clients on each GPU at once; 0 keeps them on the CPU (Ray then hides the GPUs from them)."""
+
+    cpus: int = 1
+    gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cpus < 1:
+            raise ValueError(f"--cpus-per-client must be >= 1, got {self.cpus}")
+        if self.gpus < 0 or (self.gpus > 1 and not float(self.gpus).is_integer()):
+            raise ValueError(f"--gpus-per-client must be a share of one GPU (0..1) or a whole number, got {self.gpus}")
+
+    @classmethod
+    def default(cls) -> ClientResources:
+        """One CPU each and, on a machine with a GPU, a fifth of it (five clients train on it at once)."""
+        return cls(gpus=DEFAULT_GPU_SHARE if visible_gpus() else 0.0)
+
+
+DEFAULT_GPU_SHARE = 0.2
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process sees (torch is imported only to ask)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def federation_options(clients: int, resources: ClientResources, ray_address: str | None, verbose: bool) -> list[str]:
     """`--federation-config` of the run: virtual SuperNodes, their resources, Ray's start-up."""
     options = {
         "num-supernodes": clients,
-        "client-resources-num-cpus": cpus_per_client,
-        "client-resources-num-gpus": 0.0,
+        "client-resources-num-cpus": resources.cpus,
+        "client-resources-num-gpus": resources.gpus,
         "init-args-log-to-driver": verbose,
         "init-args-logging-level": "info" if verbose else "warning",
         "verbose": verbose,
@@ -146,14 +176,19 @@ def simulate(
     cfg: RunConfig,
     resume: bool = False,
     ray_address: str | None = None,
-    cpus_per_client: int = 1,
+    resources: ClientResources | None = None,
     verbose: bool = False,
     client_app: str = CLIENT_APP,
 ) -> dict:
-    """Run the job to completion and return its report (also written to `cfg.out/report.json`). `client_app`
-    names another ClientApp object to run on the virtual nodes (benchmarks run hostile ones)."""
+    """Run the job to completion and return its report (also written to `cfg.out/report.json`). `resources`
+    (default: `ClientResources.default()`) is what each virtual client reserves; `client_app` names another
+    ClientApp object to run on the virtual nodes (benchmarks run hostile ones)."""
     if importlib.util.find_spec("ray") is None:
         raise RuntimeError("local simulation needs Ray: pip install 'geomoe[simulation]' (device images leave it out)")
+    resources = resources or ClientResources.default()
+    if resources.gpus > 0 and not ray_address and not visible_gpus():
+        raise ValueError(f"--gpus-per-client {resources.gpus} but this machine has no CUDA device (Ray would wait "
+                         "for one forever); use 0, or --ray-address for a cluster with GPUs")  # fmt: skip
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     world, _, _ = World.cached(cfg.world, Path(cfg.cache) if cfg.cache else out / "cache")  # before Ray starts
@@ -171,15 +206,17 @@ def simulate(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_HOME": str(flower / "home"),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # one thread per virtual client
-        # Ray's future default (leave CUDA_VISIBLE_DEVICES alone at num_gpus=0); setting it silences its warning.
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        # At num_gpus=0 Ray hides the GPUs from a client only with this on ("1"): clients asked to stay on the CPU
+        # must not take the GPU the ServerApp trains on. Without a GPU there is nothing to hide, and "0" (Ray's
+        # future default) silences its warning about the change.
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1" if resources.gpus == 0 and visible_gpus() else "0",
         # The ServerApp's tables are drawn as wide as this console (rich reads COLUMNS), not 80 columns.
         "COLUMNS": str(shutil.get_terminal_size((140, 24)).columns),
         "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "default" if verbose else "ignore"),
     }
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    options = federation_options(len(world.locations), cpus_per_client, ray_address, verbose)
+    options = federation_options(len(world.locations), resources, ray_address, verbose)
     for attempt in range(1, RAY_ATTEMPTS + 1):
         try:
             with _terminate_as_interrupt():

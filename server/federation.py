@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from rich.table import Table
 
+from geomoe.model.compute import on_device, resolve_device
 from geomoe.model.experts import shared_state
 from geomoe.model.training import evaluate
 from geomoe.server.checkpoint import atomic_write, load_model, save_model
@@ -236,7 +237,9 @@ class Federation:
     def server_accuracy(self) -> float:
         """The full global model on the union of the clients' test splits."""
         indices = torch.cat([torch.from_numpy(loc.test) for loc in self.world.locations]).numpy()
-        return float(evaluate(self.strategy.model, self.world.loader(indices, 256))["accuracy"])
+        model = self.strategy.model
+        with on_device(resolve_device(self.cfg.train.device), model):
+            return float(evaluate(model, self.world.loader(indices, 256))["accuracy"])
 
     def _by_cell(self, traffic: dict[int, dict[str, int]]) -> dict[str, dict[str, int]]:
         return {self.strategy.nodes[n].name if n in self.strategy.nodes else str(n): t for n, t in traffic.items()}

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from geomoe.model.compute import on_device, resolve_device
 from geomoe.model.config import ModelConfig
 from geomoe.model.conversion import convert_to_moe
 from geomoe.model.network import GeoMoENet
@@ -55,8 +56,13 @@ def initial_model(cfg: RunConfig, world: World, cache_dir: Path) -> tuple[GeoMoE
     indices = world.server_indices
     held_out, train = indices[: len(indices) // 6], indices[len(indices) // 6 :]
     train_cfg = TrainConfig(
-        batch_size=cfg.train.batch_size, lr_head=cfg.federation.pretrain_lr, lr_rest=cfg.federation.pretrain_lr
+        batch_size=cfg.train.batch_size,
+        lr_head=cfg.federation.pretrain_lr,
+        lr_rest=cfg.federation.pretrain_lr,
+        device=cfg.train.device,
+        precision=cfg.train.precision,
     )
+    device = resolve_device(cfg.train.device)
     with progress() as display:
         task = display.add_task(
             f"pretraining the dense model on the server's {len(train)} images", total=cfg.federation.pretrain_epochs
@@ -70,15 +76,16 @@ def initial_model(cfg: RunConfig, world: World, cache_dir: Path) -> tuple[GeoMoE
             display.advance(task)
     images, labels = world.tensors(train[:CONVERSION_SAMPLE])
     with phase(f"converting to {cfg.conversion.num_experts} experts per layer (router init, clustering, MoEfication)"):
-        moe = convert_to_moe(dense, images, labels, cfg.conversion)
-    metrics: dict[str, Any] = {
-        "dense_accuracy": float(evaluate(dense, world.loader(held_out, 128))["accuracy"]),
-        "converted_accuracy": float(evaluate(moe, world.loader(held_out, 128))["accuracy"]),
-    }
-    if cfg.model.routing == "image":  # one super-class per expert: the router loss sends its images there
-        count = cfg.conversion.num_experts
-        groups = superclasses_of(dense, world.loader(held_out, 128), world.num_classes, count)
-        metrics["superclasses"] = groups.tolist()
+        moe = convert_to_moe(dense, images, labels, cfg.conversion, device)
+    with on_device(device, dense, moe):
+        metrics: dict[str, Any] = {
+            "dense_accuracy": float(evaluate(dense, world.loader(held_out, 128))["accuracy"]),
+            "converted_accuracy": float(evaluate(moe, world.loader(held_out, 128))["accuracy"]),
+        }
+        if cfg.model.routing == "image":  # one super-class per expert: the router loss sends its images there
+            count = cfg.conversion.num_experts
+            groups = superclasses_of(dense, world.loader(held_out, 128), world.num_classes, count)
+            metrics["superclasses"] = groups.tolist()
     save_model(dense, dense_model_path(cfg, cache_dir), metrics=metrics)
     save_model(moe, path, metrics=metrics)
     return moe, metrics

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from geomoe.cli.main import app
@@ -93,6 +94,18 @@ def test_bench_ep_writes_latencies_for_local_and_split_setups(tmp_path):
     setups = json.loads(out.read_text())["setups"]
     assert set(setups) == {"local", "split_2", "split_3"}
     assert all(v > 0 for v in setups["split_3"]["bytes_per_image_per_peer"].values())
+
+
+def test_bench_model_writes_step_times_and_images_per_second(tmp_path):
+    out = tmp_path / "model.json"
+    args = ["bench", "model", "--out", str(out), "--batch-size", "2", "--image-size", "64", "--pairs", "3"]
+    result = runner.invoke(app, [*args, "--device", "cpu", "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    cpu = json.loads(out.read_text())["devices"]["cpu"]
+    assert cpu["moe_images_per_s"] == pytest.approx(2 / cpu["moe_s"]) and cpu["ratio"]["min"] <= cpu["ratio"]["max"]
+    assert runner.invoke(app, [*args, "--precision", "fp16"]).exit_code != 0
+    if not torch.cuda.is_available():
+        assert "sees 0 CUDA device" in str(runner.invoke(app, [*args, "--device", "cuda"]).exception)
 
 
 SMALL_WORLD = [

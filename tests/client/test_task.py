@@ -132,3 +132,35 @@ def test_location_projections_carry_over_from_round_to_round():
         torch.testing.assert_close(value, after_round_2[key], rtol=0, atol=0)
     from_scratch = train_round(2, None)
     assert any(not torch.equal(from_scratch[k], after_round_2[k]) for k in changed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_node_trains_on_its_gpu_and_sends_cpu_deltas_like_the_cpu_ones():
+    """Same tensors, on the CPU, of the CPU's size (not equal: the location projections' dropout draws other masks
+    on the GPU; exactness on CUDA is tested in tests/model/test_compute.py)."""
+    from geomoe.client.data import LocalData
+    from geomoe.client.task import train_and_delta
+    from geomoe.wire.run_config import build_run_config
+
+    settings = ["world.synthetic.num_observations=600", "world.num_locations=2", "conversion.num_experts=4",
+                "train.location_weight=0.5", "train.batch_size=16"]  # fmt: skip
+    world = World(build_run_config(None, {}, settings).world)
+    loc = world.locations[0]
+    torch.manual_seed(0)
+    full = GeoMoENet(build_run_config(None, {}, settings).model)
+    keep = {layer: [0, 1] for layer in full.cfg.moe_layers}
+    router = {f"moe.{layer}.absent_centroids": global_centroids(m)[[2, 3]] for layer, m in full.moe_layers().items()}
+
+    def deltas_on(device: str) -> dict[str, torch.Tensor]:
+        cfg = build_run_config(None, {}, [*settings, f'train.device="{device}"'])
+        local = LocalData(world.data, loc.train[:32], loc.val, loc.test, loc.lat, loc.lon, cfg.world.images, "c")
+        received = Received(take_expert_state(full, keep), router, {}, {})
+        model = build_model(cfg.model, shared_state(full), received)
+        return train_and_delta(cfg, model, received, local, 1, 0)[0]
+
+    on_cpu, on_gpu = deltas_on("cpu"), deltas_on("cuda")
+    assert set(on_gpu) == set(on_cpu)
+    for name, delta in on_cpu.items():
+        assert on_gpu[name].device.type == "cpu" and on_gpu[name].shape == delta.shape, name
+        if delta.is_floating_point() and delta.norm() > 0:
+            assert 0.5 < float(on_gpu[name].norm() / delta.norm()) < 2, name

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from geomoe.runner import simulation
-from geomoe.wire.run_config import build_run_config
+from geomoe.wire.run_config import RunConfig, build_run_config
 
 SMALL = ["world.synthetic.num_observations=3000", "world.num_locations=3", "world.n_max=300"]
 
@@ -30,12 +30,33 @@ def test_the_console_shows_the_run_and_errors_not_flowers_logs(line, quiet):
 
 
 def test_federation_options_name_cpus_only_for_a_local_ray():
-    local = simulation.federation_options(7, 1, None, verbose=False)
+    local = simulation.federation_options(7, simulation.ClientResources(), None, verbose=False)
     assert "num-supernodes=7" in local and any(o.startswith("init-args-num-cpus=") for o in local)
-    assert "init-args-log-to-driver=false" in local
-    cluster = simulation.federation_options(7, 2, "auto", verbose=True)
+    assert "init-args-log-to-driver=false" in local and "client-resources-num-gpus=0.0" in local
+    cluster = simulation.federation_options(7, simulation.ClientResources(cpus=2, gpus=0.25), "auto", verbose=True)
     assert not any(o.startswith("init-args-num-cpus=") for o in cluster)
     assert "client-resources-num-cpus=2" in cluster and "verbose=true" in cluster
+    assert "client-resources-num-gpus=0.25" in cluster  # four clients share each GPU
+
+
+@pytest.mark.parametrize("cpus, gpus", [(0, 0.0), (1, -0.5), (1, 1.5)])
+def test_client_resources_refuse_what_ray_cannot_reserve(cpus, gpus):
+    with pytest.raises(ValueError, match="per-client"):
+        simulation.ClientResources(cpus=cpus, gpus=gpus)
+
+
+def test_clients_share_a_gpu_by_default_only_where_there_is_one(monkeypatch):
+    monkeypatch.setattr(simulation, "visible_gpus", lambda: 0)
+    assert simulation.ClientResources.default().gpus == 0
+    monkeypatch.setattr(simulation, "visible_gpus", lambda: 1)
+    assert simulation.ClientResources.default().gpus == simulation.DEFAULT_GPU_SHARE
+
+
+def test_a_gpu_share_without_a_gpu_is_refused_before_ray_waits_for_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(simulation, "visible_gpus", lambda: 0)
+    cfg = RunConfig(out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="no CUDA device"):
+        simulation.simulate(cfg, resources=simulation.ClientResources(gpus=0.5))
 
 
 def stub_launcher(monkeypatch, failures: list[str]):
