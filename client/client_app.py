@@ -9,7 +9,10 @@ coordinates, for trials on the server's host). The run's configuration and what 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +41,7 @@ PROJECTIONS = "location-projections"  # node state: the location loss's projecti
 RUN = "run-world"  # node state: the query's species names, client cells and world file
 RUN_CONFIG = "run-config"  # node state: the run's config as the query carried it
 _LOCAL: dict[str, LocalData] = {}  # this process's node data, keyed by source (reading a folder is costly)
+_SHARED_BASE: dict[str, dict[str, torch.Tensor]] = {}  # the server's base file as read by this process, by SHA-256
 
 
 def run_config(message: Message, context: Context) -> RunConfig:
@@ -50,13 +54,39 @@ def run_config(message: Message, context: Context) -> RunConfig:
     return RunConfig.from_json(str(context.state[RUN_CONFIG]["run"]))
 
 
-def _base(message: Message, context: Context) -> dict[str, torch.Tensor]:
-    """The initial shared state: from this message if it carries it (then cached), else the cache."""
+def _base(message: Message, context: Context, world: dict) -> dict[str, torch.Tensor]:
+    """The initial shared state: from this message if it carries it (then kept in node state), else node state,
+    else the server's base file where this node can read it (a virtual node on the server's host)."""
     if msg.BASE in message.content:
         context.state[msg.BASE] = message.content[msg.BASE]
-    if msg.BASE not in context.state:
-        raise RuntimeError("this node has no base model cached and the message carries none")
-    return msg.from_record(context.state[msg.BASE])
+    if msg.BASE in context.state:
+        return msg.from_record(context.state[msg.BASE])
+    if not base_from_file(context, world):
+        raise RuntimeError("this node has no base model: the message carries none and it cannot read the server's")
+    return shared_base(world["base_file"], world["base_sha256"])
+
+
+def base_from_file(context: Context, world: dict) -> bool:
+    """Whether the node reads the base from the server's file: a virtual node of a simulation without it in its
+    node state (a device is always sent it, so that a deployment's traffic is what its devices see)."""
+    if msg.BASE in context.state or "partition-id" not in context.node_config:
+        return False
+    return shared_base(world["base_file"], world["base_sha256"]) is not None
+
+
+def shared_base(path: Path, sha256: str) -> dict[str, torch.Tensor] | None:
+    """The base in the server's file, if this process can read it and it is the file the server named (by
+    SHA-256); read once per process, so every virtual node an actor runs shares it. None: not readable here."""
+    if sha256 not in _SHARED_BASE:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return None
+        _SHARED_BASE.clear()  # one run's base at a time
+        _SHARED_BASE[sha256] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return _SHARED_BASE[sha256]
 
 
 def _received(message: Message) -> Received:
@@ -78,6 +108,8 @@ def _world(message: Message, context: Context) -> dict:
         "file": Path(str(record[msg.WORLD_FILE])),
         "sha256": str(record[msg.WORLD_SHA256]),
         "superclasses": json.loads(str(record[msg.SUPERCLASSES])),
+        "base_file": Path(str(record[msg.BASE_FILE])),
+        "base_sha256": str(record[msg.BASE_SHA256]),
     }
 
 
@@ -121,7 +153,8 @@ def query(message: Message, context: Context) -> Message:
     info = {
         "location": coarse[index],
         "cell": reported[coarse[index]],
-        "has-base": msg.BASE in context.state,
+        "has-base": msg.BASE in context.state or base_from_file(context, world),
+        "base-from-file": base_from_file(context, world),
         "species": json.dumps(local.species()),
         "train-examples": len(local.train),
         "source": local.source,
@@ -130,7 +163,7 @@ def query(message: Message, context: Context) -> Message:
     }
     content = RecordDict({msg.INFO: ConfigRecord(info)})
     if msg.EXPERTS in message.content:
-        model = build_model(cfg.model, _base(message, context), _received(message))
+        model = build_model(cfg.model, _base(message, context, world), _received(message))
         content[msg.TOKENS] = msg.to_record(msg.stats_to_tensors(routing_on_validation(cfg, model, local)))
     return Message(content, reply_to=message)
 
@@ -143,13 +176,15 @@ def train(message: Message, context: Context) -> Message:
     world = _world(message, context)
     local, index = local_data(cfg, world, dict(context.node_config))
     received = _received(message)
-    model = build_model(cfg.model, _base(message, context), received)
+    model = build_model(cfg.model, _base(message, context, world), received)
+    started = time.perf_counter()
     before = evaluate_local(cfg, model, local)
     projections = msg.from_record(context.state[PROJECTIONS]) if PROJECTIONS in context.state else None
     superclasses = torch.tensor(world["superclasses"]) if world["superclasses"] else None
     deltas, metrics, stats, projections = train_and_delta(
         cfg, model, received, local, int(config["round"]), index, projections, superclasses
     )
+    metrics["compute-seconds"] = time.perf_counter() - started  # the server tells its own share from the rest
     if projections is not None:
         context.state[PROJECTIONS] = msg.to_record(projections)
     if cfg.privacy.enabled:  # before compression: what is compressed (and its error feedback) is the clipped update
@@ -178,7 +213,8 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Accuracy, loss and per-species recall of the received model on the local test split."""
     cfg = run_config(message, context)
-    local, _ = local_data(cfg, _world(message, context), dict(context.node_config))
-    model = build_model(cfg.model, _base(message, context), _received(message))
+    world = _world(message, context)
+    local, _ = local_data(cfg, world, dict(context.node_config))
+    model = build_model(cfg.model, _base(message, context, world), _received(message))
     metrics = MetricRecord(evaluation_metrics(evaluate_local(cfg, model, local)))
     return Message(RecordDict({msg.METRICS: metrics}), reply_to=message)

@@ -7,6 +7,8 @@ server state are written atomically; `resume` continues from the last completed 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import time
@@ -14,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from rich.table import Table
@@ -54,6 +56,35 @@ def merge_traffic(a: dict | None, b: dict) -> dict:
     return out
 
 
+def publish_base(base: dict[str, torch.Tensor], cache_dir: Path) -> tuple[Path, str]:
+    """The base written once where nodes on this host (virtual nodes in a simulation) read it, and its SHA-256:
+    a thousand virtual nodes then share one copy per process instead of each holding its own in node state."""
+    buffer = io.BytesIO()
+    torch.save(base, buffer)
+    data = buffer.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    path = cache_dir / f"base-{sha[:16]}.pt"
+    if not path.is_file():
+        atomic_write(path, data)
+    return path, sha
+
+
+ROUTING_BATCH = 100  # nodes sent the full model at once by a routing query
+
+
+class PhaseClock:
+    """Seconds of a round's consecutive phases (query, configure, train, server_evaluation, aggregate)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name] = now - self._last
+        self._last = now
+
+
 class Federation:
     """Runs one federated training job against a Flower Grid."""
 
@@ -62,8 +93,10 @@ class Federation:
         self.out = Path(cfg.out)
         self.console = console or Console(stderr=True)
         cache_dir = Path(cfg.cache) if cfg.cache else self.out / "cache"
+        started = time.monotonic()
         with phase("loading the world (dataset, partition, clients)", self.console):
             self.world, world_file, world_sha = World.cached(cfg.world, cache_dir)
+        seconds = {"world": time.monotonic() - started}
         cfg.model.num_classes = self.world.num_classes
         checkpoint = self.out / CHECKPOINT
         if resume and checkpoint.is_file():
@@ -73,9 +106,14 @@ class Federation:
             self.base, self.state, self.setup = extra["base"], ServerState(**extra["server_state"]), extra["setup"]
             self.console.print(f"resuming {checkpoint} after round {self.state.completed_round}")
         else:
-            model, self.setup = initial_model(cfg, self.world, cache_dir)
+            started = time.monotonic()
+            model, metrics = initial_model(cfg, self.world, cache_dir)
+            self.setup = {**metrics, "seconds": {**seconds, "initial_model": time.monotonic() - started}}
             self.base, self.state = {k: v.clone() for k, v in shared_state(model).items()}, ServerState()
+        base_file, base_sha = publish_base(self.base, cache_dir)
         world_info = {
+            msg.BASE_FILE: str(base_file.resolve()),
+            msg.BASE_SHA256: base_sha,
             msg.SPECIES_NAMES: self.world.data.class_names,
             msg.CELLS: [location.cell for location in self.world.locations],
             msg.WORLD_FILE: str(world_file.resolve()),
@@ -83,6 +121,8 @@ class Federation:
             msg.SUPERCLASSES: self.setup.get("superclasses", []),
         }
         self.strategy = GeoExpertStrategy(cfg, model, self.base, self.state, world_info)
+        self.base_bytes = msg.content_traffic(RecordDict({msg.BASE: msg.to_record(self.base)}))["total"]
+        self.base_counted: set[int] = set()  # nodes whose copy of the base the traffic has counted
 
     # --- messaging with byte accounting --------------------------------------------------------
     def exchange(self, messages: list[Message], phase: str) -> tuple[list[Message], dict[int, dict]]:
@@ -134,52 +174,77 @@ class Federation:
         with phase(f"querying {len(nodes)} nodes", self.console):
             replies, traffic = self.exchange(self.strategy.configure_query(nodes, with_model=False), "query")
         self.strategy.register(replies)
+        self.charge_shared_base(traffic)
         if self.cfg.world.clients == "locations":
             for node, t in self.route_new([n for n in nodes if n in self.strategy.nodes]).items():
                 traffic[node] = merge_traffic(traffic.get(node), t)
         return traffic
+
+    def charge_shared_base(self, traffic: dict[int, dict]) -> None:
+        """Virtual nodes read the base from the server's file instead of being sent it (memory: one copy per
+        process, not one per node); their set-up traffic still counts it, once per run, as a device's would."""
+        for node_id, entry in traffic.items():
+            node = self.strategy.nodes.get(node_id)
+            if node is not None and node.base_from_file and node_id not in self.base_counted:
+                self.base_counted.add(node_id)
+                entry["down"] += self.base_bytes
+                entry["down_by"]["base"] = entry["down_by"].get("base", 0) + self.base_bytes
 
     def route_new(self, nodes: list[int]) -> dict[int, dict]:
         """Nodes of locations without a keep set route the full model on their validation images."""
         needs_keep = [n for n in nodes if self.strategy.nodes[n].location not in self.state.keep]
         if not needs_keep or self.strategy.dense:
             return {}
+        traffic: dict[int, dict] = {}
         with phase(f"routing query: {len(needs_keep)} nodes route the full model", self.console):
-            replies, traffic = self.exchange(
-                self.strategy.configure_query(needs_keep, with_model=True), "routing query"
-            )
-        self.strategy.register(replies)
+            for start in range(0, len(needs_keep), ROUTING_BATCH):  # a batch's messages in memory, not all of them
+                batch = needs_keep[start : start + ROUTING_BATCH]
+                replies, batch_traffic = self.exchange(
+                    self.strategy.configure_query(batch, with_model=True), "routing query"
+                )
+                self.strategy.register(replies)
+                traffic |= batch_traffic
         return traffic
 
     # --- the run -------------------------------------------------------------------------------
     def run(self) -> dict:
         fed = self.cfg.federation
+        started = time.monotonic()
         setup_traffic = self.set_up_nodes()
+        self.setup.setdefault("seconds", {})[f"query_{self.state.completed_round}"] = time.monotonic() - started
         self.setup.setdefault("traffic", {})
         self.setup["traffic"][str(self.state.completed_round)] = self._by_cell(setup_traffic)
         for server_round in range(self.state.completed_round + 1, fed.rounds + 1):
             started = time.monotonic()
+            clock = PhaseClock()
             joined = self._by_cell(self.query_new(sorted(set(self.grid.get_node_ids()) - set(self.strategy.nodes))))
             if not self.within_budget(server_round):
                 break
             sampled = self.strategy.round_nodes(server_round, self.grid)
             routed = {**joined, **self._by_cell(self.route_new(sampled))}
+            clock.lap("query")
             if routed:
                 setup = self.setup["traffic"].setdefault(str(server_round - 1), {})
                 for cell, t in routed.items():
                     setup[cell] = merge_traffic(setup.get(cell), t)
             clip_norm = self.state.clip_norm  # what this round's nodes clip to (adaptive clipping moves it after)
             messages = list(self.strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), self.grid))
+            clock.lap("configure")
             replies, traffic = self.exchange(messages, f"round {server_round}")
+            clock.lap("train")
             # The model the nodes received, before this update: measured only when some node replied.
             received_model_accuracy = self.server_accuracy() if any(not r.has_error() for r in replies) else None
+            clock.lap("server_evaluation")
             _, train_metrics = self.strategy.aggregate_train(server_round, replies)
+            clock.lap("aggregate")
             # Train replies report the accuracy of the model they received: the model after the previous round.
             received = {cell: vars(e) for cell, e in self.strategy.received.items()}
             self._store_evaluation(server_round - 1, received, received_model_accuracy)
             row = {
                 "round": server_round,
                 "seconds": time.monotonic() - started,
+                "phases": clock.laps,
+                "client_compute_seconds": float(train_metrics["compute_seconds"]) if train_metrics else 0.0,
                 "train_loss": float(train_metrics["train_loss"]) if train_metrics else None,
                 "replies": int(train_metrics["replies"]) if train_metrics else 0,
                 "traffic": self._by_cell(traffic),

@@ -61,6 +61,7 @@ class QueryReply:
     skipped: dict[str, int] = field(default_factory=dict)
     routing: RoutingStats | None = None  # how its validation images route (when it was sent the model)
     name: str = ""  # how reports name the node: its cell, or cell~node-id when another node reports that cell
+    base_from_file: bool = False  # a virtual node that read the base from the server's file (was not sent it)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.cell
@@ -87,6 +88,7 @@ class TrainReply:
     unknown_species_images: float
     skipped_images: float
     unclipped: float = 1.0  # under DP: 1 if its update fitted under the round's clip before clipping, else 0
+    compute_seconds: float = 0.0  # what it says its evaluation + training took (the framework's share is the rest)
 
 
 class ReplyReader:
@@ -113,14 +115,16 @@ class ReplyReader:
             raise RejectedReply(f"species must be ids in 0..{self.num_classes - 1}")
         if len(set(species)) != len(species):
             raise RejectedReply("species ids repeat")
-        has_base = info.get("has-base")
-        if not isinstance(has_base, bool):
-            raise RejectedReply(f"has-base must be true or false, got {has_base!r}")
+        has_base, from_file = info.get("has-base"), info.get("base-from-file", False)
+        for key, value in (("has-base", has_base), ("base-from-file", from_file)):
+            if not isinstance(value, bool):
+                raise RejectedReply(f"{key} must be true or false, got {value!r}")
         routing = self._routing(reply, full=True) if msg.TOKENS in reply.content else None
         return QueryReply(
             location=location,
             cell=cell,
             has_base=has_base or routing is not None,  # it was sent the base with the model
+            base_from_file=from_file and has_base,
             species=sorted(species),
             train_examples=_int(info, "train-examples", 0, 10**9),
             source=_str(info, "source", required=False),
@@ -155,6 +159,7 @@ class ReplyReader:
             unknown_species_images=_number(metrics, "unknown-species-images", 0, 10**9, default=0.0),
             skipped_images=_number(metrics, "skipped-images", 0, 10**9, default=0.0),
             unclipped=self._unclipped(metrics),
+            compute_seconds=_number(metrics, "compute-seconds", 0, 10**7, default=0.0),
         )
 
     def _unclipped(self, metrics: MetricRecord) -> float:

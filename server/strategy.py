@@ -267,6 +267,7 @@ class GeoExpertStrategy(Strategy):
         left_out = {
             "unknown_species_images": sum(r.unknown_species_images for _, r in accepted),
             "skipped_images": sum(r.skipped_images for _, r in accepted),
+            "compute_seconds": sum(r.compute_seconds for _, r in accepted),
         }
         return ArrayRecord(), MetricRecord(
             {"train_loss": loss, "examples": examples, "replies": len(accepted), **left_out}
@@ -431,7 +432,8 @@ class GeoExpertStrategy(Strategy):
                         for layer, m in self.model.moe_layers().items()
                     }
                 )
-                content[msg.BASE] = msg.to_record(self.base)
+                if not (node_id in self.nodes and self.nodes[node_id].has_base):  # it said so in its first query
+                    content[msg.BASE] = msg.to_record(self.base)
             messages.append(Message(content, dst_node_id=node_id, message_type="query"))
         return messages
 

@@ -37,7 +37,9 @@ CELLS = "cells"  # JSON list: the client cells, by client index
 WORLD_FILE = "world-file"  # absolute path of the world file (simulated cells read it)
 WORLD_SHA256 = "world-sha256"  # its SHA-256: a node refuses any other file
 SUPERCLASSES = "superclasses"  # JSON list: super-class of each class (per-image routing), else []
-WORLD_KEYS = (SPECIES_NAMES, CELLS, WORLD_FILE, WORLD_SHA256, SUPERCLASSES)
+BASE_FILE = "base-file"  # the base as a file on the server's host: nodes there read it instead of being sent it
+BASE_SHA256 = "base-sha256"  # its SHA-256: a node uses no other file
+WORLD_KEYS = (SPECIES_NAMES, CELLS, WORLD_FILE, WORLD_SHA256, SUPERCLASSES, BASE_FILE, BASE_SHA256)
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:

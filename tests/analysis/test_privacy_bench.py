@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from geomoe.analysis.hostile import corrupting
 from geomoe.wire import messages as msg
@@ -57,13 +56,6 @@ def test_unknown_attacks_and_aggregators_are_named():
         privacy_runs((), ("gaussian",), ("mean",))
     with pytest.raises(ValueError, match="unknown aggregator 'krum'"):
         privacy_runs((), (), ("krum",))
-
-
-@pytest.fixture
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
 @pytest.mark.parametrize(("partition", "kind", "factor"), [(0, "train", -4.0), (1, "train", 1.0), (0, "query", 1.0)])

@@ -35,6 +35,14 @@ def test_per_image_routing_learns_with_one_hostile_node_outvoted_by_the_median(t
     assert [row["replies"] for row in report["rounds"]] == [3, 3]
     assert all(len(location["cell"]) <= len("0/1") for location in report["locations"])
     assert report["evaluations"]["2"]["accuracy"] > report["evaluations"]["0"]["accuracy"]
+    # Virtual nodes read the base from the server's file; the set-up traffic counts it once per node all the same.
+    setup = report["setup"]["traffic"]["0"].values()
+    assert len({t["down_by"]["base"] for t in setup}) == 1 and next(iter(setup))["down_by"]["base"] > 1e6
+    assert all(t["down_by"].get("base", 0) == 0 for row in report["rounds"] for t in row["traffic"].values())
+    for row in report["rounds"]:  # where a round's time goes, and what the nodes spent computing
+        assert set(row["phases"]) == {"query", "configure", "train", "server_evaluation", "aggregate"}
+        assert row["client_compute_seconds"] > 0 and sum(row["phases"].values()) <= row["seconds"] + 1e-6
+    assert {"world", "initial_model", "query_0"} <= set(report["setup"]["seconds"])
 
 
 def sim_command(out, model_cache) -> list[str]:

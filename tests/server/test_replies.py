@@ -14,7 +14,7 @@ from geomoe.server.checkpoint import atomic_write, load_model, save_model
 from geomoe.wire import messages as msg
 from geomoe.wire.compression import ErrorFeedback, Pipeline
 
-from .test_strategy import GRID, make_strategy, reply_to, task_identity  # noqa: F401 - fixture
+from .test_strategy import GRID, in_a_task, make_strategy, reply_to  # noqa: F401 - fixture
 
 
 def train_messages(strategy):

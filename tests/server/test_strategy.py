@@ -3,7 +3,6 @@
 import pytest
 import torch
 from flwr.app import Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from geomoe.model.experts import shared_state
 from geomoe.model.network import GeoMoENet
@@ -15,10 +14,8 @@ from geomoe.wire.run_config import RunConfig
 
 
 @pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+def in_a_task(task_identity):
+    """Every test here builds messages."""
 
 
 class ListedNodes:

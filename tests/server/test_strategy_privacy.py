@@ -9,7 +9,7 @@ from geomoe.server.replies import QueryReply
 from geomoe.wire import messages as msg
 from geomoe.wire.privacy import clip_update, update_norm
 
-from .test_strategy import GRID, ListedNodes, make_strategy, reply_to, task_identity  # noqa: F401 - fixture
+from .test_strategy import GRID, ListedNodes, in_a_task, make_strategy, reply_to  # noqa: F401 - fixture
 
 
 def sent_to(strategy, server_round=1, grid=GRID):
