@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 
 from geomoe.server.federation import REPORT
+from geomoe.server.server_app import SERVER_THREADS
 from geomoe.sim.world import World
 from geomoe.wire.run_config import RunConfig, to_toml
 
@@ -206,6 +207,10 @@ def simulate(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_HOME": str(flower / "home"),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # one thread per virtual client
+        SERVER_THREADS: os.environ.get(SERVER_THREADS, str(os.cpu_count() or 1)),  # the server's work: every core
+        # glibc gives every thread of a Ray worker its own malloc arena; a long-lived actor building a model per
+        # message then holds memory it freed long ago. Two arenas keep an actor near what it uses.
+        "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),
         # At num_gpus=0 Ray hides the GPUs from a client only with this on ("1"): clients asked to stay on the CPU
         # must not take the GPU the ServerApp trains on. Without a GPU there is nothing to hide, and "0" (Ray's
         # future default) silences its warning about the change.

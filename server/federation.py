@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -67,6 +68,15 @@ def publish_base(base: dict[str, torch.Tensor], cache_dir: Path) -> tuple[Path, 
     if not path.is_file():
         atomic_write(path, data)
     return path, sha
+
+
+def evaluation_sample(world: World, limit: int, seed: int) -> np.ndarray:
+    """The clients' test images the server scores the global model on: all of them, or `limit` (> 0) drawn once
+    with the run's seed, so that every round is scored on the same images."""
+    indices = np.concatenate([location.test for location in world.locations])
+    if 0 < limit < len(indices):
+        indices = np.sort(np.random.default_rng(seed).choice(indices, limit, replace=False))
+    return indices
 
 
 ROUTING_BATCH = 100  # nodes sent the full model at once by a routing query
@@ -300,8 +310,10 @@ class Federation:
             }
 
     def server_accuracy(self) -> float:
-        """The full global model on the union of the clients' test splits."""
-        indices = torch.cat([torch.from_numpy(loc.test) for loc in self.world.locations]).numpy()
+        """The full global model on the union of the clients' test splits, or on a fixed sample of
+        `federation.server_eval_images` of them (the same images every round: thousands of cells hold tens of
+        thousands, and this runs every round)."""
+        indices = evaluation_sample(self.world, self.cfg.federation.server_eval_images, self.cfg.seed)
         model = self.strategy.model
         with on_device(resolve_device(self.cfg.train.device), model):
             return float(evaluate(model, self.world.loader(indices, 256))["accuracy"])

@@ -4,6 +4,9 @@ run from its checkpoint); `geomoe sim` takes the same path."""
 
 from __future__ import annotations
 
+import os
+
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
@@ -12,10 +15,15 @@ from geomoe.server.federation import Federation, summary_table
 from geomoe.wire.run_config import from_flat
 
 app = ServerApp()
+SERVER_THREADS = "GEOMOE_SERVER_THREADS"  # threads of the server's own torch work, where the environment pins fewer
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    if SERVER_THREADS in os.environ:
+        # `geomoe sim` runs every process with one thread (a virtual client per core); the server's pretraining
+        # and evaluation run while the clients wait, and take all the cores.
+        torch.set_num_threads(int(os.environ[SERVER_THREADS]))
     values = dict(context.run_config)
     resume = values.pop("resume", False)
     if not isinstance(resume, bool):

@@ -62,6 +62,7 @@ class FederationConfig:
     robust_min_holders: int = 3  # median/trimmed_mean: rows with fewer holders take a norm-bounded mean
     outlier_factor: float = 0.0  # leave out a reply whose update norm exceeds this times the round's median; 0 = off
     location_level: int = -1  # S2 level of the cell a node reports (coarser for sensitive sites); -1 = partition's
+    server_eval_images: int = 5000  # the server scores the global model each round on at most this many test images
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -75,6 +76,8 @@ class FederationConfig:
                 raise ValueError(f"federation.{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.clients_per_round < 0:
             raise ValueError(f"federation.clients_per_round must be >= 0, got {self.clients_per_round}")
+        if self.server_eval_images < 0:
+            raise ValueError(f"federation.server_eval_images must be >= 0 (0: all), got {self.server_eval_images}")
         if self.rounds < 1:
             raise ValueError(f"federation.rounds must be >= 1, got {self.rounds}")
         if not 0 <= self.trim_fraction < 0.5:

@@ -196,7 +196,7 @@ def test_compose_trial_runs_a_round(image, tmp_path):
     try:
         subprocess.run([*base, "up", "-d"], env=env, check=True, capture_output=True, timeout=120)
         wait_for_port(port)
-        overrides = 'federation.rounds=1 federation.min_nodes=3 out="/data/runs/trial"'
+        overrides = 'federation.rounds=1 federation.min_nodes=3 federation.pretrain_epochs=1 out="/data/runs/trial"'
         result = subprocess.run(
             [str(BIN / "flwr"), "run", str(ROOT), "trial", "--run-config", overrides, "--stream"],
             env={**env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},

@@ -8,10 +8,10 @@ import signal
 import socket
 import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
 
+from geomoe.analysis.processes import marked_processes
 from geomoe.wire.run_config import RunConfig
 
 SMALL_RUN = [
@@ -51,19 +51,9 @@ SESSION_MARK = ("GEOMOE_TEST_SESSION", uuid.uuid4().hex)  # inherited by every p
 
 
 def session_processes() -> list[int]:
-    """Processes (other than this one) whose environment carries this session's mark: what its tests started,
-    however deep (SuperLink -> SuperExec -> ServerApp) and even after their parent died."""
-    marker = f"{SESSION_MARK[0]}={SESSION_MARK[1]}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:  # gone, or not ours to read
-            continue
-    return found
+    """Processes whose environment carries this session's mark: what its tests started, however deep (SuperLink
+    -> SuperExec -> ServerApp) and even after their parent died."""
+    return marked_processes(*SESSION_MARK)
 
 
 @pytest.fixture(scope="session", autouse=True)

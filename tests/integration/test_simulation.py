@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 import torch
 
 from geomoe.analysis.hostile import HOSTILE_APPS
+from geomoe.analysis.processes import marked_processes
 from geomoe.runner.simulation import simulate
 
-from .conftest import SMALL_RUN, small_config, stop
+from .conftest import SMALL_RUN, free_port, small_config, stop
 
 pytestmark = pytest.mark.integration
 
@@ -92,3 +96,37 @@ def test_resume_after_a_kill_gives_the_same_model(tmp_path, model_cache):
     for key, value in a["model_state"].items():
         torch.testing.assert_close(b["model_state"][key], value, rtol=0, atol=1e-6, msg=key)
     assert json.loads((killed / "report.json").read_text())["rounds"][1]["round"] == 2
+
+
+def test_sim_runs_its_clients_on_a_ray_cluster_started_apart(tmp_path, model_cache):
+    """The documented cluster path: `ray start --head` on 127.0.0.1 (its own processes, its own ports), then
+    `geomoe sim --ray-address` against it; the virtual clients run in that cluster's workers."""
+    ray = str(Path(sys.executable).parent / "ray")
+    mark = uuid.uuid4().hex  # the head's processes carry it: this test stops them and no other Ray on the machine
+    env = {**os.environ, "RAY_HEAD_MARK": mark, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    port, client_port = free_port(), free_port()
+    head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+            f"--ray-client-server-port={client_port}", "--include-dashboard=false"]  # fmt: skip
+    started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    try:
+        result = subprocess.run(
+            [*sim_command(tmp_path / "cluster", model_cache), "--rounds", "1", "--ray-address", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((tmp_path / "cluster" / "report.json").read_text())
+        assert [row["replies"] for row in report["rounds"]] == [3]
+        # The clients ran in the head's workers, not in a Ray the run started itself: its log says it connected.
+        log = (tmp_path / "cluster" / "flower" / "flwr-run.log").read_text() + result.stderr
+        assert "Started a local Ray instance" not in log
+        workers = [
+            pid
+            for pid in marked_processes("RAY_HEAD_MARK", mark)
+            if "ray::" in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
+        assert workers, "the cluster's workers ran the clients"
+    finally:
+        for pid in marked_processes("RAY_HEAD_MARK", mark):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -117,3 +117,31 @@ def test_sigterm_unwinds_the_run_like_ctrl_c(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         simulation.simulate(cfg)
     assert cleaned == [True] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_server_takes_every_core_while_virtual_clients_get_one(monkeypatch):
+    """The runner pins one thread per process for the virtual clients; the ServerApp lifts its own to the count
+    the runner passes (pretraining and evaluation run while the clients wait)."""
+    import torch
+    from flwr.app import Context, RecordDict
+
+    from geomoe.server import server_app
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, grid, cfg, resume):
+            seen["threads"] = torch.get_num_threads()
+
+        def run(self):
+            raise SystemExit
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(server_app, "Federation", Recorder)
+    monkeypatch.setenv(server_app.SERVER_THREADS, "3")
+    try:
+        with pytest.raises(SystemExit):
+            server_app.main(None, Context(1, 0, {}, RecordDict(), {}))
+        assert seen["threads"] == 3
+    finally:
+        torch.set_num_threads(before)

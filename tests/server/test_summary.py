@@ -1,6 +1,9 @@
+import numpy as np
 from rich.console import Console
 
-from geomoe.server.federation import summary_table
+from geomoe.server.federation import evaluation_sample, summary_table
+from geomoe.sim.world import World
+from geomoe.wire.run_config import RunConfig
 
 
 def report(unknown: list[int]) -> dict:
@@ -29,3 +32,13 @@ def test_the_round_table_shows_images_of_unknown_species_only_when_there_are_som
     assert "unknown sp. imgs" in text and "unreadable imgs" not in text
     assert [line.split("│")[-2].strip() for line in text.splitlines() if line.startswith("│     1")] == ["7"]
     assert "unknown sp." not in rendered(summary_table(report([0, 0])))
+
+
+def test_the_server_scores_every_round_on_the_same_capped_sample_of_test_images():
+    world = World(RunConfig().world)
+    everything = np.concatenate([location.test for location in world.locations])
+    assert np.array_equal(evaluation_sample(world, 0, seed=0), everything)
+    sample = evaluation_sample(world, 50, seed=0)
+    assert len(sample) == 50 and set(sample) <= set(everything) and len(set(sample)) == 50
+    assert np.array_equal(sample, evaluation_sample(world, 50, seed=0))
+    assert np.array_equal(evaluation_sample(world, 10**6, seed=0), everything)
