@@ -219,8 +219,9 @@ def simulate(
         "COLUMNS": str(shutil.get_terminal_size((140, 24)).columns),
         "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "default" if verbose else "ignore"),
     }
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
+    # Without an address, a Ray of the run's own: Ray would otherwise join the cluster of the last `ray start` on
+    # this machine (its address stays in /tmp/ray after the cluster is gone) and refuse the run's CPU count.
+    env["RAY_ADDRESS"] = ray_address or "local"
     options = federation_options(len(world.locations), resources, ray_address, verbose)
     for attempt in range(1, RAY_ATTEMPTS + 1):
         try:

@@ -64,7 +64,7 @@ def stub_launcher(monkeypatch, failures: list[str]):
     calls = []
 
     def launch(flower, env, app, config_file, resume, options, verbose):
-        calls.append(options)
+        calls.append(env)
         if len(calls) <= len(failures):
             raise RuntimeError(failures[len(calls) - 1])
         (flower.parent / "report.json").write_text(json.dumps({"final_accuracy": 0.5}))
@@ -87,6 +87,14 @@ def test_ray_that_never_starts_fails_after_three_attempts(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="timed out during startup"):
         simulation.simulate(cfg)
     assert len(calls) == 3
+
+
+def test_a_local_run_starts_its_own_ray_even_after_a_ray_start_on_this_machine(tmp_path, monkeypatch):
+    """Ray joins the cluster of the last `ray start` (its address file outlives it) unless told "local"."""
+    calls = stub_launcher(monkeypatch, [])
+    simulation.simulate(build_run_config(None, {"out": str(tmp_path / "run")}, SMALL))
+    simulation.simulate(build_run_config(None, {"out": str(tmp_path / "cluster")}, SMALL), ray_address="10.0.0.5:6379")
+    assert [env["RAY_ADDRESS"] for env in calls] == ["local", "10.0.0.5:6379"]
 
 
 def test_other_failures_are_not_retried(tmp_path, monkeypatch):
