@@ -49,7 +49,7 @@ def role(pid: int) -> str:
         return "?"
     if words[0].startswith("ray::"):
         return words[0]
-    program = next((Path(w).name for w in words if "/" in w and not Path(w).name.startswith("python")), words[0])
+    program = next((w for w in words if "/" in w and not Path(w).name.startswith("python")), words[0])
     return Path(program).name
 
 

@@ -61,17 +61,18 @@ def _base(message: Message, context: Context, world: dict) -> dict[str, torch.Te
         context.state[msg.BASE] = message.content[msg.BASE]
     if msg.BASE in context.state:
         return msg.from_record(context.state[msg.BASE])
-    if not base_from_file(context, world):
+    base = file_base(context, world)
+    if base is None:
         raise RuntimeError("this node has no base model: the message carries none and it cannot read the server's")
-    return shared_base(world["base_file"], world["base_sha256"])
+    return base
 
 
-def base_from_file(context: Context, world: dict) -> bool:
-    """Whether the node reads the base from the server's file: a virtual node of a simulation without it in its
-    node state (a device is always sent it, so that a deployment's traffic is what its devices see)."""
+def file_base(context: Context, world: dict) -> dict[str, torch.Tensor] | None:
+    """The base a node reads from the server's file: only a virtual node of a simulation without it in its node
+    state (a device is always sent it, so that a deployment's traffic is what its devices see); else None."""
     if msg.BASE in context.state or "partition-id" not in context.node_config:
-        return False
-    return shared_base(world["base_file"], world["base_sha256"]) is not None
+        return None
+    return shared_base(world["base_file"], world["base_sha256"])
 
 
 def shared_base(path: Path, sha256: str) -> dict[str, torch.Tensor] | None:
@@ -150,11 +151,12 @@ def query(message: Message, context: Context) -> Message:
     world = _world(message, context)
     local, index = local_data(cfg, world, dict(context.node_config))
     reported, coarse = coarsened(world["cells"], cfg.federation.location_level)  # never its coordinates
+    from_file = file_base(context, world) is not None
     info = {
         "location": coarse[index],
         "cell": reported[coarse[index]],
-        "has-base": msg.BASE in context.state or base_from_file(context, world),
-        "base-from-file": base_from_file(context, world),
+        "has-base": msg.BASE in context.state or from_file,
+        "base-from-file": from_file,
         "species": json.dumps(local.species()),
         "train-examples": len(local.train),
         "source": local.source,

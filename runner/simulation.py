@@ -186,8 +186,9 @@ def simulate(
     ClientApp object to run on the virtual nodes (benchmarks run hostile ones)."""
     if importlib.util.find_spec("ray") is None:
         raise RuntimeError("local simulation needs Ray: pip install 'geomoe[simulation]' (device images leave it out)")
+    gpus_here = visible_gpus()
     resources = resources or ClientResources.default()
-    if resources.gpus > 0 and not ray_address and not visible_gpus():
+    if resources.gpus > 0 and not ray_address and not gpus_here:
         raise ValueError(f"--gpus-per-client {resources.gpus} but this machine has no CUDA device (Ray would wait "
                          "for one forever); use 0, or --ray-address for a cluster with GPUs")  # fmt: skip
     out = Path(cfg.out).resolve()
@@ -214,7 +215,7 @@ def simulate(
         # At num_gpus=0 Ray hides the GPUs from a client only with this on ("1"): clients asked to stay on the CPU
         # must not take the GPU the ServerApp trains on. Without a GPU there is nothing to hide, and "0" (Ray's
         # future default) silences its warning about the change.
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1" if resources.gpus == 0 and visible_gpus() else "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1" if resources.gpus == 0 and gpus_here else "0",
         # The ServerApp's tables are drawn as wide as this console (rich reads COLUMNS), not 80 columns.
         "COLUMNS": str(shutil.get_terminal_size((140, 24)).columns),
         "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "default" if verbose else "ignore"),

@@ -33,7 +33,7 @@ def test_a_virtual_node_reads_the_servers_base_file_once_per_process(base_file, 
     base, path, sha = base_file
     world = {"base_file": path, "base_sha256": sha}
     node = context({"partition-id": 0})
-    assert client_app.base_from_file(node, world)
+    assert client_app.file_base(node, world) is not None
     first = client_app._base(empty(), node, world)
     torch.testing.assert_close(first["backbone.w"], base["backbone.w"])
     other = context({"partition-id": 1})
@@ -44,9 +44,9 @@ def test_a_virtual_node_reads_the_servers_base_file_once_per_process(base_file, 
 
 def test_a_device_or_another_file_does_not_use_the_servers_base(base_file, task_identity):
     _, path, sha = base_file
-    assert not client_app.base_from_file(context({"lat": 1.0, "lon": 2.0}), {"base_file": path, "base_sha256": sha})
+    assert client_app.file_base(context({"lat": 1.0, "lon": 2.0}), {"base_file": path, "base_sha256": sha}) is None
     other = {"base_file": path, "base_sha256": "0" * 64}
-    assert not client_app.base_from_file(context({"partition-id": 0}), other)
+    assert client_app.file_base(context({"partition-id": 0}), other) is None
     missing = {"base_file": path.with_name("gone.pt"), "base_sha256": "1" * 64}
     with pytest.raises(RuntimeError, match="no base model"):
         client_app._base(empty(), context({"partition-id": 0}), missing)
