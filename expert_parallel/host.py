@@ -56,7 +56,7 @@ class ExpertHost:
         """(T, P, C) tokens -> (T, P, C) expert outputs with output correction, before the gate."""
         module, choice = self._local_choice(layer, expert_ids, tokens)
         with self.lock, torch.no_grad():
-            return module.expert_outputs(tokens[None], choice[None], ungated(choice))[0]  # [1, T, P, C] --> [T, P, C]
+            return token_outputs(module, tokens, choice)
 
     def backward(
         self,
@@ -74,7 +74,7 @@ class ExpertHost:
         with self.lock:
             tokens = tokens.clone().requires_grad_(True)
             with torch.enable_grad():
-                outputs = module.expert_outputs(tokens[None], choice[None], ungated(choice))[0]
+                outputs = token_outputs(module, tokens, choice)
                 grads = torch.autograd.grad(outputs, [tokens, *params], grad_outputs, allow_unused=True)
             kept = self.sessions.setdefault(session, {})
             self.sessions.move_to_end(session)
@@ -107,6 +107,9 @@ class ExpertHost:
         return len(kept)
 
 
-def ungated(choice: torch.Tensor) -> torch.Tensor:
-    """A gate of 1 for every token: peers return outputs before the gate, which the caller applies."""
-    return torch.ones((1, len(choice)))
+def token_outputs(module: MoEMlp, tokens: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """(T, P, C) tokens through their experts `choice` (T,), before the gate (peers return outputs ungated: the
+    caller applies it), in the layer's channel-first layout: the T tokens are one image of T patches."""
+    gate = torch.ones((1, len(choice)))
+    outputs = module.expert_outputs(tokens.permute(2, 1, 0)[None], choice[None], gate)  # [1, C, P, T]
+    return outputs[0].permute(2, 1, 0)  # [C, P, T] --> [T, P, C]

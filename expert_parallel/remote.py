@@ -177,8 +177,10 @@ class LayerDispatch:
     errors: list[str] = field(default_factory=list)
 
     def dispatch(self, module: MoEMlp, tokens: torch.Tensor, routing: Routing, out: torch.Tensor):
-        """Replace outputs of patches whose best expert a healthy peer runs; returns (out, served mask)."""
+        """Replace outputs of patches whose best expert a healthy peer runs; returns (out, served mask). Tokens and
+        outputs are (B, C, P, N), the layer's layout; peers speak (T, P, C), a token per patch."""
         wanted = module.absent_ids[routing.absent_choice]  # (B, N) global id of the best absent expert
+        tokens, out = tokens.permute(0, 3, 2, 1), out.permute(0, 3, 2, 1)  # [B, C, P, N] --> [B, N, P, C]
         served = torch.zeros_like(routing.wants_absent)
         pending = []
         for peer in {id(p): p for p in self.serving.values()}.values():
@@ -204,7 +206,7 @@ class LayerDispatch:
             out = out.index_put((mask,), outputs * routing.absent_gate[mask][:, None, None])
             served = served | mask
             self.sent_patches += int(mask.sum())
-        return out, served
+        return out.permute(0, 3, 2, 1), served
 
 
 def attach_peers(model: GeoMoENet, peers: list[PeerClient]) -> dict[int, LayerDispatch]:

@@ -129,33 +129,36 @@ class MoEMlp(nn.Module):
         )
 
     def folded_first_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All experts' first layer with their LayerNorm affine folded in: (C, E*H) and (E*H,)."""
+        """All experts' first layer with their LayerNorm affine folded in, as a 1x1 convolution: (E*H, C, 1, 1)
+        and (E*H,)."""
         weight = self.w1 * self.norm_weight[:, :, None]  # (E, C, H)
         bias = self.b1 + torch.einsum("ec,ech->eh", self.norm_bias, self.w1)  # (E, H)
-        return weight.permute(1, 0, 2).reshape(self.dim, -1), bias.reshape(-1)
+        return weight.permute(0, 2, 1).reshape(-1, self.dim)[:, :, None, None], bias.reshape(-1)
 
     def expert_outputs(self, tokens: torch.Tensor, choice: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """gate * ((1 - gamma) * MLP_e(x) + gamma * x_corr_e) for tokens (B, N, P, C), the routed expert `choice` and
-        its `gate` (B, N). The gate and 1 - gamma ride on the routing mask and the second bias and the correction on
-        one per-patch shift, so that past the two matmuls the (B, N, P, C) tensor is touched once (it dominates
-        the layer's memory traffic, forward and backward)."""
+        """gate * ((1 - gamma) * MLP_e(x) + gamma * x_corr_e) for tokens (B, C, P, N), the routed expert `choice` and
+        its `gate` (B, N). Both expert layers are 1x1 convolutions over every expert's hidden units, in the block's
+        own channel-first layout: a token-last layout costs two full-tensor transposes per layer, which on one
+        camera image took longer than the experts themselves. The gate and 1 - gamma ride on the routing mask, and
+        the second bias and the correction on one per-patch shift, so past the two convolutions the (B, C, P, N)
+        tensor is touched once."""
         weight1, bias1 = self.folded_first_layer()
-        hidden = F.silu(tokens @ weight1 + bias1)  # (B, N, P, E*H)
-        gamma = self.gamma[choice][:, :, None]  # (B, N, 1)
-        scale = gate[:, :, None] * (1 - gamma)
-        mask = (F.one_hot(choice, self.num_held).to(hidden.dtype) * scale).repeat_interleave(self.expert_hidden, -1)
-        shift = gate[:, :, None] * ((1 - gamma) * self.b2[choice] + gamma * self.x_corr[choice])  # (B, N, C)
-        return (hidden * mask[:, :, None, :]) @ self.w2.reshape(-1, self.dim) + shift[:, :, None, :]
+        hidden = F.silu(F.conv2d(tokens, weight1, bias1))  # (B, E*H, P, N)
+        routed = F.one_hot(choice, self.num_held).to(hidden.dtype) * gate[..., None]  # (B, N, E)
+        mask = (routed * (1 - self.gamma)).repeat_interleave(self.expert_hidden, -1)  # (B, N, E*H)
+        shift = routed @ ((1 - self.gamma)[:, None] * self.b2 + self.gamma[:, None] * self.x_corr)  # (B, N, C)
+        weight2 = self.w2.reshape(-1, self.dim).T[:, :, None, None]  # (C, E*H, 1, 1)
+        return F.conv2d(hidden * mask.transpose(1, 2)[:, :, None, :], weight2) + shift.transpose(1, 2)[:, :, None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, P, N = x.shape
-        tokens = self.normalize(x).permute(0, 3, 2, 1)  # [B, C, P, N] --> [B, N, P, C]
-        patch_embedding = tokens.mean(dim=2)  # (B, N, C)
+        tokens = self.normalize(x)  # (B, C, P, N)
+        patch_embedding = tokens.mean(dim=2).transpose(1, 2)  # [B, C, N] --> [B, N, C]
         if self.routing == "image":  # Mobile V-MoE: one decision per image from pooled features
             routing = self.route(patch_embedding.mean(dim=1, keepdim=True)).expand(B, N)
         else:
             routing = self.route(patch_embedding)  # one decision per patch: (B, N)
-        out = self.expert_outputs(tokens, routing.choice, routing.gate)  # (B, N, P, C)
+        out = self.expert_outputs(tokens, routing.choice, routing.gate)  # (B, C, P, N)
         served = torch.zeros_like(routing.wants_absent)
         if self.remote is not None and routing.wants_absent.any():  # expert-parallel: peers run absent experts
             out, served = self.remote.dispatch(self, tokens, routing, out)
@@ -164,7 +167,6 @@ class MoEMlp(nn.Module):
         if self.absent_ids.numel():
             held_choice = torch.where(served, self.absent_ids[routing.absent_choice], held_choice)
         self.last_choice = held_choice.detach()
-        out = out.permute(0, 3, 2, 1)  # [B, N, P, C] --> [B, C, P, N]
         if self.absent_policy == "remove":  # static per model, so exports trace it correctly
             out = torch.where(removed[:, None, None, :], -x, out)  # MLP_e(x) <- -x zeroes the patch
         return out

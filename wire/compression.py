@@ -1,16 +1,22 @@
 """Compression of the tensors inside Flower messages: fp16, int8 (per tensor or per row), top-k
 sparsification, and lossless zstd on top, composable as a pipeline such as "topk0.1+int8+zstd".
 
-A tensor becomes named parts (plain arrays the ArrayRecord carries, so Flower's own serialisation
-measures the compressed bytes) plus a small JSON description. Integer tensors (expert and class
-ids) always travel exactly. Lossy uploads use error feedback: what compression lost this round is
-added to the next round's update (Seide et al. 2014; Karimireddy et al. 2019).
+The tensors of a record are packed, a group at a time (experts, router, head, shared), into one byte
+array each: exact tensors (ids, anything not floating point), then the top-k positions as a bitmap,
+then the int8 scales, then the kept values, and zstd over the whole. One array per group rather than
+a few per tensor: Flower frames every array (and its content hash) separately, and at 43 tensors a
+reply that framing outweighed the compressed values. Every section's size follows from the tensors'
+shapes and the pipeline alone, so the description is only names, shapes and dtypes, and a receiver
+knows how many bytes to expect before it decompresses anything. Lossy uploads use error feedback:
+what compression lost this round is added to the next round's update (Seide et al. 2014;
+Karimireddy et al. 2019).
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +24,10 @@ import torch
 import zstandard
 
 QUANTIZERS = ("fp16", "int8", "int8c")  # int8c: one scale per row (per expert / per channel)
+VALUE_DTYPES = {None: np.dtype(np.float32), "fp16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
+VALUE_DTYPES["int8c"] = VALUE_DTYPES["int8"]
+SCALE_DTYPE = np.dtype(np.float32)
+ZSTD_LEVEL = 10
 
 
 @dataclass(frozen=True)
@@ -56,114 +66,149 @@ class Pipeline:
         return not self.lossy and not self.zstd
 
 
-def _quantize(values: np.ndarray, quantizer: str | None, rows: int) -> dict[str, np.ndarray]:
-    if quantizer is None:
-        return {"v": values.astype(np.float32)}
-    if quantizer == "fp16":
-        return {"v": values.astype(np.float16)}
-    grouped = values.reshape(rows, -1) if quantizer == "int8c" else values.reshape(1, -1)
+@dataclass(frozen=True)
+class Layout:
+    """How one described tensor travels under a pipeline: every count derives from its shape and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    lossy: bool  # False: its bytes travel exactly
+    kept: int  # values sent (top-k keeps this many, else all)
+    scales: int  # int8 scales sent (one per tensor, or per row under int8c without top-k)
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], dtype: np.dtype, pipeline: Pipeline) -> Layout:
+        numel = int(np.prod(shape))
+        lossy = pipeline.lossy and dtype.kind == "f" and numel > 0
+        if not lossy:
+            return cls(shape, dtype, False, 0, 0)
+        kept = min(numel, max(1, round(pipeline.topk * numel))) if pipeline.topk is not None else numel
+        per_row = pipeline.quantizer == "int8c" and pipeline.topk is None and len(shape) >= 1
+        scales = (shape[0] if per_row else 1) if pipeline.quantizer in ("int8", "int8c") else 0
+        return cls(shape, dtype, True, kept, scales)
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def _quantize(values: np.ndarray, quantizer: str | None, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Values as sent, and their scales (none unless int8)."""
+    if quantizer not in ("int8", "int8c"):
+        return values.astype(VALUE_DTYPES[quantizer]), np.zeros(0, SCALE_DTYPE)
+    grouped = values.reshape(groups, -1)
     scale = np.abs(grouped).max(axis=1, keepdims=True) / 127.0
     scale[scale == 0] = 1.0
     q = np.clip(np.round(grouped / scale), -127, 127).astype(np.int8)
-    return {"q": q.reshape(-1), "s": scale.reshape(-1).astype(np.float32)}
+    return q.reshape(-1), scale.reshape(-1).astype(SCALE_DTYPE)
 
 
-def _dequantize(parts: dict[str, np.ndarray], quantizer: str | None, rows: int) -> np.ndarray:
-    if quantizer in (None, "fp16"):
-        return parts["v"].astype(np.float32)
-    groups = rows if quantizer == "int8c" else 1
-    return (parts["q"].astype(np.float32).reshape(groups, -1) * parts["s"].reshape(groups, 1)).reshape(-1)
-
-
-def encode(tensor: torch.Tensor, pipeline: Pipeline) -> tuple[dict[str, np.ndarray], dict]:
-    """Parts and description of one tensor."""
-    array = tensor.detach().cpu().numpy()
-    meta: dict = {"shape": list(array.shape), "dtype": str(array.dtype)}
-    if not np.issubdtype(array.dtype, np.floating) or not pipeline.lossy:
-        parts = {"raw": np.ascontiguousarray(array)}
-    else:
-        flat = array.reshape(-1).astype(np.float32)
-        rows = array.shape[0] if array.ndim >= 1 and pipeline.quantizer == "int8c" else 1
-        if pipeline.topk is not None:
-            k = max(1, int(round(pipeline.topk * flat.size)))
-            index = np.sort(np.argpartition(np.abs(flat), -k)[-k:]).astype(np.int32)
-            parts = {"i": index, **_quantize(flat[index], pipeline.quantizer, 1)}
-            meta["rows"] = 1
-        else:
-            parts = _quantize(flat, pipeline.quantizer, rows)
-            meta["rows"] = rows
-        meta["lossy"] = True
-    if pipeline.zstd:
-        meta["parts"] = {name: [str(p.dtype), list(p.shape)] for name, p in parts.items()}
-        compressor = zstandard.ZstdCompressor(level=10)
-        parts = {name: np.frombuffer(compressor.compress(p.tobytes()), dtype=np.uint8) for name, p in parts.items()}
-    return parts, meta
-
-
-def decode(parts: dict[str, np.ndarray], meta: dict, pipeline: Pipeline) -> torch.Tensor:
-    """The tensor back from its parts (exact unless the pipeline is lossy). Every size is checked against the
-    tensor's described shape before anything is allocated, so a description from an untrusted sender cannot make
-    it allocate more than the tensor (a zstd frame is read up to its expected size, no further)."""
-    shape = tuple(int(n) for n in meta["shape"])
-    numel = int(np.prod(shape))
-    if pipeline.zstd:
-        described = meta["parts"]
-        if set(described) != set(parts):
-            raise ValueError(f"compressed parts {sorted(parts)} do not match their description {sorted(described)}")
-        parts = {name: _unzstd(p, np.dtype(described[name][0]), described[name][1], numel) for name, p in parts.items()}
-    if "raw" in parts:
-        raw = parts["raw"]
-        if raw.size != numel:
-            raise ValueError(f"raw part of {raw.size} values for a tensor of shape {shape}")
-        return torch.from_numpy(np.array(raw, copy=True).reshape(shape))
-    _check_sizes(parts, numel, pipeline.quantizer, int(meta.get("rows", 1)))
-    if "i" in parts:
-        index = parts["i"].astype(np.int64)
-        if index.size and (index.min() < 0 or index.max() >= numel):
-            raise ValueError(f"top-k index outside 0..{numel - 1}")
-        flat = np.zeros(numel, dtype=np.float32)
-        flat[index] = _dequantize(parts, pipeline.quantizer, 1)
-    else:
-        flat = _dequantize(parts, pipeline.quantizer, meta["rows"])
-    return torch.from_numpy(flat.reshape(shape).astype(meta["dtype"]))
-
-
-def _unzstd(frame: np.ndarray, dtype: np.dtype, shape: list[int], numel: int) -> np.ndarray:
-    """A zstd part, decompressed to at most the bytes its (bounded) description says."""
-    count = int(np.prod(shape)) if shape else 1
-    if count > numel + 1:  # a part never holds more values than its tensor (+1: the scale of a scalar)
-        raise ValueError(f"compressed part of {count} values for a tensor of {numel}")
-    expected = count * dtype.itemsize
-    try:
-        data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frame.tobytes())).read(expected + 1)
-    except zstandard.ZstdError as error:
-        raise ValueError(f"bad zstd part: {error}") from None
-    if len(data) != expected:
-        raise ValueError(f"zstd part decompresses to {len(data)}+ bytes, expected {expected}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
-
-
-def _check_sizes(parts: dict[str, np.ndarray], numel: int, quantizer: str | None, rows: int) -> None:
-    """Parts whose sizes fit the tensor: values (and indices) no more than its elements, one scale per group."""
-    values = parts.get("v", parts.get("q"))
-    if values is None:
-        raise ValueError(f"compressed tensor without values (parts {sorted(parts)})")
-    count = parts["i"].size if "i" in parts else numel
-    if values.size != count or count > numel:
-        raise ValueError(f"{values.size} values for {count} positions of a tensor of {numel}")
-    if quantizer in ("int8", "int8c"):
-        groups = 1 if quantizer == "int8" or "i" in parts else rows
-        if "s" not in parts or parts["s"].size != groups or (count and count % groups):
-            raise ValueError(f"int8 scales do not match {groups} row(s)")
-
-
-def encode_all(tensors: dict[str, torch.Tensor], pipeline: Pipeline) -> tuple[dict[str, np.ndarray], str]:
-    """Arrays keyed `{name}/{part}` and a JSON description of all tensors."""
-    arrays, metas = {}, {}
+def _encode_group(tensors: dict[str, torch.Tensor], pipeline: Pipeline) -> tuple[np.ndarray, dict[str, list]]:
+    """One byte array holding `tensors`, and their description (name -> [shape, dtype])."""
+    exact, masks, scales, values, described = [], [], [], [], {}
     for name, tensor in tensors.items():
-        parts, metas[name] = encode(tensor, pipeline)
-        arrays.update({f"{name}/{part}": array for part, array in parts.items()})
-    return arrays, json.dumps(metas)
+        array = tensor.detach().cpu().numpy()
+        described[name] = [list(array.shape), str(array.dtype)]
+        layout = Layout.of(array.shape, array.dtype, pipeline)
+        if not layout.lossy:
+            exact.append(np.ascontiguousarray(array).tobytes())
+            continue
+        flat = array.reshape(-1).astype(np.float32)
+        if pipeline.topk is not None:
+            mask = np.zeros(flat.size, dtype=bool)
+            mask[np.argpartition(np.abs(flat), -layout.kept)[-layout.kept :]] = True
+            masks.append(mask)
+            flat = flat[mask]  # kept values in position order
+        sent, scale = _quantize(flat, pipeline.quantizer, max(layout.scales, 1))
+        values.append(sent.tobytes())
+        scales.append(scale.tobytes())
+    bitmap = np.packbits(np.concatenate(masks)).tobytes() if masks else b""
+    packed = b"".join(exact) + bitmap + b"".join(scales) + b"".join(values)
+    if pipeline.zstd:
+        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(packed)
+    return np.frombuffer(packed, dtype=np.uint8), described
+
+
+def _decode_group(packed: np.ndarray, described: dict[str, list], pipeline: Pipeline) -> dict[str, torch.Tensor]:
+    """The tensors of one packed array. Its expected size follows from the description, and a zstd frame is
+    read up to that size and no further, so a frame cannot make the receiver allocate more than described."""
+    layouts = {name: _layout(name, meta, pipeline) for name, meta in described.items()}
+    exact_bytes = sum(x.numel * x.dtype.itemsize for x in layouts.values() if not x.lossy)
+    mask_bits = sum(x.numel for x in layouts.values() if x.lossy) if pipeline.topk is not None else 0
+    scale_count = sum(x.scales for x in layouts.values())
+    value_dtype = VALUE_DTYPES[pipeline.quantizer]
+    value_count = sum(x.kept for x in layouts.values())
+    mask_bytes = -(-mask_bits // 8)
+    expected = exact_bytes + mask_bytes + scale_count * SCALE_DTYPE.itemsize + value_count * value_dtype.itemsize
+    data = _unzstd(packed, expected) if pipeline.zstd else packed.tobytes()
+    if len(data) != expected:
+        raise ValueError(f"packed tensors of {len(data)} bytes, their description says {expected}")
+    bits = np.unpackbits(np.frombuffer(data, np.uint8, mask_bytes, exact_bytes))
+    if bits[mask_bits:].any():
+        raise ValueError("top-k bitmap sets bits past its last tensor")
+    scales = np.frombuffer(data, SCALE_DTYPE, scale_count, exact_bytes + mask_bytes)
+    values = np.frombuffer(data, value_dtype, value_count, exact_bytes + mask_bytes + scales.nbytes)
+    out, at = {}, {"exact": 0, "bit": 0, "scale": 0, "value": 0}
+    for name, x in layouts.items():
+        if not x.lossy:
+            raw = np.frombuffer(data, x.dtype, x.numel, at["exact"])
+            out[name] = torch.from_numpy(raw.reshape(x.shape).copy())
+            at["exact"] += x.numel * x.dtype.itemsize
+            continue
+        sent = values[at["value"] : at["value"] + x.kept].astype(np.float32)
+        at["value"] += x.kept
+        if x.scales:
+            groups = scales[at["scale"] : at["scale"] + x.scales].reshape(x.scales, 1)
+            sent = (sent.reshape(x.scales, -1) * groups).reshape(-1)
+            at["scale"] += x.scales
+        if pipeline.topk is not None:
+            mask = bits[at["bit"] : at["bit"] + x.numel].astype(bool)
+            at["bit"] += x.numel
+            if int(mask.sum()) != x.kept:
+                raise ValueError(f"{name}: top-k bitmap keeps {int(mask.sum())} values, the pipeline keeps {x.kept}")
+            flat = np.zeros(x.numel, dtype=np.float32)
+            flat[mask] = sent
+            sent = flat
+        out[name] = torch.from_numpy(sent.reshape(x.shape).astype(x.dtype))
+    return out
+
+
+def _layout(name: str, meta: object, pipeline: Pipeline) -> Layout:
+    """The layout of a described tensor, refusing descriptions that are not [shape, numeric dtype]."""
+    try:
+        shape, dtype = meta
+        shape, dtype = tuple(int(n) for n in shape), np.dtype(str(dtype))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: description {meta!r} is not [shape, dtype]") from None
+    if dtype.kind not in "biuf" or any(n < 0 for n in shape):
+        raise ValueError(f"{name}: cannot carry shape {list(shape)} of dtype {dtype}")
+    return Layout.of(shape, dtype, pipeline)
+
+
+def _unzstd(frame: np.ndarray, expected: int) -> bytes:
+    """A zstd frame, decompressed to at most `expected` + 1 bytes (one more shows it was longer)."""
+    try:
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frame.tobytes())).read(expected + 1)
+    except zstandard.ZstdError as error:
+        raise ValueError(f"bad zstd frame: {error}") from None
+
+
+def _one_group(name: str) -> str:
+    return "tensors"
+
+
+def encode_all(
+    tensors: dict[str, torch.Tensor], pipeline: Pipeline, group_of: Callable[[str], str] = _one_group
+) -> tuple[dict[str, np.ndarray], str]:
+    """One byte array per group of tensors (`group_of` names a tensor's group: the byte accounting's
+    categories), and a JSON description: group -> tensor name -> [shape, dtype]."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        groups.setdefault(group_of(name), {})[name] = tensor
+    arrays, described = {}, {}
+    for group, members in groups.items():
+        arrays[group], described[group] = _encode_group(members, pipeline)
+    return arrays, json.dumps(described, separators=(",", ":"))
 
 
 def decode_all(
@@ -172,32 +217,30 @@ def decode_all(
     pipeline: Pipeline,
     expected: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tensors from their parts. With `expected` (name -> shape, dtype: what the receiver sent), the description
-    must name exactly those tensors with those shapes and dtypes, checked before decoding any of them."""
-    metas = json.loads(description)
+    """Tensors from their packed groups. With `expected` (name -> shape, dtype: what the receiver sent), the
+    description must name exactly those tensors with those shapes and dtypes, checked before decoding any."""
+    described = json.loads(description)
+    if not isinstance(described, dict) or not all(isinstance(v, dict) for v in described.values()):
+        raise ValueError("the description of compressed tensors is not group -> name -> [shape, dtype]")
+    if set(described) != set(arrays):
+        raise ValueError(f"packed groups {sorted(arrays)} do not match their description {sorted(described)}")
     if expected is not None:
-        _check_description(metas, expected)
-    grouped: dict[str, dict[str, np.ndarray]] = {name: {} for name in metas}
-    for key, array in arrays.items():
-        name, _, part = key.rpartition("/")
-        if name not in grouped:
-            raise ValueError(f"compressed part {key!r} belongs to no described tensor")
-        grouped[name][part] = array
-    return {name: decode(grouped[name], metas[name], pipeline) for name in metas}
+        _check_description({n: m for group in described.values() for n, m in group.items()}, expected)
+    out: dict[str, torch.Tensor] = {}
+    for group, members in described.items():
+        out.update(_decode_group(arrays[group], members, pipeline))
+    return out
 
 
-def _check_description(metas: object, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-    if not isinstance(metas, dict) or set(metas) != set(expected):
-        names = sorted(metas) if isinstance(metas, dict) else type(metas).__name__
-        raise ValueError(f"compressed tensors {names} are not the ones sent {sorted(expected)}")
+def _check_description(metas: dict[str, object], expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    if set(metas) != set(expected):
+        raise ValueError(f"compressed tensors {sorted(metas)} are not the ones sent {sorted(expected)}")
     for name, (shape, dtype) in expected.items():
         meta = metas[name]
-        if not isinstance(meta, dict) or meta.get("shape") != list(shape):
-            raise ValueError(
-                f"{name}: described shape {meta.get('shape') if isinstance(meta, dict) else meta}, sent {list(shape)}"
-            )
-        if meta.get("dtype") != str(dtype).removeprefix("torch."):
-            raise ValueError(f"{name}: described dtype {meta.get('dtype')}, sent {dtype}")
+        if not isinstance(meta, list) or len(meta) != 2 or meta[0] != list(shape):
+            raise ValueError(f"{name}: described shape {meta}, sent {list(shape)}")
+        if meta[1] != str(dtype).removeprefix("torch."):
+            raise ValueError(f"{name}: described dtype {meta[1]}, sent {dtype}")
 
 
 class ErrorFeedback:
@@ -206,12 +249,14 @@ class ErrorFeedback:
     def __init__(self, residuals: dict[str, torch.Tensor] | None = None) -> None:
         self.residuals = residuals or {}
 
-    def compress(self, tensors: dict[str, torch.Tensor], pipeline: Pipeline) -> tuple[dict[str, np.ndarray], str]:
+    def compress(
+        self, tensors: dict[str, torch.Tensor], pipeline: Pipeline, group_of: Callable[[str], str] = _one_group
+    ) -> tuple[dict[str, np.ndarray], str]:
         corrected = {
             k: v + self.residuals[k] if k in self.residuals and self.residuals[k].shape == v.shape else v
             for k, v in tensors.items()
         }
-        arrays, description = encode_all(corrected, pipeline)
+        arrays, description = encode_all(corrected, pipeline, group_of)
         if pipeline.lossy:
             decoded = decode_all(arrays, description, pipeline)
             self.residuals = {k: corrected[k] - decoded[k] for k in corrected if corrected[k].is_floating_point()}

@@ -75,13 +75,15 @@ CATEGORIES = ("experts", "router", "head", "shared", "base", "control")
 
 
 def key_category(key: str) -> str:
-    """What a tensor name is, for accounting: experts, router, head or shared."""
-    name = key.split("/", 1)[0]
-    if name.endswith("centroids"):
+    """What a tensor name (or a compressed record's packed group, named by category) is, for accounting:
+    experts, router, head or shared."""
+    if key in CATEGORIES:
+        return key
+    if key.endswith("centroids"):
         return "router"
-    if name.startswith("moe."):
+    if key.startswith("moe."):
         return "experts"
-    if name.startswith("head."):
+    if key.startswith("head."):
         return "head"
     return "shared"
 
@@ -112,7 +114,7 @@ def pack(
     if parsed.identity:
         content[name] = to_record(tensors)
         return
-    arrays, description = (feedback or ErrorFeedback()).compress(tensors, parsed)
+    arrays, description = (feedback or ErrorFeedback()).compress(tensors, parsed, key_category)
     content[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
     content[name + CODEC] = ConfigRecord({"pipeline": pipeline, "tensors": description})
 

@@ -48,7 +48,7 @@ def compressed(pipeline: str, tamper=None):
 
     def change(content: RecordDict) -> None:
         update = msg.from_record(content[msg.UPDATE])
-        arrays, description = ErrorFeedback().compress(update, Pipeline.parse(pipeline))
+        arrays, description = ErrorFeedback().compress(update, Pipeline.parse(pipeline), msg.key_category)
         metas = json.loads(description)
         if tamper:
             tamper(arrays, metas)
@@ -59,21 +59,20 @@ def compressed(pipeline: str, tamper=None):
 
 
 def topk_shape(arrays, metas):
-    metas["moe.1.w1"]["shape"] = [100_000, 1_000_000]  # 1e11 values: must be refused before allocating
+    metas["experts"]["moe.1.w1"][0] = [100_000, 1_000_000]  # 1e11 values: must be refused before allocating
 
 
-def topk_index(arrays, metas):
-    arrays["moe.1.w1/i"] = arrays["moe.1.w1/i"].copy()
-    arrays["moe.1.w1/i"][0] = 10**9
+def topk_bitmap(arrays, metas):
+    arrays["experts"] = np.full_like(arrays["experts"], 255)  # every position kept: more than top-k keeps
 
 
 def zstd_bomb(arrays, metas):
     bomb = zstandard.ZstdCompressor().compress(bytes(50_000_000))  # 50 MB of zeros in a few kB
-    arrays["moe.1.w1/raw"] = np.frombuffer(bomb, dtype=np.uint8)
+    arrays["experts"] = np.frombuffer(bomb, dtype=np.uint8)
 
 
 def zstd_garbage(arrays, metas):
-    arrays["moe.1.w1/raw"] = np.frombuffer(b"not a zstd frame at all", dtype=np.uint8)
+    arrays["experts"] = np.frombuffer(b"not a zstd frame at all", dtype=np.uint8)
 
 
 TRAIN_CASES = [
@@ -91,8 +90,8 @@ TRAIN_CASES = [
     ("compressed when the run is not", "none", compressed("int8+zstd"), "this run uploads uncompressed"),
     ("another codec than the run's", "int8+zstd", compressed("fp16"), "codec 'fp16'"),
     ("top-k shape of 1e11", "topk0.5", compressed("topk0.5", topk_shape), "described shape"),
-    ("top-k index out of range", "topk0.5", compressed("topk0.5", topk_index), "top-k index outside"),
-    ("zstd bomb", "zstd", compressed("zstd", zstd_bomb), "decompresses to"),
+    ("top-k bitmap keeping too much", "topk0.5", compressed("topk0.5", topk_bitmap), "top-k bitmap"),
+    ("zstd bomb", "zstd", compressed("zstd", zstd_bomb), "their description says"),
     ("bad zstd frame", "zstd", compressed("zstd", zstd_garbage), "does not decode"),
 ]
 

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,37 @@ def test_error_feedback_ignores_residuals_of_another_shape():
     feedback = ErrorFeedback({"w": torch.ones(3)})
     arrays, description = feedback.compress({"w": torch.zeros(2)}, Pipeline.parse("int8"))
     assert np.allclose(decode_all(arrays, description, Pipeline.parse("int8"))["w"].numpy(), 0)
+
+
+def test_each_group_travels_as_one_array_whose_size_its_description_fixes(tensors):
+    pipeline = Pipeline.parse("topk0.25+int8")
+    group_of = {"moe.1.w1": "experts", "moe.1.ids": "experts", "head.fc.bias": "head"}.get
+    arrays, description = encode_all({**tensors, "head.fc.bias": torch.ones(5)}, pipeline, group_of)
+    assert sorted(arrays) == ["experts", "head"]
+    kept = round(0.25 * 16 * 64 * 2)
+    assert arrays["experts"].nbytes == 16 * 8 + 16 * 64 * 2 // 8 + 4 + kept  # ids, bitmap, one scale, int8 values
+    for wrong in (arrays["experts"][:-1], np.concatenate([arrays["experts"], [0]]).astype(np.uint8)):
+        with pytest.raises(ValueError, match="their description says"):
+            decode_all({**arrays, "experts": wrong}, description, pipeline)
+
+
+def test_a_bitmap_bit_past_the_last_tensor_is_refused():
+    pipeline = Pipeline.parse("topk0.5")
+    arrays, description = encode_all({"w": torch.arange(4.0)}, pipeline)  # 4 bits of one byte
+    tampered = arrays["tensors"].copy()
+    tampered[0] |= 0b1  # bit 8 of the byte: no tensor position
+    with pytest.raises(ValueError, match="past its last tensor"):
+        decode_all({"tensors": tampered}, description, pipeline)
+
+
+@pytest.mark.parametrize("meta", [[[2], "object"], [[-1], "float32"], "w", [[2]]])
+def test_descriptions_that_are_not_a_shape_and_numeric_dtype_are_refused(meta):
+    arrays, _ = encode_all({"w": torch.zeros(2)}, Pipeline.parse("int8"))
+    with pytest.raises(ValueError, match="w:"):
+        decode_all(arrays, json.dumps({"tensors": {"w": meta}}), Pipeline.parse("int8"))
+
+
+@pytest.mark.parametrize("text", ["topk0.1+int8c+zstd", "int8c", "fp16+zstd"])
+def test_empty_and_scalar_tensors_round_trip(text):
+    back, _ = round_trip({"empty": torch.zeros(0, 3), "scalar": torch.tensor(2.0)}, text)
+    assert back["empty"].shape == (0, 3) and back["scalar"].item() == pytest.approx(2.0, rel=1e-2)
