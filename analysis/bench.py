@@ -33,9 +33,9 @@ def _step_time(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
     return time.perf_counter() - start
 
 
-def pair_ratios(dense_s: list[float], moe_s: list[float]) -> dict[str, float]:
-    """MoE over dense per interleaved pair: the median and the spread (10th and 90th percentiles, min, max)."""
-    ratios = np.array(moe_s) / np.array(dense_s)
+def pair_ratios(baseline_s: list[float], other_s: list[float]) -> dict[str, float]:
+    """Other over baseline per interleaved pair: the median and the spread (10th and 90th percentiles, min, max)."""
+    ratios = np.array(other_s) / np.array(baseline_s)
     return {
         "median": float(np.median(ratios)),
         "p10": float(np.percentile(ratios, 10)),

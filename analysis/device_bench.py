@@ -1,6 +1,10 @@
 """`geomoe bench device`: what a camera runs, measured in one run: the dense model, the global MoE and a cell's
 pruned MoE (the papers' 5089-class bottleneck head by default), each exported to TorchScript and to ONNX and
-timed on single images (a camera classifies one at a time) with both runtimes, interleaved."""
+timed on single images (a camera classifies one at a time) with both runtimes, interleaved.
+
+Two expert layouts are pruned: the papers' experts at transformer layers 1, 3, 5, 7 ("pruned"), and experts in
+place of every transformer MLP ("pruned-all", the layout of Mensah et al.'s Table 3 MoE-MLP2), because the first
+leaves five dense MLPs whole and cannot go below 0.92x the dense model's FLOPs however few experts a cell keeps."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geomoe.analysis.bench import pair_ratios
 from geomoe.client.export import export_onnx, export_torchscript
 from geomoe.client.inference import RUNTIMES, load_exported
 from geomoe.model.config import ModelConfig
@@ -17,16 +22,27 @@ from geomoe.model.counting import parameter_count
 from geomoe.model.experts import prune_model
 from geomoe.model.network import GeoMoENet, prune_head
 
+EVERY_LAYER = tuple(range(9))  # MobileViTV2's nine transformer layers
+WARM_UP_CALLS = 5
+CALLS_PER_ROUND = 5  # one image at a time, timed together: a single call's time swings 3x on a shared machine
+
 
 def device_models(num_classes: int, num_experts: int, keep_per_layer: int, species: int) -> dict[str, GeoMoENet]:
-    """Dense MobileViTV2, its MoE (experts at 1, 3, 5, 7), and a cell's pruned MoE: `keep_per_layer` experts per
-    layer and a head of `species` classes (+ "other")."""
+    """Dense MobileViTV2, its MoE (experts at 1, 3, 5, 7), and a cell's pruned MoE in both layouts:
+    `keep_per_layer` experts per layer and a head of `species` classes (+ "other")."""
+
+    def moe(layers: tuple[int, ...]) -> GeoMoENet:
+        return GeoMoENet(ModelConfig(num_classes, num_experts=num_experts, head="bottleneck", moe_layers=layers))
+
+    def pruned(model: GeoMoENet) -> GeoMoENet:
+        keep = {layer: list(range(keep_per_layer)) for layer in model.cfg.moe_layers}
+        return prune_head(prune_model(model, keep), list(range(species)))
+
     torch.manual_seed(0)
-    dense = GeoMoENet(ModelConfig(num_classes=num_classes, moe_layers=(), head="bottleneck")).eval()
-    moe = GeoMoENet(ModelConfig(num_classes=num_classes, num_experts=num_experts, head="bottleneck")).eval()
-    keep = {layer: list(range(keep_per_layer)) for layer in moe.cfg.moe_layers}
-    pruned = prune_head(prune_model(moe, keep), list(range(species))).eval()
-    return {"dense": dense, "moe": moe, "pruned": pruned}
+    dense = GeoMoENet(ModelConfig(num_classes=num_classes, moe_layers=(), head="bottleneck"))
+    papers = moe(ModelConfig.moe_layers)
+    models = {"dense": dense, "moe": papers, "pruned": pruned(papers), "pruned-all": pruned(moe(EVERY_LAYER))}
+    return {name: model.eval() for name, model in models.items()}
 
 
 def bench_device(
@@ -38,7 +54,9 @@ def bench_device(
     keep_per_layer: int = 8,
     species: int = 100,
 ) -> dict:
-    """Parameters and median single-image latency (ms) of each model under each runtime; ratios in one run."""
+    """Parameters and median single-image latency (ms) of each model under each runtime. Ratios are taken per
+    round (every model and runtime once, in an order reversed every other round), then the median and spread
+    over rounds: on a shared machine the load moves between rounds more than within one."""
     models = device_models(num_classes, num_experts, keep_per_layer, species)
     loaded = {}
     for name, model in models.items():
@@ -46,17 +64,21 @@ def bench_device(
         loaded[(name, "onnx")] = load_exported(export_onnx(model, folder / f"{name}.onnx", image_size))
     image = np.random.default_rng(0).random((1, 3, image_size, image_size), dtype=np.float32)
     times: dict[tuple[str, str], list[float]] = {key: [] for key in loaded}
-    for key in loaded:  # warm-up
-        loaded[key].predict(image)
-    for _ in range(repeats):  # interleaved: a load change on the machine hits every model and runtime alike
-        for key, exported in loaded.items():
+    for key in loaded:  # warm-up: TorchScript's profiling executor optimises a graph after its first calls
+        for _ in range(WARM_UP_CALLS):
+            loaded[key].predict(image)
+    order = list(loaded)
+    for round_ in range(repeats):
+        for key in order if round_ % 2 == 0 else order[::-1]:
             start = time.perf_counter()
-            exported.predict(image)
-            times[key].append(time.perf_counter() - start)
+            for _ in range(CALLS_PER_ROUND):
+                loaded[key].predict(image)
+            times[key].append((time.perf_counter() - start) / CALLS_PER_ROUND)
     ms = {key: float(np.median(t)) * 1e3 for key, t in times.items()}
     result: dict = {
         "image_size": image_size,
-        "repeats": repeats,
+        "rounds": repeats,
+        "calls_per_round": CALLS_PER_ROUND,
         "threads": torch.get_num_threads(),
         "num_classes": num_classes,
         "num_experts": num_experts,
@@ -68,9 +90,14 @@ def bench_device(
         },
     }
     dense = result["models"]["dense"]
-    result["pruned_over_dense"] = {
-        "parameters": result["models"]["pruned"]["parameters"] / dense["parameters"],
-        **{f"{rt}_latency": ms[("pruned", rt)] / ms[("dense", rt)] for rt in RUNTIMES},
+    result["over_dense"] = {
+        name: {
+            "parameters": result["models"][name]["parameters"] / dense["parameters"],
+            **{f"{rt}_latency": pair_ratios(times[("dense", rt)], times[(name, rt)]) for rt in RUNTIMES},
+        }
+        for name in ("pruned", "pruned-all")
     }
-    result["onnx_over_torchscript"] = {name: ms[(name, "onnx")] / ms[(name, "torchscript")] for name in models}
+    result["onnx_over_torchscript"] = {
+        name: pair_ratios(times[(name, "torchscript")], times[(name, "onnx")]) for name in models
+    }
     return result

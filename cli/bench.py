@@ -42,16 +42,21 @@ def model(
         ratio = r["ratio"]
         console.print(
             f"{name}: dense {r['dense_s'] * 1e3:.1f} ms, moe {r['moe_s'] * 1e3:.1f} ms (medians); MoE/dense "
-            f"median {ratio['median']:.3f} over {pairs} pairs (p10 {ratio['p10']:.3f}, p90 {ratio['p90']:.3f})"
+            f"{_spread(ratio)} over {pairs} pairs"
         )
     console.print(f"wrote {out}")
+
+
+def _spread(ratio: dict[str, float]) -> str:
+    """A ratio's median and its 10th-90th percentile range."""
+    return f"median {ratio['median']:.3f} (p10 {ratio['p10']:.3f}, p90 {ratio['p90']:.3f})"
 
 
 @app.command("device")
 def device(
     out: Path = typer.Option(Path("bench_device.json"), help="JSON file to write."),
     image_size: int = typer.Option(224, help="Image side."),
-    repeats: int = typer.Option(30, help="Timed single-image passes per model and runtime (interleaved)."),
+    repeats: int = typer.Option(30, help="Rounds: each times every model and runtime on 5 single images in turn."),
     classes: int = typer.Option(5089, help="Classes of the bottleneck head (the papers' iNat: 5089)."),
     experts: int = typer.Option(64, help="Experts per MoE layer."),
     keep: int = typer.Option(8, help="Experts per layer the cell's pruned model keeps."),
@@ -70,11 +75,12 @@ def device(
     for name, row in result["models"].items():
         table.add_row(name, f"{row['parameters']:,}", f"{row['torchscript_ms']:.1f}", f"{row['onnx_ms']:.1f}")
     console.print(table)
-    ratio = result["pruned_over_dense"]
-    console.print(
-        f"pruned/dense: parameters {ratio['parameters']:.2f}, latency {ratio['torchscript_latency']:.2f} "
-        f"(TorchScript), {ratio['onnx_latency']:.2f} (ONNX Runtime); wrote {out}"
-    )
+    for name, ratio in result["over_dense"].items():
+        console.print(
+            f"{name}/dense: parameters {ratio['parameters']:.2f}; latency per round, TorchScript "
+            f"{_spread(ratio['torchscript_latency'])}, ONNX Runtime {_spread(ratio['onnx_latency'])}"
+        )
+    console.print(f"wrote {out}")
 
 
 @app.command("data")

@@ -28,7 +28,7 @@ def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
     model = model.eval()
     example = torch.zeros(1, 3, image_size, image_size)
     with torch.no_grad():
-        traced = torch.jit.trace(model, example, check_trace=False)
+        traced = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
     extra = {CLASS_IDS_FILE: json.dumps(model.head.class_ids.tolist())}
     torch.jit.save(traced, str(path), _extra_files=extra)
     return path

@@ -46,6 +46,9 @@ def _load_onnx(path: Path) -> ExportedModel:
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only
+    # Idle worker threads sleep instead of spinning: a camera classifies an image now and then and shares its
+    # cores with capture and the uploader (spinning also starved any other runtime timed beside it).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     metadata = session.get_modelmeta().custom_metadata_map
     if CLASS_IDS not in metadata:

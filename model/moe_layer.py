@@ -143,12 +143,13 @@ class MoEMlp(nn.Module):
         the second bias and the correction on one per-patch shift, so past the two convolutions the (B, C, P, N)
         tensor is touched once."""
         weight1, bias1 = self.folded_first_layer()
-        hidden = F.silu(F.conv2d(tokens, weight1, bias1))  # (B, E*H, P, N)
+        B, C, P, N = tokens.shape
+        hidden = F.silu(F.conv2d(tokens, weight1, bias1)).view(B, self.num_held, -1, P, N)  # (B, E, H, P, N)
         routed = F.one_hot(choice, self.num_held).to(hidden.dtype) * gate[..., None]  # (B, N, E)
-        mask = (routed * (1 - self.gamma)).repeat_interleave(self.expert_hidden, -1)  # (B, N, E*H)
+        mask = (routed * (1 - self.gamma)).transpose(1, 2)[:, :, None, None, :]  # (B, E, 1, 1, N)
         shift = routed @ ((1 - self.gamma)[:, None] * self.b2 + self.gamma[:, None] * self.x_corr)  # (B, N, C)
-        weight2 = self.w2.reshape(-1, self.dim).T[:, :, None, None]  # (C, E*H, 1, 1)
-        return F.conv2d(hidden * mask.transpose(1, 2)[:, :, None, :], weight2) + shift.transpose(1, 2)[:, :, None, :]
+        weight2 = self.w2.reshape(-1, C).T[:, :, None, None]  # (C, E*H, 1, 1)
+        return F.conv2d((hidden * mask).view(B, -1, P, N), weight2) + shift.transpose(1, 2)[:, :, None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, P, N = x.shape
