@@ -18,7 +18,7 @@ from geomoe.analysis.bench import pair_ratios
 from geomoe.client.export import export_onnx, export_torchscript
 from geomoe.client.inference import RUNTIMES, load_exported
 from geomoe.model.config import ModelConfig
-from geomoe.model.counting import parameter_count
+from geomoe.model.counting import forward_flops, parameter_count
 from geomoe.model.experts import prune_model
 from geomoe.model.network import GeoMoENet, prune_head
 
@@ -85,7 +85,11 @@ def bench_device(
         "keep_per_layer": keep_per_layer,
         "species": species,
         "models": {
-            name: {"parameters": parameter_count(model), **{f"{rt}_ms": ms[(name, rt)] for rt in RUNTIMES}}
+            name: {
+                "parameters": parameter_count(model),
+                "flops": forward_flops(model, image_size),
+                **{f"{rt}_ms": ms[(name, rt)] for rt in RUNTIMES},
+            }
             for name, model in models.items()
         },
     }

@@ -79,5 +79,7 @@ def test_bench_device_times_every_model_under_both_runtimes(tmp_path):
     for row in result["models"].values():
         assert row["torchscript_ms"] > 0 and row["onnx_ms"] > 0
     assert result["models"]["pruned"]["parameters"] < result["models"]["moe"]["parameters"]
+    flops = {name: row["flops"] for name, row in result["models"].items()}
+    assert flops["pruned-all"] < flops["pruned"] < flops["dense"]
     ratios = result["over_dense"]
     assert 0 < ratios["pruned-all"]["parameters"] < ratios["pruned"]["parameters"] < 1  # fewer dense MLPs left
