@@ -70,3 +70,9 @@ def install(
         with source.open("rb") as f:
             install_model(f, model)
     console.print(f"installed {model}")
+
+
+if __name__ == "__main__":  # the runtime-only camera image runs these commands alone: it has no training stack
+    from geomoe.cli.options import run_app
+
+    run_app(app)

@@ -5,13 +5,10 @@ Errors print one line and exit non-zero; `geomoe --debug ...` shows the tracebac
 
 from __future__ import annotations
 
-import sys
-
-import click
 import typer
-from rich.console import Console
 
 from geomoe.cli import bench, comm, data, deploy, device, expert_server, experts, figures, model, repro, sim
+from geomoe.cli.options import run_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 app.command()(sim.sim)
@@ -42,17 +39,4 @@ def root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on e
 
 def main() -> None:
     """Console entry point: one-line errors unless --debug."""
-    try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    except Exception as error:  # noqa: BLE001 - the one place that turns any failure into one line
-        if _debug["on"]:
-            raise
-        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False)
-        sys.exit(1)
+    run_app(app, lambda: _debug["on"])

@@ -13,6 +13,19 @@ fi
 ROOT=$(mktemp -d)
 trap 'rm -rf "$ROOT"' EXIT
 debootstrap --variant=minbase --arch="$ARCH" --include=ca-certificates,python3,python3-venv bookworm "$ROOT" "$MIRROR" >/dev/null
+# What Debian's own slim images leave out: apt's package cache and lists (a build runs apt-get update
+# anyway), and documentation and translations, now and in every package installed later. Halves the base.
+rm -rf "$ROOT"/var/cache/apt/* "$ROOT"/var/lib/apt/lists/* "$ROOT"/usr/share/doc/* "$ROOT"/usr/share/man/* \
+  "$ROOT"/usr/share/info/*
+find "$ROOT"/usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
+cat >"$ROOT/etc/dpkg/dpkg.cfg.d/geomoe-slim" <<'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+EOF
 # The base trusts the same local CAs as this machine (a site proxy's, say), so apt and pip inside a
 # build reach what the host reaches. Kept in usr/local/share so update-ca-certificates keeps them.
 for cert in /usr/local/share/ca-certificates/*.crt; do

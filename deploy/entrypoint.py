@@ -1,6 +1,7 @@
 """Container entry point: `supernode`, `superlink`, `serverapp`, `expert-server` or `runtime`, configured by
-environment (GEOMOE_LAT, GEOMOE_LON, GEOMOE_SUPERLINK, GEOMOE_TLS, GEOMOE_APPIO_PORT, GEOMOE_DATA) and the /data
-volume, where `geomoe deploy up` puts the fleet's certificates (/data/certs) when TLS is on.
+environment (GEOMOE_LAT, GEOMOE_LON, GEOMOE_SUPERLINK, GEOMOE_TLS, GEOMOE_APPIO_PORT, GEOMOE_DATA, GEOMOE_MODEL: a
+runtime's model, default /data/model.ts) and the /data volume, where `geomoe deploy up` puts the fleet's
+certificates (/data/certs) when TLS is on.
 
 A SuperNode trains on the labelled images at GEOMOE_DATA (the fleet mounts the device's folder there). For a
 trial without real images, GEOMOE_DEMO_DATA=1 first writes the synthetic world's images of the device's
@@ -14,20 +15,6 @@ import sys
 
 CERTS = "/data/certs"
 DEFAULT_SUPERLINK = "127.0.0.1:8000"  # flower-superlink's own default (one HTTP port for all its APIs)
-
-COMMANDS = {
-    "runtime": [
-        "geomoe",
-        "device",
-        "run",
-        "--watch",
-        "/data/images",
-        "--model",
-        "/data/model.ts",
-        "--results",
-        "/data/results.jsonl",
-    ],
-}
 
 
 def command(role: str, env: dict[str, str]) -> list[str]:
@@ -84,8 +71,12 @@ def command(role: str, env: dict[str, str]) -> list[str]:
         security += ["--cert", f"{CERTS}/server.pem", "--key", f"{CERTS}/server.key"] if tls else []
         serve = ["geomoe", "expert-server", "serve", "--model", "/data/model.pt", "--address", "0.0.0.0:50051"]
         return [*serve, "--name", env.get("GEOMOE_DEVICE", "expert-server"), *security]
-    if role in COMMANDS:
-        return COMMANDS[role]
+    if role == "runtime":
+        # `geomoe device run` as a module: the runtime-only image has the device commands and nothing they do not
+        # import (no torch, no Flower), so not the whole `geomoe` command line.
+        model = env.get("GEOMOE_MODEL", "/data/model.ts")
+        files = ["--watch", "/data/images", "--model", model, "--results", "/data/results.jsonl"]
+        return [sys.executable, "-m", "geomoe.cli.device", "run", *files]
     raise SystemExit(f"unknown role {role!r}: use supernode, superlink, serverapp, expert-server or runtime")
 
 

@@ -6,6 +6,8 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A package may import packages of lower layers only (and its own modules).
@@ -97,9 +99,10 @@ def test_cli_modules_are_thin():
     assert max(sizes.values()) <= CLI_MODULE_LINES, sizes
 
 
-def test_the_device_image_copies_every_package_folder():
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.runtime"])
+def test_the_device_images_copy_every_package_folder(dockerfile):
     wanted = {folder.name for folder in folders().values()} | {"geomoe"}
-    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
-    assert set(re.findall(r"^COPY (\w+) \1$", dockerfile, flags=re.MULTILINE)) == wanted
+    text = (ROOT / "deploy" / dockerfile).read_text()
+    assert set(re.findall(r"^COPY (\w+) \1$", text, flags=re.MULTILINE)) == wanted
     let_in = set(re.findall(r"^!(\w+)$", (ROOT / ".dockerignore").read_text(), flags=re.MULTILINE))
     assert wanted <= let_in

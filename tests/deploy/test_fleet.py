@@ -237,6 +237,11 @@ def test_entrypoint_roles():
     assert relay[relay.index("--cert") + 1] == "/data/certs/server.pem" and relay[relay.index("--name") + 1] == "relay"
     assert relay[relay.index("--token-file") + 1] == "/data/certs/expert.token"  # off loopback it must have one
     assert "--token-file" in command("expert-server", env)
-    assert command("runtime", env)[:3] == ["geomoe", "device", "run"]
+    runtime = command("runtime", env)
+    assert (
+        runtime[1:4] == ["-m", "geomoe.cli.device", "run"] and runtime[runtime.index("--model") + 1] == "/data/model.ts"
+    )
+    onnx = command("runtime", {**env, "GEOMOE_MODEL": "/data/model.onnx"})  # the runtime-only image's
+    assert onnx[onnx.index("--model") + 1] == "/data/model.onnx"
     with pytest.raises(SystemExit, match="unknown role"):
         command("camera", env)
