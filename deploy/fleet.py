@@ -41,6 +41,7 @@ class Device:
     environment: dict[str, str] = field(default_factory=dict)
     command: list[str] = field(default_factory=list)  # overrides the role's command (custom entrypoints, diagnostics)
     data: str = ""  # supernode: folder of labelled images on the device, mounted read-only at /data/labelled
+    image: str = ""  # this device's image, if not the fleet's (a camera-only Pi: the runtime-only image)
 
 
 @dataclass
@@ -101,6 +102,7 @@ def read_fleet_file(path: Path) -> Fleet:
                 environment,
                 command,
                 labelled,
+                str(entry.get("image", "")),
             )
         )
     if not devices:
@@ -174,10 +176,15 @@ def command_for(device: Device, fleet: Fleet) -> list[str]:
     return device.command or [device.role]
 
 
+def image_of(device: Device, fleet: Fleet, override: str | None = None) -> str:
+    """The image a device runs: one named for this command, else the device's own, else the fleet's."""
+    return override or device.image or fleet.image
+
+
 def run_options(device: Device, fleet: Fleet, image: str | None = None) -> dict[str, Any]:
     """Keyword arguments of `containers.create` for a device (host networking, data volume, limits)."""
     options: dict[str, Any] = {
-        "image": image or fleet.image,
+        "image": image_of(device, fleet, image),
         "command": command_for(device, fleet),
         "name": container_name(device),
         "network_mode": "host",
@@ -288,12 +295,13 @@ def update(fleet: Fleet, image: str | None) -> Callable[[Any, Device], str]:
     """Replace the container with one of `image`, keeping the data volume."""
 
     def action(client: Any, device: Device) -> str:
-        client.images.get(image or fleet.image)  # fail before touching a running container
+        client.images.get(image_of(device, fleet, image))  # fail before touching a running container
         old = _container(client, device)
         if old is not None:
             old.remove(force=True)
         container = _start(client, device, fleet, image)
-        return f"replaced with {image or fleet.image} ({container.short_id}); volume {volume_name(device)} kept"
+        replacement = image_of(device, fleet, image)
+        return f"replaced with {replacement} ({container.short_id}); volume {volume_name(device)} kept"
 
     return action
 

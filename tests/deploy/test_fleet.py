@@ -117,6 +117,16 @@ def test_a_device_trains_on_its_own_folder_mounted_read_only(tmp_path):
         read_fleet_file(path)
 
 
+def test_a_camera_only_device_runs_its_own_image(tmp_path):
+    camera = '[[device]]\nname = "cam-09"\nhost = "ssh://pi@cam-09"\nlat = -1.4\nlon = 35.0\nrole = "runtime"\n'
+    path = fleet_file(tmp_path, FLEET + camera + 'image = "geomoe-camera:latest"\n', ("cam-07", "relay", "cam-09"))
+    fleet = read_fleet_file(path)
+    supernode, _, runtime = fleet.devices
+    assert run_options(runtime, fleet)["image"] == "geomoe-camera:latest"  # the runtime-only image
+    assert run_options(supernode, fleet)["image"] == "geomoe:latest"  # the fleet's
+    assert run_options(runtime, fleet, "geomoe-camera:v2")["image"] == "geomoe-camera:v2"  # `update --image`
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

@@ -54,7 +54,7 @@ def test_runtime_image_is_small_has_no_training_stack_and_classifies_like_this_m
     try:
         size_mb = image.attrs["Size"] / 1e6
         assert size_mb < SIZE_LIMIT_MB, f"runtime image is {size_mb:.0f} MB"
-        probe = "import importlib.util as u; print([m for m in %r if u.find_spec(m)])" % (TRAINING_STACK,)
+        probe = f"import importlib.util as u; print([m for m in {TRAINING_STACK!r} if u.find_spec(m)])"
         found = client.containers.run(tag, ["-c", probe], entrypoint="python", network_mode="none", remove=True)
         assert found.decode().strip() == "[]"
 
