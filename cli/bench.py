@@ -113,16 +113,18 @@ def ep(
     out: Path = typer.Option(Path("bench_ep.json"), help="JSON file to write."),
     batch_size: int = typer.Option(32, help="Images per batch."),
     image_size: int = typer.Option(64, help="Image side."),
-    repeats: int = typer.Option(5, help="Timed batches per setup."),
+    repeats: int = typer.Option(30, help="Interleaved rounds (one batch per setup each)."),
 ) -> None:
-    """Latency per MoE layer and images/s: local vs experts split over 2 and 3 servers on 127.0.0.1."""
-    from geomoe.analysis.bench import bench_expert_parallel
+    """Latency per MoE layer and images/s: local vs experts split over 2 and 3 expert-server processes on
+    127.0.0.1, timed in interleaved rounds."""
+    from geomoe.analysis.ep_bench import bench_expert_parallel
 
     result = bench_expert_parallel(batch_size, image_size, repeats)
     out.write_text(json.dumps(result, indent=2))
     for name, entry in result["setups"].items():
-        extra = f", overhead x{entry['overhead_over_local']:.2f}" if "overhead_over_local" in entry else ""
-        console.print(f"{name}: {entry['images_per_s']:.1f} images/s, layer ms {entry['layer_ms']}{extra}")
+        extra = f", split/local {_spread(entry['over_local'])}" if "over_local" in entry else ""
+        layer_ms = ", ".join(f"{layer}: {ms:.1f}" for layer, ms in entry["layer_ms"].items())
+        console.print(f"{name}: {entry['images_per_s']:.1f} images/s, layer ms {layer_ms}{extra}")
     console.print(f"wrote {out}")
 
 

@@ -176,12 +176,11 @@ class LayerDispatch:
     fallback_patches: int = 0  # wanted a peer's expert, but the peer was down or failed
     errors: list[str] = field(default_factory=list)
 
-    def dispatch(self, module: MoEMlp, tokens: torch.Tensor, routing: Routing, out: torch.Tensor):
-        """Replace outputs of patches whose best expert a healthy peer runs; returns (out, served mask). Tokens and
-        outputs are (B, C, P, N), the layer's layout; peers speak (T, P, C), a token per patch."""
+    def send(self, module: MoEMlp, tokens: torch.Tensor, routing: Routing) -> list[PendingPeer]:
+        """Start a call to every healthy peer that runs the best expert of some patches; the layer computes its own
+        experts while they are in flight. Tokens are (B, C, P, N), the layer's layout; peers speak (T, P, C)."""
         wanted = module.absent_ids[routing.absent_choice]  # (B, N) global id of the best absent expert
-        tokens, out = tokens.permute(0, 3, 2, 1), out.permute(0, 3, 2, 1)  # [B, C, P, N] --> [B, N, P, C]
-        served = torch.zeros_like(routing.wants_absent)
+        per_patch = tokens.permute(0, 3, 2, 1)  # [B, C, P, N] --> [B, N, P, C]
         pending = []
         for peer in {id(p): p for p in self.serving.values()}.values():
             ids = torch.tensor([e for e, p in self.serving.items() if p is peer], dtype=torch.long)
@@ -191,22 +190,41 @@ class LayerDispatch:
             if not peer.healthy:
                 self.fallback_patches += int(mask.sum())
                 continue
-            expert_ids, peer_tokens = wanted[mask], tokens[mask]  # (T,), (T, P, C)
-            pending.append(
-                (peer, mask, expert_ids, peer_tokens, peer.forward_async(self.layer, expert_ids, peer_tokens.detach()))
-            )
-        for peer, mask, expert_ids, peer_tokens, call in pending:
+            expert_ids, peer_tokens = wanted[mask], per_patch[mask]  # (T,), (T, P, C)
+            call = peer.forward_async(self.layer, expert_ids, peer_tokens.detach())
+            pending.append(PendingPeer(peer, mask, expert_ids, peer_tokens, call))
+        return pending
+
+    def receive(
+        self, pending: list[PendingPeer], routing: Routing, out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`out` (B, C, P, N) with the patches peers answered for replaced by their gated outputs, and the mask of
+        those patches; a peer that failed leaves its patches to the layer's policy."""
+        served = torch.zeros_like(routing.wants_absent)
+        out = out.permute(0, 3, 2, 1)  # [B, C, P, N] --> [B, N, P, C]
+        for call in pending:
             try:
-                outputs = call.result()
+                outputs = call.call.result()
             except PeerError as error:
-                self.fallback_patches += int(mask.sum())
+                self.fallback_patches += int(call.mask.sum())
                 self.errors.append(str(error))
                 continue
-            outputs = RemoteExperts.apply(peer_tokens, outputs, peer, self.layer, expert_ids)
-            out = out.index_put((mask,), outputs * routing.absent_gate[mask][:, None, None])
-            served = served | mask
-            self.sent_patches += int(mask.sum())
+            outputs = RemoteExperts.apply(call.tokens, outputs, call.peer, self.layer, call.expert_ids)
+            out = out.index_put((call.mask,), outputs * routing.absent_gate[call.mask][:, None, None])
+            served = served | call.mask
+            self.sent_patches += int(call.mask.sum())
         return out.permute(0, 3, 2, 1), served
+
+
+@dataclass
+class PendingPeer:
+    """One peer's call in flight for one layer: which patches it answers for, and with what."""
+
+    peer: PeerClient
+    mask: torch.Tensor  # (B, N) patches sent
+    expert_ids: torch.Tensor  # (T,) their experts
+    tokens: torch.Tensor  # (T, P, C) what was sent (backward sends it again)
+    call: _PendingForward
 
 
 def attach_peers(model: GeoMoENet, peers: list[PeerClient]) -> dict[int, LayerDispatch]:

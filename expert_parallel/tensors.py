@@ -48,10 +48,10 @@ def from_proto(message: expert_pb2.Tensor, dim: int | None = None, max_elements:
     if dim is not None and (len(shape) != 3 or shape[2] != dim):
         raise ValueError(f"tokens must be (T, P, {dim}), got {shape}")
     wide = np.float64 if message.dtype == "float64" else np.float32
-    array = np.frombuffer(message.data, dtype=DTYPES[message.dtype]).reshape(shape).astype(wide)
+    array = np.frombuffer(message.data, dtype=DTYPES[message.dtype]).reshape(shape).astype(wide)  # a writable copy
     if message.codec == "int8":
         array = array * message.scale
-    tensor = torch.from_numpy(array.copy())
+    tensor = torch.from_numpy(array)
     if not torch.isfinite(tensor).all():
         raise ValueError("tensor contains NaN or Inf")
     return tensor

@@ -159,10 +159,12 @@ class MoEMlp(nn.Module):
             routing = self.route(patch_embedding.mean(dim=1, keepdim=True)).expand(B, N)
         else:
             routing = self.route(patch_embedding)  # one decision per patch: (B, N)
+        # Expert-parallel: peers run the absent experts, in flight while this layer computes its own.
+        pending = self.remote.send(self, tokens, routing) if self.remote is not None else []
         out = self.expert_outputs(tokens, routing.choice, routing.gate)  # (B, C, P, N)
         served = torch.zeros_like(routing.wants_absent)
-        if self.remote is not None and routing.wants_absent.any():  # expert-parallel: peers run absent experts
-            out, served = self.remote.dispatch(self, tokens, routing, out)
+        if pending:
+            out, served = self.remote.receive(pending, routing, out)
         removed = routing.wants_absent & ~served if self.absent_policy == "remove" else torch.zeros_like(served)
         held_choice = torch.where(removed, -1, self.expert_ids[routing.choice])
         if self.absent_ids.numel():

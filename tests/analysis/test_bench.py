@@ -1,3 +1,5 @@
+import pytest
+
 from geomoe.analysis.bench import accuracy_at_budget, accuracy_by_upload, compare_strategies
 
 
@@ -68,8 +70,6 @@ def test_model_ratio_is_the_median_over_pairs_with_its_spread():
 
 def test_bench_device_times_every_model_under_both_runtimes(tmp_path):
     """Small sizes: the JSON has both runtimes per model, and the pruned model is the smallest."""
-    import pytest
-
     from geomoe.analysis.device_bench import bench_device
 
     pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
@@ -83,3 +83,18 @@ def test_bench_device_times_every_model_under_both_runtimes(tmp_path):
     assert flops["pruned-all"] < flops["pruned"] < flops["dense"]
     ratios = result["over_dense"]
     assert 0 < ratios["pruned-all"]["parameters"] < ratios["pruned"]["parameters"] < 1  # fewer dense MLPs left
+
+
+@pytest.mark.integration
+def test_bench_ep_times_the_split_against_local_with_servers_as_processes():
+    """Tiny sizes: every setup timed, each split's peers are live server processes that moved bytes, and the
+    split's ratio to local is a spread over rounds."""
+    from geomoe.analysis.ep_bench import bench_expert_parallel
+
+    result = bench_expert_parallel(batch_size=2, image_size=32, repeats=3, num_experts=8)
+    assert set(result["setups"]) == {"local", "split_2", "split_3"}
+    for name in ("split_2", "split_3"):
+        entry = result["setups"][name]
+        assert len(entry["bytes_per_image_per_peer"]) == int(name[-1])
+        assert all(b > 0 for b in entry["bytes_per_image_per_peer"].values())
+        assert entry["over_local"]["p10"] <= entry["over_local"]["median"] <= entry["over_local"]["p90"]
