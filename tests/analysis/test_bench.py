@@ -83,18 +83,3 @@ def test_bench_device_times_every_model_under_both_runtimes(tmp_path):
     assert flops["pruned-all"] < flops["pruned"] < flops["dense"]
     ratios = result["over_dense"]
     assert 0 < ratios["pruned-all"]["parameters"] < ratios["pruned"]["parameters"] < 1  # fewer dense MLPs left
-
-
-@pytest.mark.integration
-def test_bench_ep_times_the_split_against_local_with_servers_as_processes():
-    """Tiny sizes: every setup timed, each split's peers are live server processes that moved bytes, and the
-    split's ratio to local is a spread over rounds."""
-    from geomoe.analysis.ep_bench import bench_expert_parallel
-
-    result = bench_expert_parallel(batch_size=2, image_size=32, repeats=3, num_experts=8)
-    assert set(result["setups"]) == {"local", "split_2", "split_3"}
-    for name in ("split_2", "split_3"):
-        entry = result["setups"][name]
-        assert len(entry["bytes_per_image_per_peer"]) == int(name[-1])
-        assert all(b > 0 for b in entry["bytes_per_image_per_peer"].values())
-        assert entry["over_local"]["p10"] <= entry["over_local"]["median"] <= entry["over_local"]["p90"]
