@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +24,12 @@ import torch
 import zstandard
 
 QUANTIZERS = ("fp16", "int8", "int8c")  # int8c: one scale per row (per expert / per channel)
-VALUE_DTYPES = {None: np.dtype(np.float32), "fp16": np.dtype(np.float16), "int8": np.dtype(np.int8)}
-VALUE_DTYPES["int8c"] = VALUE_DTYPES["int8"]
+VALUE_DTYPES = {
+    None: np.dtype(np.float32),
+    "fp16": np.dtype(np.float16),
+    "int8": np.dtype(np.int8),
+    "int8c": np.dtype(np.int8),
+}
 SCALE_DTYPE = np.dtype(np.float32)
 ZSTD_LEVEL = 10
 
@@ -133,37 +137,35 @@ def _decode_group(packed: np.ndarray, described: dict[str, list], pipeline: Pipe
     """The tensors of one packed array. Its expected size follows from the description, and a zstd frame is
     read up to that size and no further, so a frame cannot make the receiver allocate more than described."""
     layouts = {name: _layout(name, meta, pipeline) for name, meta in described.items()}
-    exact_bytes = sum(x.numel * x.dtype.itemsize for x in layouts.values() if not x.lossy)
-    mask_bits = sum(x.numel for x in layouts.values() if x.lossy) if pipeline.topk is not None else 0
-    scale_count = sum(x.scales for x in layouts.values())
-    value_dtype = VALUE_DTYPES[pipeline.quantizer]
-    value_count = sum(x.kept for x in layouts.values())
+    exact = [x for x in layouts.values() if not x.lossy]
+    lossy = [x for x in layouts.values() if x.lossy]
+    exact_bytes = [x.numel * x.dtype.itemsize for x in exact]
+    mask_bits = sum(x.numel for x in lossy) if pipeline.topk is not None else 0
     mask_bytes = -(-mask_bits // 8)
-    expected = exact_bytes + mask_bytes + scale_count * SCALE_DTYPE.itemsize + value_count * value_dtype.itemsize
+    value_dtype = VALUE_DTYPES[pipeline.quantizer]
+    sections = [sum(exact_bytes), mask_bytes, sum(x.scales for x in lossy) * SCALE_DTYPE.itemsize]
+    expected = sum(sections) + sum(x.kept for x in lossy) * value_dtype.itemsize
     data = _unzstd(packed, expected) if pipeline.zstd else packed.tobytes()
     if len(data) != expected:
         raise ValueError(f"packed tensors of {len(data)} bytes, their description says {expected}")
-    bits = np.unpackbits(np.frombuffer(data, np.uint8, mask_bytes, exact_bytes))
+    raw, bitmap, scale_bytes, value_bytes = np.split(np.frombuffer(data, np.uint8), np.cumsum(sections))
+    bits = np.unpackbits(bitmap)
     if bits[mask_bits:].any():
         raise ValueError("top-k bitmap sets bits past its last tensor")
-    scales = np.frombuffer(data, SCALE_DTYPE, scale_count, exact_bytes + mask_bytes)
-    values = np.frombuffer(data, value_dtype, value_count, exact_bytes + mask_bytes + scales.nbytes)
-    out, at = {}, {"exact": 0, "bit": 0, "scale": 0, "value": 0}
+    exact_parts = _pieces(raw, exact_bytes)
+    masks = _pieces(bits[:mask_bits].astype(bool), [x.numel for x in lossy]) if pipeline.topk is not None else None
+    scales = _pieces(scale_bytes.view(SCALE_DTYPE), [x.scales for x in lossy])
+    values = _pieces(value_bytes.view(value_dtype), [x.kept for x in lossy])
+    out = {}
     for name, x in layouts.items():
         if not x.lossy:
-            raw = np.frombuffer(data, x.dtype, x.numel, at["exact"])
-            out[name] = torch.from_numpy(raw.reshape(x.shape).copy())
-            at["exact"] += x.numel * x.dtype.itemsize
+            out[name] = torch.from_numpy(next(exact_parts).view(x.dtype).reshape(x.shape).copy())
             continue
-        sent = values[at["value"] : at["value"] + x.kept].astype(np.float32)
-        at["value"] += x.kept
+        sent, scale = next(values).astype(np.float32), next(scales)
         if x.scales:
-            groups = scales[at["scale"] : at["scale"] + x.scales].reshape(x.scales, 1)
-            sent = (sent.reshape(x.scales, -1) * groups).reshape(-1)
-            at["scale"] += x.scales
-        if pipeline.topk is not None:
-            mask = bits[at["bit"] : at["bit"] + x.numel].astype(bool)
-            at["bit"] += x.numel
+            sent = (sent.reshape(x.scales, -1) * scale[:, None]).reshape(-1)
+        if masks is not None:
+            mask = next(masks)
             if int(mask.sum()) != x.kept:
                 raise ValueError(f"{name}: top-k bitmap keeps {int(mask.sum())} values, the pipeline keeps {x.kept}")
             flat = np.zeros(x.numel, dtype=np.float32)
@@ -171,6 +173,11 @@ def _decode_group(packed: np.ndarray, described: dict[str, list], pipeline: Pipe
             sent = flat
         out[name] = torch.from_numpy(sent.reshape(x.shape).astype(x.dtype))
     return out
+
+
+def _pieces(array: np.ndarray, counts: list[int]) -> Iterator[np.ndarray]:
+    """`array` cut into consecutive pieces of `counts` elements, one per tensor in order."""
+    return iter(np.split(array, np.cumsum(counts)[:-1]) if counts else [])
 
 
 def _layout(name: str, meta: object, pipeline: Pipeline) -> Layout:
