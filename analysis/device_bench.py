@@ -4,15 +4,21 @@ timed on single images (a camera classifies one at a time) with both runtimes, i
 
 Two expert layouts are pruned: the papers' experts at transformer layers 1, 3, 5, 7 ("pruned"), and experts in
 place of every transformer MLP ("pruned-all", the layout of Mensah et al.'s Table 3 MoE-MLP2), because the first
-leaves five dense MLPs whole and cannot go below 0.92x the dense model's FLOPs however few experts a cell keeps."""
+leaves five dense MLPs whole and cannot go below 0.92x the dense model's FLOPs however few experts a cell keeps.
+
+A bound is timed beside them ("mlp-free"): the dense model with every transformer MLP taken out. No model that
+replaces MLPs with experts, however few or fast, can run faster than it, so its latency over dense is the floor for
+any expert layout's."""
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from geomoe.analysis.bench import pair_ratios
 from geomoe.client.export import export_onnx, export_torchscript
@@ -20,16 +26,31 @@ from geomoe.client.inference import RUNTIMES, load_exported
 from geomoe.model.config import ModelConfig
 from geomoe.model.counting import forward_flops, parameter_count
 from geomoe.model.experts import prune_model
-from geomoe.model.network import GeoMoENet, prune_head
+from geomoe.model.network import GeoMoENet, prune_head, transformer_layers
 
 EVERY_LAYER = tuple(range(9))  # MobileViTV2's nine transformer layers
 WARM_UP_CALLS = 5
 CALLS_PER_ROUND = 5  # one image at a time, timed together: a single call's time swings 3x on a shared machine
 
 
+class _NoMlp(nn.Module):
+    """Stands in for a transformer MLP that costs nothing: its residual branch adds zero."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def mlp_free(dense: GeoMoENet) -> GeoMoENet:
+    """The dense model with every transformer MLP (and its norm) taken out: a latency floor, not a classifier."""
+    bound = copy.deepcopy(dense)
+    for block in transformer_layers(bound.backbone):
+        block.norm2, block.mlp = nn.Identity(), _NoMlp()
+    return bound
+
+
 def device_models(num_classes: int, num_experts: int, keep_per_layer: int, species: int) -> dict[str, GeoMoENet]:
-    """Dense MobileViTV2, its MoE (experts at 1, 3, 5, 7), and a cell's pruned MoE in both layouts:
-    `keep_per_layer` experts per layer and a head of `species` classes (+ "other")."""
+    """Dense MobileViTV2, its MoE (experts at 1, 3, 5, 7), a cell's pruned MoE in both layouts (`keep_per_layer`
+    experts per layer and a head of `species` classes + "other"), and the MLP-free bound."""
 
     def moe(layers: tuple[int, ...]) -> GeoMoENet:
         return GeoMoENet(ModelConfig(num_classes, num_experts=num_experts, head="bottleneck", moe_layers=layers))
@@ -41,7 +62,9 @@ def device_models(num_classes: int, num_experts: int, keep_per_layer: int, speci
     torch.manual_seed(0)
     dense = GeoMoENet(ModelConfig(num_classes=num_classes, moe_layers=(), head="bottleneck"))
     papers = moe(ModelConfig.moe_layers)
-    models = {"dense": dense, "moe": papers, "pruned": pruned(papers), "pruned-all": pruned(moe(EVERY_LAYER))}
+    pruned_all = pruned(moe(EVERY_LAYER))
+    models = {"dense": dense, "moe": papers, "pruned": pruned(papers), "pruned-all": pruned_all,
+              "mlp-free": mlp_free(dense)}  # fmt: skip
     return {name: model.eval() for name, model in models.items()}
 
 
@@ -99,7 +122,7 @@ def bench_device(
             "parameters": result["models"][name]["parameters"] / dense["parameters"],
             **{f"{rt}_latency": pair_ratios(times[("dense", rt)], times[(name, rt)]) for rt in RUNTIMES},
         }
-        for name in ("pruned", "pruned-all")
+        for name in ("pruned", "pruned-all", "mlp-free")
     }
     result["onnx_over_torchscript"] = {
         name: pair_ratios(times[(name, "torchscript")], times[(name, "onnx")]) for name in models

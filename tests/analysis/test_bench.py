@@ -75,11 +75,11 @@ def test_bench_device_times_every_model_under_both_runtimes(tmp_path):
     pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
     result = bench_device(tmp_path, image_size=64, repeats=2, num_classes=50, num_experts=8, keep_per_layer=2,
                           species=5)  # fmt: skip
-    assert set(result["models"]) == {"dense", "moe", "pruned", "pruned-all"}
+    assert set(result["models"]) == {"dense", "moe", "pruned", "pruned-all", "mlp-free"}
     for row in result["models"].values():
         assert row["torchscript_ms"] > 0 and row["onnx_ms"] > 0
     assert result["models"]["pruned"]["parameters"] < result["models"]["moe"]["parameters"]
     flops = {name: row["flops"] for name, row in result["models"].items()}
-    assert flops["pruned-all"] < flops["pruned"] < flops["dense"]
+    assert flops["mlp-free"] < flops["pruned-all"] < flops["pruned"] < flops["dense"]
     ratios = result["over_dense"]
     assert 0 < ratios["pruned-all"]["parameters"] < ratios["pruned"]["parameters"] < 1  # fewer dense MLPs left

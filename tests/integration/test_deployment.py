@@ -52,20 +52,6 @@ def flwr_command(connection: str, cfg, tmp_path: Path, extra: str = "", rounds: 
     return [str(BIN / "flwr"), "run", str(ROOT), connection, "--run-config", overrides.strip(), "--stream"]
 
 
-def flwr_run(connection: str, cfg, tmp_path: Path, env: dict, extra: str = "") -> tuple[dict, str]:
-    """Run it to the end (in its own session); the report and what `flwr run` printed."""
-    result = subprocess.run(
-        flwr_command(connection, cfg, tmp_path, extra),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-        start_new_session=True,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads((Path(cfg.out) / "report.json").read_text()), result.stdout + result.stderr
-
-
 @contextmanager
 def federation(tmp_path, node_configs: list[str]):
     """A SuperLink and one SuperNode per node config on 127.0.0.1; yields the env for `flwr run`, the nodes and a
@@ -113,15 +99,6 @@ def federation(tmp_path, node_configs: list[str]):
             stop(process)
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    """Two SuperNodes at the first two locations of the small run, on the server's world file (same host); the
-    third location's node can join later."""
-    locations = World(small_config(tmp_path, tmp_path).world).locations
-    with federation(tmp_path, [f"lat={loc.lat} lon={loc.lon}" for loc in locations[:2]]) as (env, nodes, add):
-        yield env, nodes, locations, add
-
-
 def server_side_text(tmp_path, cfg, output: str) -> str:
     """Everything the server side wrote: its report, its streamed log, the SuperLink's log."""
     return output + (Path(cfg.out) / "report.json").read_text() + (tmp_path / "superlink.log").read_text()
@@ -139,71 +116,67 @@ def assert_no_coordinates(text: str, locations) -> None:
                 assert shown not in text, f"coordinate {shown} reached the server"
 
 
-def test_a_node_that_drops_out_does_not_stall_the_round_and_one_that_joins_takes_part(
-    tmp_path, model_cache, deployment
+def device_folders(tmp_path: Path, cfg) -> tuple[Path, int]:
+    """Labelled folders as `geomoe data export --format folders` writes them, one per location (L1, L2, L3); the
+    third also holds a species the run does not know (its image count returned) and an empty species folder."""
+    export_world(cfg.world, "folders", tmp_path / "devices")
+    third = tmp_path / "devices" / "L3"
+    shutil.copytree(third / sorted(p.name for p in third.iterdir())[0], third / "Panthera leo")
+    (third / "Lynx lynx").mkdir()  # an empty species folder: counted, not an error
+    return tmp_path / "devices", len(list((third / "Panthera leo").iterdir()))
+
+
+def test_devices_on_a_superlink_train_on_their_own_folders_and_one_that_drops_out_does_not_stall_the_round(
+    tmp_path, model_cache
 ):
-    """With client-level DP (central noise, int8+zstd uploads) and coarse locations on the deployment runtime: the
-    nodes report level-2 cells only, never their coordinates."""
-    env, nodes, locations, add_node = deployment
+    """Three rounds on a real SuperLink with client-level DP (central noise, int8+zstd uploads) and coarse
+    locations. Each SuperNode trains on its own labelled folder; the second drops out after round 1 and the third,
+    switched on then, takes part (it also holds a species the run does not know: reported and left out). The nodes
+    report level-2 cells only, never their coordinates."""
     cfg = small_config(tmp_path / "run", model_cache)
     cfg.federation.round_timeout_s = 75.0  # in the config file: Flower overrides only pyproject's keys
     cfg.federation.upload_compression = "int8+zstd"
     cfg.federation.location_level = 2
     cfg.privacy = PrivacyConfig(clip_norm=1.0, noise_multiplier=0.001, adaptive_clip=True)
-    command = flwr_command("test", cfg, tmp_path, "federation.min_nodes=2", rounds=3)
-    run = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        checkpoint = Path(cfg.out) / "checkpoint.pt"
-        deadline = time.monotonic() + 400
-        while not (
-            checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["server_state"]["completed_round"]
-        ):
-            assert time.monotonic() < deadline and run.poll() is None, "round 1 did not complete"
-            time.sleep(0.5)
-        stop(nodes[1])  # gone in the middle of the run
-        add_node(f"lat={locations[2].lat} lon={locations[2].lon}")  # a device switched on after set-up
-        output, _ = run.communicate(timeout=400)
-    finally:
-        stop(run)
+    folders, lions = device_folders(tmp_path, cfg)
+    locations = World(cfg.world).locations
+    configs = [f'lat={loc.lat} lon={loc.lon} data="{folders / f"L{k + 1}"}"' for k, loc in enumerate(locations)]
+    with federation(tmp_path, configs[:2]) as (env, nodes, add_node):
+        command = flwr_command("test", cfg, tmp_path, "federation.min_nodes=2", rounds=3)
+        run = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        try:
+            checkpoint = Path(cfg.out) / "checkpoint.pt"
+            deadline = time.monotonic() + 400
+            while not (
+                checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["server_state"]["completed_round"]
+            ):
+                assert time.monotonic() < deadline and run.poll() is None, "round 1 did not complete"
+                time.sleep(0.5)
+            stop(nodes[1])  # gone in the middle of the run
+            add_node(configs[2])  # a device switched on after set-up
+            output, _ = run.communicate(timeout=400)
+        finally:
+            stop(run)
     assert run.returncode == 0, output[-3000:]
     report = json.loads((Path(cfg.out) / "report.json").read_text())
-    replies = [row["replies"] for row in report["rounds"]]
+    rounds = report["rounds"]
     # Round 2 may or may not see the newcomer (it registers while round 2 starts); round 3 always does.
-    assert replies[0] == 2 and replies[1] in (1, 2) and replies[2] == 2, replies
+    assert rounds[0]["replies"] == 2 and rounds[1]["replies"] in (1, 2) and rounds[2]["replies"] == 2, rounds
+    assert rounds[1]["seconds"] < 75 + 60  # waited at most the timeout, then went on
     coarse, index = coarsened([loc.cell for loc in locations], 2)
-    assert coarse[index[2]] in [name.split("~")[0] for name in report["rounds"][2]["sampled"]]  # queried and trained
-    assert {loc["cell"] for loc in report["locations"]} <= set(coarse)
-    assert report["rounds"][1]["seconds"] < 75 + 60  # waited at most the timeout, then went on
-    epsilons = [row["epsilon"] for row in report["rounds"]]
-    assert epsilons == sorted(epsilons) and report["privacy"]["epsilon"] == epsilons[-1] > 0
-    assert len({row["clip_norm"] for row in report["rounds"]}) == 3  # the adaptive clip moved every round
-    assert_no_coordinates(server_side_text(tmp_path, cfg, output), locations)
-
-
-def test_devices_on_a_superlink_train_on_their_own_labelled_folders(tmp_path, model_cache):
-    """Two rounds on a real SuperLink; three SuperNodes hold JPEG folders (`geomoe data export --format folders`).
-    One also holds a species the run does not know: reported and left out, and it trains on the rest."""
-    cfg = small_config(tmp_path / "run", model_cache)
-    export_world(cfg.world, "folders", tmp_path / "devices")
-    third = tmp_path / "devices" / "L3"
-    shutil.copytree(third / sorted(p.name for p in third.iterdir())[0], third / "Panthera leo")
-    (third / "Lynx lynx").mkdir()  # an empty species folder: counted, not an error
-    lions = len(list((third / "Panthera leo").iterdir()))
-    locations = World(cfg.world).locations
-    configs = [
-        f'lat={loc.lat} lon={loc.lon} data="{tmp_path / "devices" / f"L{k + 1}"}"' for k, loc in enumerate(locations)
-    ]
-    with federation(tmp_path, configs) as (env, _, _):
-        report, output = flwr_run("test", cfg, tmp_path, env, "federation.min_nodes=3")
-    assert_no_coordinates(server_side_text(tmp_path, cfg, output), locations)
-    assert [row["replies"] for row in report["rounds"]] == [3, 3]
+    assert coarse[index[2]] in [name.split("~")[0] for name in rounds[2]["sampled"]]  # queried and trained
     by_cell = {loc["cell"]: loc for loc in report["locations"]}
-    assert sorted(by_cell) == sorted(loc.cell for loc in locations)  # each device found its cell
-    assert all(loc["source"].startswith("folder ") for loc in by_cell.values())
-    assert by_cell[locations[2].cell]["unknown_species"] == {"Panthera leo": lions}
-    assert by_cell[locations[2].cell]["skipped"] == {"empty species folder 'Lynx lynx'": 1}
-    assert by_cell[locations[0].cell]["unknown_species"] == {}
-    assert [row["unknown_species_images"] for row in report["rounds"]] == [lions, lions]
-    assert report["final_accuracy"] > report["evaluations"]["0"]["accuracy"]
+    assert set(by_cell) == set(coarse)
+    assert all(loc["source"].startswith("folder ") for loc in by_cell.values())  # each trained on its own folder
+    assert by_cell[coarse[index[2]]]["unknown_species"] == {"Panthera leo": lions}
+    assert by_cell[coarse[index[2]]]["skipped"] == {"empty species folder 'Lynx lynx'": 1}
+    assert by_cell[coarse[index[0]]]["unknown_species"] == {}
+    assert rounds[0]["unknown_species_images"] == 0 and rounds[2]["unknown_species_images"] == lions
+    epsilons = [row["epsilon"] for row in rounds]
+    assert epsilons == sorted(epsilons) and report["privacy"]["epsilon"] == epsilons[-1] > 0
+    assert len({row["clip_norm"] for row in rounds}) == 3  # the adaptive clip moved every round
+    evaluations = report["evaluations"]
+    assert evaluations[str(len(rounds))]["server_accuracy"] > evaluations["0"]["server_accuracy"]
+    assert_no_coordinates(server_side_text(tmp_path, cfg, output), locations)
