@@ -12,7 +12,6 @@ import typer
 from rich.table import Table
 
 from geomoe.cli.options import CONFIG_OPTION, SET_OPTION, console
-from geomoe.wire.run_config import build_run_config
 
 app = typer.Typer(no_args_is_help=True, help="Datasets: export the synthetic world in published formats; prepare.")
 SHOWN_CLIENTS = 50  # rows of the client table; the rest are counted
@@ -29,6 +28,7 @@ def export(
     """Write the synthetic world in a published format (JPEGs + annotations), to run the real-data path."""
     from geomoe.sim.export import export_world, location_at
     from geomoe.sim.world import World
+    from geomoe.wire.run_config import build_run_config
 
     cfg = build_run_config(config, {}, set_)
     locations = None
@@ -50,6 +50,7 @@ def prepare(
 ) -> None:
     """Load and partition the run's dataset once; write the world file clients load; a table of clients."""
     from geomoe.sim.world import World
+    from geomoe.wire.run_config import build_run_config
 
     cfg = build_run_config(config, {}, set_)
     with console.status(f"loading {cfg.world.dataset} and partitioning it"):
@@ -78,6 +79,7 @@ def partition(
 ) -> None:
     """Partition a dataset into adaptive S2 cells and write a Hsu et al. split CSV."""
     from geomoe.sim.partition import write_partition
+    from geomoe.wire.run_config import build_run_config
 
     cfg = build_run_config(config, {"world.dataset": dataset, "world.n_max": nmax}, set_)
     data, _, rows = write_partition(cfg.world, out)

@@ -35,6 +35,16 @@ def test_help_lists_every_subcommand():
         assert command in result.output
 
 
+def test_the_command_line_starts_without_the_training_stack():
+    """`geomoe deploy status`, `geomoe --help` and a mistyped option answer at once: torch, timm and Flower load
+    only in the commands that use them (importing torch alone takes seconds, on a Pi far longer)."""
+    stack = "{'torch', 'timm', 'flwr'}"
+    code = f"import sys, geomoe.cli.main; print(sorted({{m.split('.')[0] for m in sys.modules}} & {stack}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("module", ["server", "client", "sim", "model"])
 def test_no_bare_top_level_modules_after_install(module, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only what is installed counts (Ray sets it)
