@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
 
 from geomoe.data.records import GeoRecords, check_coordinate
 
@@ -41,6 +40,8 @@ def load_gps(path: Path) -> dict[str, tuple[float, float]]:
 
 def camera_clusters(lat: np.ndarray, lon: np.ndarray, radius_km: float) -> np.ndarray:
     """Cluster id per point: cameras within `radius_km` of a chain of neighbours share a cluster."""
+    from scipy.cluster.hierarchy import fcluster, linkage  # here, not above: only iWildCam runs load SciPy
+
     if len(lat) == 1:
         return np.zeros(1, dtype=np.int64)
     xyz = np.stack(

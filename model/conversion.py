@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import AgglomerativeClustering, KMeans
 
 from geomoe.model.compute import model_device, on_device
 from geomoe.model.config import CLUSTERINGS, Clustering, ModelConfig
@@ -103,6 +102,10 @@ def representative_patches(embeddings: torch.Tensor, k: int, steps: int) -> torc
 
 def cluster_centroids(points: np.ndarray, num_clusters: int, method: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Centroids (E, C) and cluster of each point."""
+    # Imported here, not above: scikit-learn takes ~1 s to load, and every client process imports this module (the
+    # run config holds ConversionConfig) without ever clustering.
+    from sklearn.cluster import AgglomerativeClustering, KMeans
+
     if len(points) < num_clusters:
         raise ValueError(f"only {len(points)} representative patches for {num_clusters} experts: add sample images")
     if method == "ward":

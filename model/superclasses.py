@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import AgglomerativeClustering
 
 from geomoe.model.compute import model_device
 from geomoe.model.network import GeoMoENet
@@ -23,6 +22,8 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 def superclasses(confusion: np.ndarray, num_superclasses: int) -> np.ndarray:
     """Super-class of every class: average-linkage clustering on symmetrised, row-normalised confusion."""
+    from sklearn.cluster import AgglomerativeClustering  # here, not above: scikit-learn takes ~1 s to load
+
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     affinity = (rates + rates.T) / 2
     np.fill_diagonal(affinity, 1.0)

@@ -14,8 +14,11 @@ from ..data.test_images import write_photo
 SPECIES = ["species_00", "species_01", "species_02"]
 
 
-def test_the_client_app_imports_no_simulator():
-    code = "import sys, geomoe.client.client_app; print(sorted(m for m in sys.modules if m.startswith('geomoe.sim')))"
+def test_the_client_app_imports_no_simulator_and_no_clustering():
+    """A device loads only what it runs: neither the simulator nor scikit-learn (a second per process start; the
+    server clusters, clients never do)."""
+    unwanted = "m.startswith(('geomoe.sim', 'sklearn'))"
+    code = f"import sys, geomoe.client.client_app; print(sorted(m for m in sys.modules if {unwanted}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
