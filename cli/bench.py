@@ -80,6 +80,7 @@ def device(
             f"{name}/dense: parameters {ratio['parameters']:.2f}; latency per round, TorchScript "
             f"{_spread(ratio['torchscript_latency'])}, ONNX Runtime {_spread(ratio['onnx_latency'])}"
         )
+    console.print("mlp-free: the dense model with no transformer MLP, a latency floor for any expert layout")
     console.print(f"wrote {out}")
 
 
