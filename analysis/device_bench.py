@@ -62,9 +62,13 @@ def device_models(num_classes: int, num_experts: int, keep_per_layer: int, speci
     torch.manual_seed(0)
     dense = GeoMoENet(ModelConfig(num_classes=num_classes, moe_layers=(), head="bottleneck"))
     papers = moe(ModelConfig.moe_layers)
-    pruned_all = pruned(moe(EVERY_LAYER))
-    models = {"dense": dense, "moe": papers, "pruned": pruned(papers), "pruned-all": pruned_all,
-              "mlp-free": mlp_free(dense)}  # fmt: skip
+    models = {
+        "dense": dense,
+        "moe": papers,
+        "pruned": pruned(papers),
+        "pruned-all": pruned(moe(EVERY_LAYER)),
+        "mlp-free": mlp_free(dense),
+    }
     return {name: model.eval() for name, model in models.items()}
 
 

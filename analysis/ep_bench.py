@@ -36,15 +36,16 @@ def expert_server_processes(models: list[GeoMoENet], folder: Path) -> Iterator[l
     """`geomoe expert-server serve` of each model on a free loopback port, each a process of its own, all started
     at once (each imports torch and loads its model first); yields a client per server once all answer, and stops
     the processes on exit."""
+    command = [sys.executable, "-c", "from geomoe.cli.main import main; main()", "expert-server", "serve"]
     processes, peers = [], []
     try:
         for index, model in enumerate(models):
             path = folder / f"experts-{index}.pt"
             save_model(model, path)
             address = f"127.0.0.1:{free_port()}"
-            command = [sys.executable, "-c", "from geomoe.cli.main import main; main()", "expert-server", "serve"]
-            serve = [*command, "--model", str(path), "--address", address]
-            processes.append(subprocess.Popen(serve, stdout=subprocess.DEVNULL))
+            processes.append(
+                subprocess.Popen([*command, "--model", str(path), "--address", address], stdout=subprocess.DEVNULL)
+            )
             peers.append(PeerClient(address, backoff_s=0.0))
         deadline = time.monotonic() + SERVER_START_S
         for peer, process in zip(peers, processes, strict=True):

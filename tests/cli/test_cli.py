@@ -98,9 +98,9 @@ def test_print_config_round_trips(tmp_path):
 
 
 def test_bench_ep_writes_latencies_for_local_and_split_setups(tmp_path):
-    out = tmp_path / "ep.json"
     """Tiny sizes: every setup timed; each split's peers are live server processes (a peer may serve no patch of
     so few images, but some must), and the split's ratio to local is a spread over rounds."""
+    out = tmp_path / "ep.json"
     result = geomoe("bench", "ep", "--out", str(out), "--batch-size", "2", "--image-size", "32", "--repeats", "3")
     assert result.returncode == 0, result.stderr
     setups = json.loads(out.read_text())["setups"]
