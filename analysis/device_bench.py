@@ -80,15 +80,30 @@ def bench_device(
     num_experts: int = 64,
     keep_per_layer: int = 8,
     species: int = 100,
+    threads: int = 0,
 ) -> dict:
-    """Parameters and median single-image latency (ms) of each model under each runtime. Ratios are taken per
-    round (every model and runtime once, in an order reversed every other round), then the median and spread
-    over rounds: on a shared machine the load moves between rounds more than within one."""
+    """Parameters and median single-image latency (ms) of each model under each runtime, on `threads` threads
+    (0: torch's current number). Ratios are taken per round (every model and runtime once, in an order reversed
+    every other round), then the median and spread over rounds: on a shared machine the load moves between rounds
+    more than within one."""
     models = device_models(num_classes, num_experts, keep_per_layer, species)
+    previous_threads = torch.get_num_threads()
+    threads = threads or previous_threads
+    torch.set_num_threads(threads)  # TorchScript's; ONNX Runtime's are set per session
+    try:
+        result = _timed(models, folder, image_size, repeats, threads)
+    finally:
+        torch.set_num_threads(previous_threads)
+    result.update(num_classes=num_classes, num_experts=num_experts, keep_per_layer=keep_per_layer, species=species)
+    return result
+
+
+def _timed(models: dict[str, GeoMoENet], folder: Path, image_size: int, repeats: int, threads: int) -> dict:
+    """Each model exported to both runtimes and timed, interleaved; sizes, latencies and ratios to dense."""
     loaded = {}
     for name, model in models.items():
         loaded[(name, "torchscript")] = load_exported(export_torchscript(model, folder / f"{name}.pt", image_size))
-        loaded[(name, "onnx")] = load_exported(export_onnx(model, folder / f"{name}.onnx", image_size))
+        loaded[(name, "onnx")] = load_exported(export_onnx(model, folder / f"{name}.onnx", image_size), threads=threads)
     image = np.random.default_rng(0).random((1, 3, image_size, image_size), dtype=np.float32)
     times: dict[tuple[str, str], list[float]] = {key: [] for key in loaded}
     for key in loaded:  # warm-up: TorchScript's profiling executor optimises a graph after its first calls
@@ -106,11 +121,7 @@ def bench_device(
         "image_size": image_size,
         "rounds": repeats,
         "calls_per_round": CALLS_PER_ROUND,
-        "threads": torch.get_num_threads(),
-        "num_classes": num_classes,
-        "num_experts": num_experts,
-        "keep_per_layer": keep_per_layer,
-        "species": species,
+        "threads": threads,
         "models": {
             name: {
                 "parameters": parameter_count(model),

@@ -61,13 +61,14 @@ def device(
     experts: int = typer.Option(64, help="Experts per MoE layer."),
     keep: int = typer.Option(8, help="Experts per layer the cell's pruned model keeps."),
     species: int = typer.Option(100, help="Species of the cell's pruned head."),
+    threads: int = typer.Option(0, min=0, help="Threads of both runtimes (0: one per core); try your device's."),
 ) -> None:
     """Dense vs MoE vs a cell's pruned MoE on the device: parameters, and latency under TorchScript and ONNX
     Runtime."""
     from geomoe.analysis.device_bench import bench_device
 
     with tempfile.TemporaryDirectory(prefix="geomoe-bench-device-") as folder:
-        result = bench_device(Path(folder), image_size, repeats, classes, experts, keep, species)
+        result = bench_device(Path(folder), image_size, repeats, classes, experts, keep, species, threads)
     out.write_text(json.dumps(result, indent=2))
     table = Table(title=f"device models ({image_size} px, 1 image, {result['threads']} threads)")
     for column in ("model", "parameters", "TorchScript ms", "ONNX Runtime ms"):

@@ -25,12 +25,16 @@ CLASS_IDS_FILE = "class_ids.json"  # extra file inside a TorchScript export
 
 
 def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
+    """Frozen TorchScript for `image_size` px images: Debian's torch on a Pi runs it without timm. The tracer's
+    warnings are about what it bakes in as constants (the image size, the experts this model holds), which are
+    fixed for this export; torch's deprecation of TorchScript does not concern the torch 1.13 that runs it."""
     model = model.eval()
     example = torch.zeros(1, 3, image_size, image_size)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         traced = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
-    extra = {CLASS_IDS_FILE: json.dumps(model.head.class_ids.tolist())}
-    torch.jit.save(traced, str(path), _extra_files=extra)
+        extra = {CLASS_IDS_FILE: json.dumps(model.head.class_ids.tolist())}
+        torch.jit.save(traced, str(path), _extra_files=extra)
     return path
 
 

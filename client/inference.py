@@ -30,22 +30,24 @@ def runtime_of(path: Path) -> str:
     return "onnx" if path.suffix.lower() == ".onnx" else "torchscript"
 
 
-def load_exported(path: Path, runtime: str | None = None) -> ExportedModel:
+def load_exported(path: Path, runtime: str | None = None, threads: int = 0) -> ExportedModel:
     """The model at `path`, run by `runtime` (default: by suffix, `.onnx` through ONNX Runtime, anything else as
-    TorchScript). Both kinds carry the class id of each output inside the file."""
+    TorchScript). Both kinds carry the class id of each output inside the file. `threads`: ONNX Runtime's
+    intra-op threads (0: one per core); TorchScript runs on torch's threads, which are the process's to set."""
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
     runtime = runtime or runtime_of(path)
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
-    return _load_onnx(path) if runtime == "onnx" else _load_torchscript(path)
+    return _load_onnx(path, threads) if runtime == "onnx" else _load_torchscript(path)
 
 
-def _load_onnx(path: Path) -> ExportedModel:
+def _load_onnx(path: Path, threads: int) -> ExportedModel:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only
+    options.intra_op_num_threads = threads
     # Idle worker threads sleep instead of spinning: a camera classifies an image now and then and shares its
     # cores with capture and the uploader (spinning also starved any other runtime timed beside it).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from geomoe.analysis.bench import accuracy_at_budget, accuracy_by_upload, compare_strategies
 
@@ -69,12 +70,15 @@ def test_model_ratio_is_the_median_over_pairs_with_its_spread():
 
 
 def test_bench_device_times_every_model_under_both_runtimes(tmp_path):
-    """Small sizes: the JSON has both runtimes per model, and the pruned model is the smallest."""
+    """Small sizes, on one thread: the JSON has both runtimes per model, and the pruned model is the smallest;
+    the process keeps its own thread count."""
     from geomoe.analysis.device_bench import bench_device
 
     pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    threads = torch.get_num_threads()
     result = bench_device(tmp_path, image_size=64, repeats=2, num_classes=50, num_experts=8, keep_per_layer=2,
-                          species=5)  # fmt: skip
+                          species=5, threads=1)  # fmt: skip
+    assert result["threads"] == 1 and torch.get_num_threads() == threads
     assert set(result["models"]) == {"dense", "moe", "pruned", "pruned-all", "mlp-free"}
     for row in result["models"].values():
         assert row["torchscript_ms"] > 0 and row["onnx_ms"] > 0

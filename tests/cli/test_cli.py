@@ -228,3 +228,23 @@ def test_an_override_that_would_be_overwritten_is_refused():
     honoured = geomoe("sim", "--set", "conversion.num_experts=8", "--print-config")
     assert "num_experts = 8" in honoured.stdout.split("[conversion]")[1].split("[train]")[0]
     assert "num_experts" not in honoured.stdout.split("[model]")[1].split("[conversion]")[0]
+
+
+def test_device_export_writes_a_model_that_classifies_and_says_only_that(tmp_path):
+    """The tracer's and torch's deprecation warnings are not the user's business: the console shows what was
+    written and nothing else."""
+    import numpy as np
+
+    from geomoe.client.inference import load_exported
+    from geomoe.model.config import ModelConfig
+    from geomoe.model.network import GeoMoENet
+    from geomoe.server.checkpoint import save_model
+
+    torch.manual_seed(0)
+    save_model(GeoMoENet(ModelConfig(num_classes=8, num_experts=6)), tmp_path / "m.pt")
+    result = geomoe("device", "export", "--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.ts"))
+    assert result.returncode == 0, result.stderr
+    console = (result.stdout + result.stderr).strip()
+    assert console.startswith("wrote") and len(console.splitlines()) == 1, console
+    exported = load_exported(tmp_path / "m.ts")
+    assert exported.predict(np.zeros((2, 3, 64, 64), np.float32)).shape == (2, len(exported.class_ids))
