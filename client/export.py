@@ -31,7 +31,8 @@ def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
     model = model.eval()
     example = torch.zeros(1, 3, image_size, image_size)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
         extra = {CLASS_IDS_FILE: json.dumps(model.head.class_ids.tolist())}
         torch.jit.save(traced, str(path), _extra_files=extra)
@@ -66,7 +67,10 @@ def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
 
 
 def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, list[int]]:
-    """The exported module and the global class id of each output."""
+    """The exported module and the global class id of each output (torch's TorchScript deprecation, as on export,
+    is not the camera's concern)."""
     extra = {CLASS_IDS_FILE: ""}
-    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return module.eval(), json.loads(extra[CLASS_IDS_FILE])
