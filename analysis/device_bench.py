@@ -89,8 +89,7 @@ def bench_device(
     models = device_models(num_classes, num_experts, keep_per_layer, species)
     previous_threads = torch.get_num_threads()
     threads = threads or previous_threads
-    torch.set_num_threads(threads)  # TorchScript's; ONNX Runtime's are set per session
-    try:
+    try:  # loading a TorchScript export sets torch's threads for the whole process: put them back after
         result = _timed(models, folder, image_size, repeats, threads)
     finally:
         torch.set_num_threads(previous_threads)
@@ -102,7 +101,8 @@ def _timed(models: dict[str, GeoMoENet], folder: Path, image_size: int, repeats:
     """Each model exported to both runtimes and timed, interleaved; sizes, latencies and ratios to dense."""
     loaded = {}
     for name, model in models.items():
-        loaded[(name, "torchscript")] = load_exported(export_torchscript(model, folder / f"{name}.pt", image_size))
+        torchscript = export_torchscript(model, folder / f"{name}.pt", image_size)
+        loaded[(name, "torchscript")] = load_exported(torchscript, threads=threads)
         loaded[(name, "onnx")] = load_exported(export_onnx(model, folder / f"{name}.onnx", image_size), threads=threads)
     image = np.random.default_rng(0).random((1, 3, image_size, image_size), dtype=np.float32)
     times: dict[tuple[str, str], list[float]] = {key: [] for key in loaded}

@@ -24,13 +24,15 @@ def run(
     image_size: int = typer.Option(64, help="Image side the model expects."),
     once: bool = typer.Option(False, help="Classify what is there now, then exit."),
     settle_s: float = typer.Option(1.0, help="Wait this long after an image was last written."),
+    threads: int = typer.Option(0, min=0, help="The model's threads (0: one per core); fewer leave cores free."),
 ) -> None:
     """Classify every new image of a folder with the location's model; resumes after power loss."""
     from geomoe.client.device_runtime import DeviceConfig, DeviceRuntime
 
     if not watch.is_dir():
         raise click.BadParameter(f"{watch} is not a folder", param_hint="--watch")
-    runtime = DeviceRuntime(DeviceConfig(watch, model, results, max_watch_mb, top_k, image_size, settle_s=settle_s))
+    cfg = DeviceConfig(watch, model, results, max_watch_mb, top_k, image_size, settle_s=settle_s, threads=threads)
+    runtime = DeviceRuntime(cfg)
     if once:
         console.print(f"classified {runtime.run_once()} images into {results}")
         return

@@ -44,6 +44,7 @@ class DeviceConfig:
     image_size: int = 64  # side the model expects
     poll_s: float = 2.0  # how often to look for new images
     settle_s: float = 1.0  # an image younger than this may still be being written: wait for it
+    threads: int = 0  # the model's threads (0: one per core); fewer leave cores to capture and upload
 
 
 def install_model(source: BinaryIO, target: Path, check: Callable[[Path], object] | None = None) -> None:
@@ -110,7 +111,7 @@ class DeviceRuntime:
     def _load_model(self) -> None:
         mtime = self.cfg.model.stat().st_mtime
         if mtime != self._model_mtime:
-            self.model = load_exported(self.cfg.model)
+            self.model = load_exported(self.cfg.model, threads=self.cfg.threads)
             self._model_mtime = mtime
 
     def _image(self, path: Path) -> np.ndarray:

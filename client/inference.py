@@ -32,14 +32,14 @@ def runtime_of(path: Path) -> str:
 
 def load_exported(path: Path, runtime: str | None = None, threads: int = 0) -> ExportedModel:
     """The model at `path`, run by `runtime` (default: by suffix, `.onnx` through ONNX Runtime, anything else as
-    TorchScript). Both kinds carry the class id of each output inside the file. `threads`: ONNX Runtime's
-    intra-op threads (0: one per core); TorchScript runs on torch's threads, which are the process's to set."""
+    TorchScript). Both kinds carry the class id of each output inside the file. `threads` (0: one per core): ONNX
+    Runtime's intra-op threads for this session; for TorchScript, torch's threads, which are the whole process's."""
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
     runtime = runtime or runtime_of(path)
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
-    return _load_onnx(path, threads) if runtime == "onnx" else _load_torchscript(path)
+    return _load_onnx(path, threads) if runtime == "onnx" else _load_torchscript(path, threads)
 
 
 def _load_onnx(path: Path, threads: int) -> ExportedModel:
@@ -59,10 +59,13 @@ def _load_onnx(path: Path, threads: int) -> ExportedModel:
     return ExportedModel(lambda images: session.run(None, {name: images})[0], json.loads(metadata[CLASS_IDS]), "onnx")
 
 
-def _load_torchscript(path: Path) -> ExportedModel:
+def _load_torchscript(path: Path, threads: int) -> ExportedModel:
     import torch
 
     from geomoe.client.export import load_torchscript
+
+    if threads:
+        torch.set_num_threads(threads)
 
     module, class_ids = load_torchscript(path)
 

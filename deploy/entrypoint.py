@@ -1,7 +1,7 @@
 """Container entry point: `supernode`, `superlink`, `serverapp`, `expert-server` or `runtime`, configured by
 environment (GEOMOE_LAT, GEOMOE_LON, GEOMOE_SUPERLINK, GEOMOE_TLS, GEOMOE_APPIO_PORT, GEOMOE_DATA, GEOMOE_MODEL: a
-runtime's model, default /data/model.ts) and the /data volume, where `geomoe deploy up` puts the fleet's
-certificates (/data/certs) when TLS is on.
+runtime's model, default /data/model.ts, GEOMOE_THREADS: its threads, default one per core) and the /data volume,
+where `geomoe deploy up` puts the fleet's certificates (/data/certs) when TLS is on.
 
 A SuperNode trains on the labelled images at GEOMOE_DATA (the fleet mounts the device's folder there). For a
 trial without real images, GEOMOE_DEMO_DATA=1 first writes the synthetic world's images of the device's
@@ -76,7 +76,8 @@ def command(role: str, env: dict[str, str]) -> list[str]:
         # import (no torch, no Flower), so not the whole `geomoe` command line.
         model = env.get("GEOMOE_MODEL", "/data/model.ts")
         files = ["--watch", "/data/images", "--model", model, "--results", "/data/results.jsonl"]
-        return [sys.executable, "-m", "geomoe.cli.device", "run", *files]
+        threads = ["--threads", env["GEOMOE_THREADS"]] if "GEOMOE_THREADS" in env else []
+        return [sys.executable, "-m", "geomoe.cli.device", "run", *files, *threads]
     raise SystemExit(f"unknown role {role!r}: use supernode, superlink, serverapp, expert-server or runtime")
 
 

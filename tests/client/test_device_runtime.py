@@ -52,6 +52,21 @@ def test_each_image_is_classified_once_with_top_species(tmp_path, exported):
     assert all(len(r["top"]) == 3 and {t["species"] for t in r["top"]} <= {1, 4, 6, -1} for r in rows)
 
 
+def test_a_camera_can_leave_cores_to_capture_and_upload(tmp_path, exported):
+    """`threads` caps the model's threads (TorchScript's are torch's, the process's) and changes no result."""
+    write_images(tmp_path / "watch", 3)
+    assert runtime_for(tmp_path, exported).run_once() == 3
+    everywhere = results(tmp_path)
+    (tmp_path / "results.jsonl").unlink()
+    threads = torch.get_num_threads()
+    try:
+        assert runtime_for(tmp_path, exported, threads=1).run_once() == 3
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["image"], r["top"]) for r in results(tmp_path)] == [(r["image"], r["top"]) for r in everywhere]
+
+
 def test_a_torn_result_line_is_cut_and_the_run_resumes(tmp_path, exported):
     write_images(tmp_path / "watch", 4)
     runtime_for(tmp_path, exported).run_once()

@@ -252,6 +252,8 @@ def test_entrypoint_roles():
         runtime[1:4] == ["-m", "geomoe.cli.device", "run"] and runtime[runtime.index("--model") + 1] == "/data/model.ts"
     )
     onnx = command("runtime", {**env, "GEOMOE_MODEL": "/data/model.onnx"})  # the runtime-only image's
-    assert onnx[onnx.index("--model") + 1] == "/data/model.onnx"
+    assert onnx[onnx.index("--model") + 1] == "/data/model.onnx" and "--threads" not in onnx
+    one_core = command("runtime", {**env, "GEOMOE_THREADS": "1"})  # the rest left to capture and upload
+    assert one_core[one_core.index("--threads") + 1] == "1"
     with pytest.raises(SystemExit, match="unknown role"):
         command("camera", env)
