@@ -99,3 +99,31 @@ def test_remove_policy_zeroes_patches_of_absent_experts():
     removed = choice != kept[0]
     assert removed.any()
     assert torch.all(out.permute(0, 3, 1, 2)[removed] == 0)
+
+
+def test_routing_is_a_softmax_over_every_experts_cosine_similarity_and_the_best_held_expert_wins():
+    """The papers' router, written out: cosine similarity between the min-max-scaled patch embedding and each
+    centroid over a temperature, a softmax over all global experts; a layer holding some of them routes to its best
+    one with the gate it has in that softmax, and knows when an expert it lacks would have won."""
+    full = make_layer(gate_temperature=0.3)
+    with torch.no_grad():
+        full.scale_min.uniform_(-2, -1)
+        full.scale_max.uniform_(1, 2)
+    held, absent = [1, 3], [0, 2]
+    layer = MoEMlp(dim=8, expert_ids=held, num_global_experts=4, gate_temperature=0.3)
+    layer.load_state_dict({**layer.state_dict(), "scale_min": full.scale_min, "scale_max": full.scale_max})
+    with torch.no_grad():
+        layer.centroids.copy_(full.centroids[held])
+        layer.absent_centroids.copy_(full.centroids[absent])
+    patch_embedding = torch.randn(3, 40, 8)
+    scaled = (patch_embedding - full.scale_min) / (full.scale_max - full.scale_min)
+    probs = (F.cosine_similarity(scaled[..., None, :], full.centroids, dim=-1) / 0.3).softmax(dim=-1)  # (B, N, 4)
+
+    routing = layer.route(patch_embedding)
+    gate, local = probs[..., held].max(dim=-1)
+    torch.testing.assert_close(routing.choice, local)
+    torch.testing.assert_close(routing.gate, gate)
+    torch.testing.assert_close(routing.absent_gate, probs[..., absent].max(dim=-1).values)
+    wants_absent = torch.isin(probs.argmax(dim=-1), torch.tensor(absent))
+    assert torch.equal(routing.wants_absent, wants_absent) and 0 < wants_absent.sum() < wants_absent.numel()
+    torch.testing.assert_close(full.route(patch_embedding).gate, probs.max(dim=-1).values)
