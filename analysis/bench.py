@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geomoe.model.compute import Precision, autocast, resolve_device
+from geomoe.model.compute import Precision, autocast, resolve_device, reuse_freed_memory
 from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet
 from geomoe.wire.run_config import RunConfig
@@ -64,7 +64,8 @@ def bench_model(
     """Dense vs MoE (16 experts at 1,3,5,7, d_e 2) forward+backward per device: `pairs` interleaved dense/MoE
     steps (after warm-up steps), so that a load change on a shared machine hits both sides of a pair; the ratio is
     the median over pairs, with its spread. `compile_mode` (torch.compile's mode: "default", "reduce-overhead",
-    "max-autotune"; "" = eager) compiles both; `precision` "bf16" runs them under bf16 autocast."""
+    "max-autotune"; "" = eager) compiles both; `precision` "bf16" runs them under bf16 autocast. On the CPU, freed
+    memory is kept for reuse, as training does by default (`train.reuse_cpu_memory`)."""
     result: dict = {
         "batch_size": batch_size,
         "image_size": image_size,
@@ -76,6 +77,8 @@ def bench_model(
         "devices": {},
     }
     for device in devices:
+        if device == "cpu":
+            result["cpu_memory_reused"] = reuse_freed_memory()
         torch.manual_seed(0)
         dense = GeoMoENet(ModelConfig(num_classes=182, moe_layers=())).to(device).train()
         moe = GeoMoENet(ModelConfig(num_classes=182)).to(device).train()

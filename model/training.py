@@ -14,7 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from geomoe.model.compute import PRECISIONS, Precision, autocast, model_device, on_device, resolve_device, to_device
+from geomoe.model.compute import (
+    PRECISIONS,
+    Precision,
+    autocast,
+    model_device,
+    on_device,
+    resolve_device,
+    reuse_freed_memory,
+    to_device,
+)
 from geomoe.model.location import LocationSupervision
 from geomoe.model.moe_layer import MoEMlp
 from geomoe.model.network import GeoMoENet
@@ -38,6 +47,7 @@ class TrainConfig:
     prox_mu: float = 0.0  # FedProx: mu/2 * ||w - w_received||^2 on the trained parameters; 0 = plain local SGD
     device: str = "auto"  # where this process trains and evaluates: auto (CUDA when visible) | cpu | cuda | cuda:N
     precision: Precision = "fp32"  # "bf16": training steps under bf16 autocast (GPUs with bf16; slower on most CPUs)
+    reuse_cpu_memory: bool = True  # CPU: malloc keeps freed activations for the next step (compute.reuse_freed_memory)
     seed: int = 0  # data order and dropout
 
     def __post_init__(self) -> None:
@@ -76,6 +86,8 @@ def train_epochs(
     exactly the global one.
     """
     device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.reuse_cpu_memory:
+        reuse_freed_memory()
     with on_device(device, model, location):
         return _train_on(device, model, loader, cfg, trainable, location, freeze_norm_stats, superclasses)
 
