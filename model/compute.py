@@ -1,4 +1,5 @@
-"""Where a process computes: the device a run names (`train.device`), and bf16 autocast (`train.precision`).
+"""Where a process computes: the device a run names (`train.device`), bf16 autocast (`train.precision`), and whether
+its CPU memory is kept for reuse between steps (`train.reuse_cpu_memory`).
 
 Models live on the CPU between steps (state dicts, deltas and checkpoints are CPU tensors everywhere else);
 work that benefits from a GPU moves the model there for its duration (`on_device`) and each batch as it
