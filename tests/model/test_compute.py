@@ -1,5 +1,5 @@
-"""Where training and evaluation compute: the device a run names, bf16 autocast, and (where a GPU exists) CUDA
-giving what the CPU gives, with models and deltas back on the CPU."""
+"""Where training and evaluation compute: the device a run names, bf16 autocast, CPU memory kept for reuse between
+steps, and (where a GPU exists) CUDA giving what the CPU gives, with models and deltas back on the CPU."""
 
 import subprocess
 import sys
