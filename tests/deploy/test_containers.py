@@ -27,7 +27,7 @@ from geomoe.sim.world import World
 from geomoe.wire.run_config import to_toml
 
 from ..integration.conftest import SMALL_RUN, free_port, small_config
-from .test_fleet import docker_client
+from .test_fleet import docker_client, image_build
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,10 +73,9 @@ def read_file(container, path: str) -> str:
 def image():
     """The amd64 image, built from this checkout on the locally built Debian base."""
     client, base = docker_client()
-    client.images.build(
-        path=str(ROOT), dockerfile="deploy/Dockerfile", buildargs={"BASE": base}, tag=IMAGE, network_mode="host"
-    )
-    return client
+    client.images.build(**image_build(base, "deploy/Dockerfile", IMAGE))
+    yield client
+    client.images.remove(IMAGE, force=True)
 
 
 @pytest.fixture

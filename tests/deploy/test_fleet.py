@@ -4,6 +4,7 @@ import io
 import os
 import tarfile
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -162,6 +163,17 @@ def docker_client():
     except docker.errors.ImageNotFound:
         pytest.skip(f"base image {base} missing: build it with deploy/base_image.sh")
     return client, base
+
+
+def image_build(base: str, dockerfile: str, tag: str) -> dict:
+    """Arguments for `client.images.build` of one of deploy/'s Dockerfiles from this checkout.
+
+    The Docker SDK keeps every intermediate container unless told otherwise (`rm=False`, unlike the
+    CLI): about 100 of them, 14 GB, per test run. `forcerm` removes them after a failed step too.
+    """
+    root = Path(__file__).resolve().parents[2]
+    build = dict(path=str(root), dockerfile=dockerfile, buildargs={"BASE": base}, tag=tag, network_mode="host")
+    return build | {"rm": True, "forcerm": True}
 
 
 @pytest.mark.docker

@@ -18,10 +18,9 @@ from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet, prune_head
 
 from ..client.test_device_runtime import write_images
-from .test_fleet import docker_client
+from .test_fleet import docker_client, image_build
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
-ROOT = Path(__file__).resolve().parents[2]
 SIZE_LIMIT_MB = 400
 TRAINING_STACK = ("torch", "timm", "torchvision", "cv2", "flwr")
 
@@ -48,9 +47,7 @@ def camera_folder():
 def test_runtime_image_is_small_has_no_training_stack_and_classifies_like_this_machine(camera_folder, tmp_path):
     client, base = docker_client()
     tag = f"geomoe-camera-test:{uuid.uuid4().hex[:8]}"
-    image, _ = client.images.build(
-        path=str(ROOT), dockerfile="deploy/Dockerfile.runtime", buildargs={"BASE": base}, tag=tag, network_mode="host"
-    )
+    image, _ = client.images.build(**image_build(base, "deploy/Dockerfile.runtime", tag))
     try:
         size_mb = image.attrs["Size"] / 1e6
         assert size_mb < SIZE_LIMIT_MB, f"runtime image is {size_mb:.0f} MB"
