@@ -71,11 +71,19 @@ def read_file(container, path: str) -> str:
 
 @pytest.fixture(scope="module")
 def image():
-    """The amd64 image, built from this checkout on the locally built Debian base."""
+    """The amd64 image, built from this checkout on the locally built Debian base. The tag stays as the next run's
+    layer cache (its apt layer alone takes minutes to build); the image it replaces goes."""
+    import docker
+
     client, base = docker_client()
-    client.images.build(**image_build(base, "deploy/Dockerfile", IMAGE))
-    yield client
-    client.images.remove(IMAGE, force=True)
+    try:
+        previous = client.images.get(IMAGE).id
+    except docker.errors.ImageNotFound:
+        previous = None
+    built, _ = client.images.build(**image_build(base, "deploy/Dockerfile", IMAGE))
+    if previous not in (None, built.id):
+        client.images.remove(previous)
+    return client
 
 
 @pytest.fixture
