@@ -47,13 +47,15 @@ def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
     example = torch.zeros(1, 3, image_size, image_size)
     names = {"input_names": ["images"], "output_names": ["logits"]}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        from geomoe.client.onnx_lowering import LOWERINGS
+
         batch = torch.export.Dim("batch", min=1, max=1024)
         # Its progress lines and its warning about the routers' debug attributes (last_choice, set in forward
         # and not part of the graph) say nothing to the user.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes={"images": {0: batch}},
-                              verbose=False, **names)  # fmt: skip
+                              custom_translation_table=LOWERINGS, verbose=False, **names)  # fmt: skip
     else:
         torch.onnx.export(model, (example,), str(path), dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                           **names)  # fmt: skip

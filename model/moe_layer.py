@@ -135,17 +135,18 @@ class MoEMlp(nn.Module):
         """gate * ((1 - gamma) * MLP_e(x) + gamma * x_corr_e) for tokens (B, C, P, N), the routed expert `choice` and
         its `gate` (B, N). Both expert layers are 1x1 convolutions over every expert's hidden units, in the block's
         own channel-first layout: a token-last layout costs two full-tensor transposes per layer, which on one
-        camera image took longer than the experts themselves. The gate and 1 - gamma ride on the routing mask, and
-        the second bias and the correction on one per-patch shift, so past the two convolutions the (B, C, P, N)
-        tensor is touched once."""
+        camera image took longer than the experts themselves. The gate rides on the routing mask, 1 - gamma on the
+        second layer's weights, and its bias and the correction on one per-patch shift, so past the two
+        convolutions the (B, C, P, N) tensor is touched once."""
         weight1, bias1 = self.folded_first_layer()
         B, C, P, N = tokens.shape
         hidden = F.silu(F.conv2d(tokens, weight1, bias1)).view(B, self.num_held, -1, P, N)  # (B, E, H, P, N)
-        routed = F.one_hot(choice, self.num_held).to(hidden.dtype) * gate[..., None]  # (B, N, E)
-        mask = (routed * (1 - self.gamma)).transpose(1, 2)[:, :, None, None, :]  # (B, E, 1, 1, N)
-        shift = routed @ ((1 - self.gamma)[:, None] * self.b2 + self.gamma[:, None] * self.x_corr)  # (B, N, C)
-        weight2 = self.w2.reshape(-1, C).T[:, :, None, None]  # (C, E*H, 1, 1)
-        return F.conv2d((hidden * mask).view(B, -1, P, N), weight2) + shift.transpose(1, 2)[:, :, None, :]
+        experts = torch.arange(self.num_held, device=choice.device)
+        routed = torch.where(choice[..., None] == experts, gate[..., None], 0.0).to(hidden.dtype).transpose(1, 2)
+        shift = ((1 - self.gamma)[:, None] * self.b2 + self.gamma[:, None] * self.x_corr).T @ routed  # (B, C, N)
+        weight2 = (self.w2 * (1 - self.gamma)[:, None, None]).reshape(-1, C).T[:, :, None, None]  # (C, E*H, 1, 1)
+        masked = hidden * routed[:, :, None, None, :]  # (B, E, H, P, N)
+        return F.conv2d(masked.view(B, -1, P, N), weight2) + shift[:, :, None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, P, N = x.shape

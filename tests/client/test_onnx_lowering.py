@@ -1,0 +1,70 @@
+"""The ONNX lowerings write the MoE layer's norm and patch mean in other operations with the same results, and
+leave every other norm and mean to the exporter's defaults."""
+
+import contextlib
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+lowering = pytest.importorskip("geomoe.client.onnx_lowering")
+
+
+class Apply(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def exported_ops_and_outputs(tmp_path, module: nn.Module, x: torch.Tensor) -> tuple[list[str], np.ndarray]:
+    """Operation types of the lowered ONNX export and what ONNX Runtime computes from `x`."""
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(), (x,), str(path), dynamo=True, custom_translation_table=lowering.LOWERINGS, verbose=False
+        )
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ops, session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+X = torch.randn(2, 8, 4, 6, generator=torch.Generator().manual_seed(0)) * 3 + 1  # (B, C, P, N)
+
+
+def test_affine_free_one_group_norm_is_a_bare_instance_norm(tmp_path):
+    ops, out = exported_ops_and_outputs(tmp_path, Apply(lambda x: F.group_norm(x, 1, eps=1e-5)), X)
+    assert ops.count("InstanceNormalization") == 1 and "Mul" not in ops and "Add" not in ops
+    np.testing.assert_allclose(out, F.group_norm(X, 1, eps=1e-5).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_norm_with_an_affine_or_several_groups_keeps_the_default(tmp_path):
+    norm = nn.GroupNorm(2, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0), norm.bias.uniform_(-1.0, 1.0)
+    ops, out = exported_ops_and_outputs(tmp_path, norm, X)
+    assert "Mul" in ops and "Add" in ops
+    with torch.no_grad():
+        np.testing.assert_allclose(out, norm(X).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_mean_over_the_pixel_axis_is_an_average_pool(tmp_path):
+    ops, out = exported_ops_and_outputs(tmp_path, Apply(lambda x: x.mean(dim=2)), X)
+    assert "AveragePool" in ops and "ReduceMean" not in ops
+    np.testing.assert_allclose(out, X.mean(dim=2).numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [(2, 3), 3, 1])
+def test_other_means_keep_the_default(tmp_path, dims):
+    ops, out = exported_ops_and_outputs(tmp_path, Apply(lambda x: x.mean(dim=dims)), X)
+    assert "AveragePool" not in ops and "ReduceMean" in ops
+    np.testing.assert_allclose(out, X.mean(dim=dims).numpy(), rtol=1e-6, atol=1e-6)
