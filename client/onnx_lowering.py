@@ -32,10 +32,8 @@ def mean_dim(self, dim, keepdim: bool = False, dtype: int = -1):
     """aten.mean.dim; over the pixel axis of a 4-d tensor with a known pixel count, an AveragePool."""
     axes = [dim] if isinstance(dim, int) else list(dim or [])
     shape = self.shape
-    if shape is None or len(shape) != 4 or dtype not in (-1, None) or axes not in ([PIXEL_AXIS], [PIXEL_AXIS - 4]):
-        return aten_mean_dim(self, dim, keepdim, dtype)
-    pixels = shape[PIXEL_AXIS]
-    if not isinstance(pixels, int):
+    pixels = shape[PIXEL_AXIS] if shape is not None and len(shape) == 4 else None
+    if not isinstance(pixels, int) or dtype not in (-1, None) or axes not in ([PIXEL_AXIS], [PIXEL_AXIS - 4]):
         return aten_mean_dim(self, dim, keepdim, dtype)
     pooled = op.AveragePool(self, kernel_shape=[pixels, 1])
     return pooled if keepdim else op.Squeeze(pooled, op.Constant(value_ints=[PIXEL_AXIS]))

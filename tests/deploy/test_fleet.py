@@ -172,8 +172,8 @@ def image_build(base: str, dockerfile: str, tag: str) -> dict:
     CLI): about 100 of them, 14 GB, per test run. `forcerm` removes them after a failed step too.
     """
     root = Path(__file__).resolve().parents[2]
-    build = dict(path=str(root), dockerfile=dockerfile, buildargs={"BASE": base}, tag=tag, network_mode="host")
-    return build | {"rm": True, "forcerm": True}
+    return dict(path=str(root), dockerfile=dockerfile, buildargs={"BASE": base}, tag=tag, network_mode="host",
+                rm=True, forcerm=True)  # fmt: skip
 
 
 @pytest.mark.docker
