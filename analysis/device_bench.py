@@ -1,6 +1,6 @@
 """`geomoe bench device`: what a camera runs, measured in one run: the dense model, the global MoE and a cell's
-pruned MoE (the papers' 5089-class bottleneck head by default), each exported to TorchScript and to ONNX and
-timed on single images (a camera classifies one at a time) with both runtimes, interleaved.
+pruned MoE (the papers' 5089-class bottleneck head and rank-8 gate by default), each exported to TorchScript and to
+ONNX and timed on single images (a camera classifies one at a time) with both runtimes, interleaved.
 
 Two expert layouts are pruned: the papers' experts at transformer layers 1, 3, 5, 7 ("pruned"), and experts in
 place of every transformer MLP ("pruned-all", the layout of Mensah et al.'s Table 3 MoE-MLP2), because the first
@@ -29,6 +29,7 @@ from geomoe.model.experts import prune_model
 from geomoe.model.network import GeoMoENet, prune_head, transformer_layers
 
 EVERY_LAYER = tuple(range(9))  # MobileViTV2's nine transformer layers
+GATE_RANK = 8  # the geographic paper's low-rank gate
 WARM_UP_CALLS = 5
 CALLS_PER_ROUND = 5  # one image at a time, timed together: a single call's time swings 3x on a shared machine
 
@@ -53,7 +54,9 @@ def device_models(num_classes: int, num_experts: int, keep_per_layer: int, speci
     experts per layer and a head of `species` classes + "other"), and the MLP-free bound."""
 
     def moe(layers: tuple[int, ...]) -> GeoMoENet:
-        return GeoMoENet(ModelConfig(num_classes, num_experts=num_experts, head="bottleneck", moe_layers=layers))
+        return GeoMoENet(
+            ModelConfig(num_classes, num_experts=num_experts, head="bottleneck", moe_layers=layers, gate_rank=GATE_RANK)
+        )
 
     def pruned(model: GeoMoENet) -> GeoMoENet:
         keep = {layer: list(range(keep_per_layer)) for layer in model.cfg.moe_layers}

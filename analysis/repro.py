@@ -1,11 +1,12 @@
 """`geomoe repro`: the geographic MoE paper's comparison (Mensah et al. 2025, Table 3 and the per-cell results)
 on the user's iNaturalist 2017 files and Hsu et al.'s published iNat-Geo split.
 
-The papers' configuration: 64 experts in transformer layers 1, 3, 5, 7 with d_e = 2 hidden units, the bottleneck
-head (256 -> 1024 -> 256 -> classes), N_max = 10,000. The dense MobileViTV2 is pretrained on the server's share,
-converted, trained federated over the split's cells; then for each cell the dense model, the global MoE and the
-cell's pruned MoE (its experts at the 90th percentile, its species' head rows) are compared on the cell's test
-images, with parameter and FLOP counts, so that a user with the data can read it against the paper line by line.
+The papers' configuration: 64 experts in transformer layers 1, 3, 5, 7 with d_e = 2 hidden units and a rank-8 gate,
+the bottleneck head (256 -> 1024 -> 256 -> classes), N_max = 10,000. The dense MobileViTV2 is pretrained on the
+server's share, converted, trained federated over the split's cells; then for each cell the dense model, the global
+MoE and the cell's pruned MoE (its experts at the 90th percentile, its species' head rows) are compared on the
+cell's test images, with parameter and FLOP counts, so that a user with the data can read it against the paper line
+by line.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ PAPER_SETTINGS = [
     "conversion.moe_layers=[1, 3, 5, 7]",
     "conversion.expert_hidden=2",
     'model.head="bottleneck"',
+    "model.gate_rank=8",
 ]
 PERCENTILE = 90.0
 

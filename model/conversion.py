@@ -2,7 +2,8 @@
 
 1. Collect the dense model's pre-MLP patch embeddings on sample images at several scales.
 2. Algorithm 1: per class, the K patches most similar to each other, refined in T steps.
-3. Fit the router's min-max scaler on that sample; Ward (or k-means) clustering -> E centroids.
+3. Fit the router's min-max scaler on that sample; Ward (or k-means) clustering -> E centroids (and, for a
+   low-rank gate, the projection that best keeps them).
 4. MoEfication: each expert keeps the d_e dense hidden units most active on its patches; its input
    affine starts from the dense norm; X_corr is the dense MLP output at its centroid.
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from geomoe.model.compute import model_device, on_device
 from geomoe.model.config import CLUSTERINGS, Clustering, ModelConfig
+from geomoe.model.moe_layer import low_rank_gate
 from geomoe.model.network import GeoMoENet, transformer_layers
 
 
@@ -168,6 +170,8 @@ def init_layer(module, dense_block, sample: LayerSample, cfg: ConversionConfig) 
     scaled = module.scale(embeddings[chosen]).numpy()
     centroids, assignment = cluster_centroids(scaled, module.num_held, cfg.clustering, cfg.seed)
     module.centroids.copy_(torch.from_numpy(centroids))
+    if module.gate_proj is not None:
+        module.gate_proj.copy_(low_rank_gate(module.centroids, module.gate_proj.shape[1]))
     # Every collected patch goes where the router will send it; MoEfication uses those tokens.
     routed = module.route(embeddings[None]).choice
     routed = routed[0]

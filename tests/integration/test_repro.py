@@ -35,4 +35,5 @@ def test_repro_writes_the_papers_table_for_every_cell(tmp_path, model_cache):
         assert pruned["parameters"] < moe["parameters"] and pruned["mflops"] <= moe["mflops"]
         assert all(0.0 <= m["accuracy"] <= 1.0 for m in row["models"])
     assert compared["settings"][0] == 'world.dataset="hsu"'
-    assert '"bottleneck"' in (tmp_path / "repro" / "flower" / "run.toml").read_text()
+    run_toml = (tmp_path / "repro" / "flower" / "run.toml").read_text()
+    assert '"bottleneck"' in run_toml and "gate_rank = 8" in run_toml

@@ -4,7 +4,14 @@ import torch
 
 from geomoe.data.synthetic import SyntheticConfig, SyntheticGeoSpecies
 from geomoe.model.config import ModelConfig
-from geomoe.model.conversion import ConversionConfig, convert_to_moe, representative_patches, resample_classes
+from geomoe.model.conversion import (
+    ConversionConfig,
+    collect_patches,
+    convert_to_moe,
+    representative_patches,
+    resample_classes,
+)
+from geomoe.model.moe_layer import unit
 from geomoe.model.network import GeoMoENet
 from geomoe.model.training import TrainConfig, evaluate, train_epochs
 
@@ -57,3 +64,23 @@ def test_conversion_gives_nonempty_experts_and_keeps_accuracy(trained_dense, clu
         assert torch.all(module.scale_max >= module.scale_min)
     used = moe.moe_layers()[1].last_choice.unique()
     assert len(used) == 8, "every expert of the first MoE layer receives patches"
+
+
+def test_a_low_rank_gate_is_fitted_to_the_centroids(trained_dense):
+    """With rank = experts the fitted projection spans every centroid, so each sample patch goes to the expert the
+    full-width cosine router sends it to (a random projection to 8 of 64+ dimensions routes a third of them
+    elsewhere); at rank 4 the model still classifies as the full-width conversion does."""
+    dense, images, labels, test_loader = trained_dense
+    full_rank = ConversionConfig(num_experts=8)
+    samples = collect_patches(dense, images, labels, full_rank)
+    for rank in (8, 4):
+        low_rank = GeoMoENet(ModelConfig(num_classes=12, moe_layers=(), gate_rank=rank))
+        low_rank.load_state_dict(dense.state_dict())
+        moe = convert_to_moe(low_rank, images, labels, full_rank)
+        if rank == 8:
+            for layer, module in moe.moe_layers().items():
+                embeddings = samples[layer].embeddings
+                full_width = (unit(module.scale(embeddings)) @ unit(module.centroids).T).argmax(dim=-1)
+                assert torch.equal(module.route(embeddings[None]).choice[0], full_width), layer
+    full_accuracy = evaluate(convert_to_moe(dense, images, labels, full_rank), test_loader)["accuracy"]
+    assert evaluate(moe, test_loader)["accuracy"] >= full_accuracy - 0.05

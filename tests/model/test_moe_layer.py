@@ -1,6 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
+from geomoe.model.config import ModelConfig
 from geomoe.model.moe_layer import MoEMlp
 
 
@@ -127,3 +129,10 @@ def test_routing_is_a_softmax_over_every_experts_cosine_similarity_and_the_best_
     wants_absent = torch.isin(probs.argmax(dim=-1), torch.tensor(absent))
     assert torch.equal(routing.wants_absent, wants_absent) and 0 < wants_absent.sum() < wants_absent.numel()
     torch.testing.assert_close(full.route(patch_embedding).gate, probs.max(dim=-1).values)
+
+
+def test_a_gate_rank_wider_than_the_layer_or_below_zero_is_refused():
+    with pytest.raises(ValueError, match="gate_rank 9 exceeds the width 8"):
+        make_layer(gate_rank=9)
+    with pytest.raises(ValueError, match="gate_rank must be 0"):
+        ModelConfig(gate_rank=-1)
