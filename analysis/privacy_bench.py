@@ -80,6 +80,13 @@ def bench_privacy(
     return result
 
 
+def server_accuracy(report: dict) -> float | None:
+    """The global model's accuracy on the server's test images (every species) after the last round; None where the
+    run had none. Under DP it can fall far below the nodes' accuracy: a node scores the rows of its own species, and
+    noise lands hardest on the species rows that few nodes hold."""
+    return report["evaluations"][str(len(report["rounds"]))].get("server_accuracy")
+
+
 def summarise(reports: dict[str, dict], noise_multipliers, attacks, aggregators) -> dict:
     plain = reports["plain"]
     dp = [
@@ -88,6 +95,7 @@ def summarise(reports: dict[str, dict], noise_multipliers, attacks, aggregators)
             "epsilon": reports[f"dp-z{z:g}"]["privacy"]["epsilon"],
             "delta": reports[f"dp-z{z:g}"]["privacy"]["delta"],
             "final_accuracy": reports[f"dp-z{z:g}"]["final_accuracy"],
+            "final_server_accuracy": server_accuracy(reports[f"dp-z{z:g}"]),
             "final_clip_norm": reports[f"dp-z{z:g}"]["rounds"][-1]["clip_norm"],
         }
         for z in noise_multipliers
@@ -106,6 +114,7 @@ def summarise(reports: dict[str, dict], noise_multipliers, attacks, aggregators)
         "rounds": len(plain["rounds"]),
         "initial_accuracy": plain["evaluations"]["0"]["accuracy"],
         "no_dp_accuracy": plain["final_accuracy"],
+        "no_dp_server_accuracy": server_accuracy(plain),
         "dp": dp,
         "attack_factors": {attack: ATTACK_FACTORS[attack] for attack in attacks},
         "robustness": robustness,
@@ -114,28 +123,37 @@ def summarise(reports: dict[str, dict], noise_multipliers, attacks, aggregators)
 
 
 def plot(result: dict, path: Path) -> None:
-    """Left: final accuracy against epsilon (log scale), the run without DP as a line. Right: final accuracy per
+    """Left: final accuracy against epsilon (log scale), on the nodes' own species and on the server's test images,
+    the runs without DP as lines. Right, where the run compared aggregators or attacks: final accuracy per
     aggregator, honest and under each attack."""
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    points = sorted((row["epsilon"], row["final_accuracy"], row["noise_multiplier"]) for row in result["dp"])
-    left.plot([p[0] for p in points], [p[1] for p in points], "o-", label="client-level DP")
-    for epsilon, accuracy, z in points:
-        left.annotate(f"z={z:g}", (epsilon, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    left.axhline(result["no_dp_accuracy"], color="grey", linestyle="--", label="no DP")
-    left.axhline(result["initial_accuracy"], color="grey", linestyle=":", label="before training")
-    left.set_xscale("log")
-    delta = f" (delta = {result['dp'][0]['delta']:g})" if result["dp"] else ""
-    left.set(xlabel=f"epsilon{delta}", ylabel="final accuracy", title="accuracy vs privacy")
-    left.legend(fontsize=8)
     attacks = list(result["robustness"])
     aggregators = list(result["robustness"][attacks[0]])
-    width = 0.8 / len(aggregators)
-    for k, aggregator in enumerate(aggregators):
-        xs = [i + k * width for i in range(len(attacks))]
-        right.bar(xs, [result["robustness"][a][aggregator] for a in attacks], width, label=aggregator)
-    right.set_xticks([i + width * (len(aggregators) - 1) / 2 for i in range(len(attacks))], attacks)
-    right.set(ylabel="final accuracy", title=f"1 hostile node of {result['nodes']}")
-    right.legend(fontsize=8)
+    compared = len(attacks) > 1 or len(aggregators) > 1
+    figure, axes = plt.subplots(1, 2 if compared else 1, figsize=(11 if compared else 6, 4), squeeze=False)
+    left = axes[0][0]
+    points = sorted((row["epsilon"], row["final_accuracy"], row["noise_multiplier"]) for row in result["dp"])
+    left.plot([p[0] for p in points], [p[1] for p in points], "o-", color="C0", label="client-level DP, nodes")
+    for epsilon, accuracy, z in points:
+        left.annotate(f"z={z:g}", (epsilon, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    left.axhline(result["no_dp_accuracy"], color="C0", linestyle="--", alpha=0.6, label="no DP, nodes")
+    server = sorted((row["epsilon"], row["final_server_accuracy"]) for row in result["dp"])
+    if result["no_dp_server_accuracy"] is not None and all(accuracy is not None for _, accuracy in server):
+        left.plot([p[0] for p in server], [p[1] for p in server], "s-", color="C1", label="client-level DP, server")
+        left.axhline(result["no_dp_server_accuracy"], color="C1", linestyle="--", alpha=0.6, label="no DP, server")
+    left.axhline(result["initial_accuracy"], color="grey", linestyle=":", label="nodes before training")
+    left.set_xscale("log")
+    delta = f" (delta = {result['dp'][0]['delta']:g})" if result["dp"] else ""
+    left.set(xlabel=f"epsilon{delta}", ylabel="final accuracy", title=f"accuracy vs privacy, {result['nodes']} nodes")
+    left.legend(fontsize=8)
+    if compared:
+        right = axes[0][1]
+        width = 0.8 / len(aggregators)
+        for k, aggregator in enumerate(aggregators):
+            xs = [i + k * width for i in range(len(attacks))]
+            right.bar(xs, [result["robustness"][a][aggregator] for a in attacks], width, label=aggregator)
+        right.set_xticks([i + width * (len(aggregators) - 1) / 2 for i in range(len(attacks))], attacks)
+        right.set(ylabel="final accuracy", title=f"1 hostile node of {result['nodes']}")
+        right.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -57,11 +57,16 @@ def privacy(
     split = (tuple(a for a in attacks.split(",") if a), tuple(a for a in aggregators.split(",") if a))
     result = bench_privacy(out, base, multipliers, *split, announce=console.print)
     table = Table(title=f"client-level DP ({result['nodes']} nodes, {result['rounds']} rounds)")
-    for column in ("noise multiplier", "epsilon", "final accuracy"):
+    for column in ("noise multiplier", "epsilon", "final accuracy, nodes", "server (all species)"):
         table.add_column(column, justify="right")
-    table.add_row("no DP", "-", f"{result['no_dp_accuracy']:.3f}")
+
+    def accuracy(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    table.add_row("no DP", "-", accuracy(result["no_dp_accuracy"]), accuracy(result["no_dp_server_accuracy"]))
     for row in result["dp"]:
-        table.add_row(f"{row['noise_multiplier']:g}", f"{row['epsilon']:.3g}", f"{row['final_accuracy']:.3f}")
+        table.add_row(f"{row['noise_multiplier']:g}", f"{row['epsilon']:.3g}", accuracy(row["final_accuracy"]),
+                      accuracy(row["final_server_accuracy"]))  # fmt: skip
     console.print(table)
     robust = Table(title="final accuracy with 1 hostile node")
     names = list(next(iter(result["robustness"].values())))

@@ -16,7 +16,7 @@ def fake_report(accuracy: float, epsilon=None, nodes: int = 6) -> dict:
     return {
         "locations": [{"cell": f"{k}/"} for k in range(nodes)],
         "rounds": rounds,
-        "evaluations": {"0": {"accuracy": 0.1}, "1": {"accuracy": accuracy}},
+        "evaluations": {"0": {"accuracy": 0.1}, "1": {"accuracy": accuracy, "server_accuracy": accuracy / 2}},
         "final_accuracy": accuracy,
         "privacy": {"epsilon": epsilon, "delta": 1e-5},
         "rejected": [],
@@ -44,9 +44,29 @@ def test_bench_privacy_runs_the_matrix_on_one_cache_and_writes_json_and_plot(tmp
     private = seen["dp-z1"][0].privacy
     assert (private.noise_multiplier, private.adaptive_clip, private.clip_norm > 0) == (1.0, True, True)
     assert [row["epsilon"] for row in result["dp"]] == [10.0, 1.0]
+    assert [row["final_server_accuracy"] for row in result["dp"]] == [0.2, pytest.approx(-0.25)]
+    assert result["no_dp_server_accuracy"] == 0.25
     assert result["robustness"] == {"honest": {"mean": 0.5, "median": 0.5}, "scaled": {"mean": 0.2, "median": 0.5}}
     assert json.loads((tmp_path / "bench_privacy.json").read_text()) == result
     assert (tmp_path / "bench_privacy.png").stat().st_size > 10_000
+
+
+def test_a_dp_only_run_draws_one_panel(tmp_path, monkeypatch):
+    """Without attacks or other aggregators there is nothing to compare on the right: the figure is the DP curve."""
+    from PIL import Image
+
+    from geomoe.analysis.privacy_bench import bench_privacy
+    from geomoe.runner import simulation
+
+    def fake_simulate(cfg, client_app=simulation.CLIENT_APP):
+        z = cfg.privacy.noise_multiplier
+        return fake_report(0.5 - z, epsilon=1 / z if z else None, nodes=300)
+
+    monkeypatch.setattr(simulation, "simulate", fake_simulate)
+    result = bench_privacy(tmp_path, RunConfig(), (0.3,), (), ("mean",), announce=lambda _: 0)
+    assert result["robustness"] == {"honest": {"mean": 0.5}} and result["nodes"] == 300
+    with Image.open(tmp_path / "bench_privacy.png") as figure:
+        assert figure.width < figure.height * 2, "one panel, not two side by side"
 
 
 def test_unknown_attacks_and_aggregators_are_named():
