@@ -177,3 +177,26 @@ def test_update_norm_counts_every_float_tensor_and_no_ids():
     assert update_norm(update) == 5.0
     clipped, norm = clip_update(update, 1.0)
     assert norm == 5.0 and update_norm(clipped) == pytest.approx(1.0) and clipped["a.ids"].item() == 100
+
+
+def test_rows_that_expect_under_one_holder_a_round_are_named_once(caplog):
+    """q = 0.5 over two nodes: a row held by one of them expects half a holder a round, a row both hold one."""
+    strategy = make_strategy(privacy={"clip_norm": 1.0, "noise_multiplier": 1.0}, clients_per_round=1)
+    with caplog.at_level("WARNING", logger="geomoe.server"):
+        for server_round in (1, 2):
+            messages = sent_to(strategy, server_round)
+            strategy.aggregate_train(server_round, [reply_to(m, unclipped=1.0) for m in messages.values()])
+    said = [r.getMessage() for r in caplog.records if "holder a round" in r.getMessage()]
+    # experts held: layer 1: 0, 1 (both nodes), 2; layer 3: 2 (both); layers 5 and 7: two each. Species 1, 2 (both), 5.
+    assert said == [
+        "DP at q = 0.5: 6 of 8 held experts and 2 of 3 held species rows expect fewer than one holder a round: their "
+        "noise is not averaged down, and in many rounds it is all that moves them; sample more nodes a round, or "
+        'leave the head rows out of training (federation.trainable = "experts")'
+    ]
+
+
+def test_every_node_in_every_round_leaves_no_row_under_one_holder(caplog):
+    strategy = make_strategy(privacy={"clip_norm": 1.0, "noise_multiplier": 1.0})
+    with caplog.at_level("WARNING", logger="geomoe.server"):
+        strategy.aggregate_train(1, [reply_to(m, unclipped=1.0) for m in sent_to(strategy).values()])
+    assert not [r for r in caplog.records if "holder a round" in r.getMessage()]
