@@ -122,13 +122,17 @@ def summarise(reports: dict[str, dict], noise_multipliers, attacks, aggregators)
     }
 
 
+def compares_aggregators(result: dict) -> bool:
+    """Whether the run compared aggregators or attacks (else its robustness part is the plain run alone)."""
+    attacks = list(result["robustness"])
+    return len(attacks) > 1 or len(result["robustness"][attacks[0]]) > 1
+
+
 def plot(result: dict, path: Path) -> None:
     """Left: final accuracy against epsilon (log scale), on the nodes' own species and on the server's test images,
     the runs without DP as lines. Right, where the run compared aggregators or attacks: final accuracy per
     aggregator, honest and under each attack."""
-    attacks = list(result["robustness"])
-    aggregators = list(result["robustness"][attacks[0]])
-    compared = len(attacks) > 1 or len(aggregators) > 1
+    compared = compares_aggregators(result)
     figure, axes = plt.subplots(1, 2 if compared else 1, figsize=(11 if compared else 6, 4), squeeze=False)
     left = axes[0][0]
     points = sorted((row["epsilon"], row["final_accuracy"], row["noise_multiplier"]) for row in result["dp"])
@@ -147,6 +151,8 @@ def plot(result: dict, path: Path) -> None:
     left.legend(fontsize=8)
     if compared:
         right = axes[0][1]
+        attacks = list(result["robustness"])
+        aggregators = list(result["robustness"][attacks[0]])
         width = 0.8 / len(aggregators)
         for k, aggregator in enumerate(aggregators):
             xs = [i + k * width for i in range(len(attacks))]

@@ -46,7 +46,7 @@ def privacy(
     set_: list[str] = SET_OPTION,
 ) -> None:
     """Accuracy vs epsilon (client-level DP), and accuracy with 1 hostile node per aggregator, on one world."""
-    from geomoe.analysis.privacy_bench import bench_privacy
+    from geomoe.analysis.privacy_bench import bench_privacy, compares_aggregators
     from geomoe.wire.run_config import build_run_config
 
     try:
@@ -68,13 +68,14 @@ def privacy(
         table.add_row(f"{row['noise_multiplier']:g}", f"{row['epsilon']:.3g}", accuracy(row["final_accuracy"]),
                       accuracy(row["final_server_accuracy"]))  # fmt: skip
     console.print(table)
-    robust = Table(title="final accuracy with 1 hostile node")
-    names = list(next(iter(result["robustness"].values())))
-    for column in ("attack", *names):
-        robust.add_column(column, justify="right")
-    for attack, row in result["robustness"].items():
-        robust.add_row(attack, *(f"{row[name]:.3f}" for name in names))
-    console.print(robust)
+    if compares_aggregators(result):
+        robust = Table(title="final accuracy with 1 hostile node")
+        names = list(next(iter(result["robustness"].values())))
+        for column in ("attack", *names):
+            robust.add_column(column, justify="right")
+        for attack, row in result["robustness"].items():
+            robust.add_row(attack, *(f"{row[name]:.3f}" for name in names))
+        console.print(robust)
     console.print(f"wrote {out / 'bench_privacy.json'} and {out / 'bench_privacy.png'}")
 
 

@@ -367,16 +367,16 @@ class GeoExpertStrategy(Strategy):
         q = 0.1 the species rows held by few cells took the global model's accuracy from 0.39 to 0.01 (README)."""
         self.thin_rows_told = True
         expected = {name: counts * self.sampling_rate for name, counts in self.row_holders().items()}
-        held = {name: int((e > 0).sum()) for name, e in expected.items()}
-        thin = {name: int(((e > 0) & (e < 1)).sum()) for name, e in expected.items()}
-        experts = [name for name in expected if name != "head"]
-        thin_experts, held_experts = sum(thin[n] for n in experts), sum(held[n] for n in experts)
-        if thin_experts or thin["head"]:
+        head = expected.pop("head")
+        experts = torch.cat(list(expected.values()))
+        held_experts, held_rows = int((experts > 0).sum()), int((head > 0).sum())
+        thin_experts, thin_rows = int(((experts > 0) & (experts < 1)).sum()), int(((head > 0) & (head < 1)).sum())
+        if thin_experts or thin_rows:
             log.warning(
                 "DP at q = %.2g: %d of %d held experts and %d of %d held species rows expect fewer than one holder a "
                 "round: their noise is not averaged down, and in many rounds it is all that moves them; sample more "
                 'nodes a round, or leave the head rows out of training (federation.trainable = "experts")',
-                self.sampling_rate, thin_experts, held_experts, thin["head"], held["head"],
+                self.sampling_rate, thin_experts, held_experts, thin_rows, held_rows,
             )  # fmt: skip
 
     def over_budget(self, server_round: int, online: int) -> str | None:
