@@ -8,7 +8,12 @@ leaves five dense MLPs whole and cannot go below 0.92x the dense model's FLOPs h
 
 A bound is timed beside them ("mlp-free"): the dense model with every transformer MLP taken out. No model that
 replaces MLPs with experts, however few or fast, can run faster than it, so its latency over dense is the floor for
-any expert layout's."""
+any expert layout's.
+
+Where the time goes, layer by layer: the first transformer layer of each block is exported alone twice, as the dense
+model's `norm2 -> mlp` branch and as the pruned MoE layer that replaces it, and both are timed under ONNX Runtime on
+that layer's input for one image. Whole-model ratios move by a few percent between runs; a layer's do not, and they
+say how far the MoE layers are from what a target needs."""
 
 from __future__ import annotations
 
@@ -21,17 +26,19 @@ import torch
 from torch import nn
 
 from geomoe.analysis.bench import pair_ratios
-from geomoe.client.export import export_onnx, export_torchscript
-from geomoe.client.inference import RUNTIMES, load_exported
+from geomoe.client.export import export_onnx, export_torchscript, write_onnx
+from geomoe.client.inference import RUNTIMES, load_exported, onnx_session
 from geomoe.model.config import ModelConfig
 from geomoe.model.counting import forward_flops, parameter_count
 from geomoe.model.experts import prune_model
 from geomoe.model.network import GeoMoENet, prune_head, transformer_layers
 
 EVERY_LAYER = tuple(range(9))  # MobileViTV2's nine transformer layers
+TIMED_LAYERS = (0, 2, 6)  # the first transformer layer of each of the three blocks (784, 196, 64 pixels at 224 px)
 GATE_RANK = 8  # the geographic paper's low-rank gate
 WARM_UP_CALLS = 5
 CALLS_PER_ROUND = 5  # one image at a time, timed together: a single call's time swings 3x on a shared machine
+CALLS_PER_LAYER = 20  # a layer alone takes tens of microseconds: more calls per timed round
 
 
 class _NoMlp(nn.Module):
@@ -47,6 +54,17 @@ def mlp_free(dense: GeoMoENet) -> GeoMoENet:
     for block in transformer_layers(bound.backbone):
         block.norm2, block.mlp = nn.Identity(), _NoMlp()
     return bound
+
+
+class _MlpBranch(nn.Module):
+    """A transformer layer's `norm2 -> mlp` branch alone: what an MoE layer replaces (its norm2 is an Identity)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.norm2, self.mlp = block.norm2, block.mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm2(x))
 
 
 def device_models(num_classes: int, num_experts: int, keep_per_layer: int, species: int) -> dict[str, GeoMoENet]:
@@ -94,6 +112,7 @@ def bench_device(
     threads = threads or previous_threads
     try:  # loading a TorchScript export sets torch's threads for the whole process: put them back after
         result = _timed(models, folder, image_size, repeats, threads)
+        result["layers"] = layer_latency(models["dense"], models["pruned-all"], folder, image_size, repeats, threads)
     finally:
         torch.set_num_threads(previous_threads)
     result.update(num_classes=num_classes, num_experts=num_experts, keep_per_layer=keep_per_layer, species=species)
@@ -145,4 +164,42 @@ def _timed(models: dict[str, GeoMoENet], folder: Path, image_size: int, repeats:
     result["onnx_over_torchscript"] = {
         name: pair_ratios(times[(name, "torchscript")], times[(name, "onnx")]) for name in models
     }
+    return result
+
+
+def layer_latency(
+    dense: GeoMoENet, moe: GeoMoENet, folder: Path, image_size: int, repeats: int, threads: int
+) -> dict[str, dict]:
+    """Per timed layer: microseconds of the dense MLP branch and of the MoE layer in its place, each exported alone
+    to ONNX and run on that layer's input for one image (rounds of CALLS_PER_LAYER calls, interleaved), and the MoE
+    layer's time over the branch's per round."""
+    image = torch.rand(1, 3, image_size, image_size)
+    with torch.no_grad():
+        inputs = dense.forward_with_pre_mlp(image)[1]
+    dense_blocks, moe_blocks = transformer_layers(dense.backbone), transformer_layers(moe.backbone)
+    result = {}
+    for layer in TIMED_LAYERS:
+        tokens = inputs[layer]
+        sessions = {
+            name: onnx_session(write_onnx(module, tokens, folder / f"{name}-layer{layer}.onnx", "x", "y"), threads)
+            for name, module in (("dense", _MlpBranch(dense_blocks[layer])), ("moe", moe_blocks[layer].mlp))
+        }
+        feed = {"x": tokens.numpy()}
+        for session in sessions.values():
+            for _ in range(WARM_UP_CALLS):
+                session.run(None, feed)
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        for round_ in range(repeats):
+            for name in sessions if round_ % 2 == 0 else list(sessions)[::-1]:
+                start = time.perf_counter()
+                for _ in range(CALLS_PER_LAYER):
+                    sessions[name].run(None, feed)
+                times[name].append((time.perf_counter() - start) / CALLS_PER_LAYER)
+        _, channels, pixels, patches = tokens.shape
+        result[str(layer)] = {
+            "channels": channels,
+            "pixels": pixels * patches,
+            **{f"{name}_us": float(np.median(t)) * 1e6 for name, t in times.items()},
+            "moe_over_dense": pair_ratios(times["dense"], times["moe"]),
+        }
     return result

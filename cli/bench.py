@@ -82,6 +82,11 @@ def device(
             f"{_spread(ratio['torchscript_latency'])}, ONNX Runtime {_spread(ratio['onnx_latency'])}"
         )
     console.print("mlp-free: the dense model with no transformer MLP, a latency floor for any expert layout")
+    for layer, row in result["layers"].items():
+        console.print(
+            f"layer {layer} alone ({row['pixels']} pixels x {row['channels']} channels, ONNX Runtime): dense MLP "
+            f"{row['dense_us']:.0f} us, MoE layer {row['moe_us']:.0f} us, MoE/dense {_spread(row['moe_over_dense'])}"
+        )
     console.print(f"wrote {out}")
 
 

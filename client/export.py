@@ -39,13 +39,13 @@ def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
     return path
 
 
-def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
-    """ONNX with a dynamic batch axis. Torch's dynamo exporter (torch >= 2.9 with onnxscript) gives a graph ONNX
-    Runtime runs; the legacy TorchScript-based one bakes a reshape of the MobileViT unfold wrongly (ORT refuses
-    it), so it is used only where dynamo does not exist (Debian's torch 1.13)."""
-    model = model.eval()
-    example = torch.zeros(1, 3, image_size, image_size)
-    names = {"input_names": ["images"], "output_names": ["logits"]}
+def write_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> Path:
+    """`module` of one tensor as ONNX, with a dynamic batch axis. Torch's dynamo exporter (torch >= 2.9 with
+    onnxscript) gives a graph ONNX Runtime runs, with the MoE layer's own lowerings; the legacy TorchScript-based
+    one bakes a reshape of the MobileViT unfold wrongly (ORT refuses it), so it is used only where dynamo does not
+    exist (Debian's torch 1.13)."""
+    module = module.eval()
+    names = {"input_names": [input_name], "output_names": [output_name]}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         from geomoe.client.onnx_lowering import LOWERINGS
 
@@ -54,11 +54,17 @@ def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
         # and not part of the graph) say nothing to the user.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes={"images": {0: batch}},
+            torch.onnx.export(module, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
                               custom_translation_table=LOWERINGS, verbose=False, **names)  # fmt: skip
     else:
-        torch.onnx.export(model, (example,), str(path), dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                          **names)  # fmt: skip
+        torch.onnx.export(module, (example,), str(path), dynamic_axes={input_name: {0: "batch"},
+                          output_name: {0: "batch"}}, **names)  # fmt: skip
+    return path
+
+
+def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
+    """ONNX for `image_size` px images with a dynamic batch axis, carrying the head's class ids."""
+    write_onnx(model, torch.zeros(1, 3, image_size, image_size), path, "images", "logits")
     import onnx
 
     exported = onnx.load(str(path))

@@ -42,7 +42,8 @@ def load_exported(path: Path, runtime: str | None = None, threads: int = 0) -> E
     return _load_onnx(path, threads) if runtime == "onnx" else _load_torchscript(path, threads)
 
 
-def _load_onnx(path: Path, threads: int) -> ExportedModel:
+def onnx_session(path: Path, threads: int):
+    """An ONNX Runtime session on the CPU with `threads` intra-op threads (0: one per core)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -51,7 +52,11 @@ def _load_onnx(path: Path, threads: int) -> ExportedModel:
     # Idle worker threads sleep instead of spinning: a camera classifies an image now and then and shares its
     # cores with capture and the uploader (spinning also starved any other runtime timed beside it).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _load_onnx(path: Path, threads: int) -> ExportedModel:
+    session = onnx_session(path, threads)
     metadata = session.get_modelmeta().custom_metadata_map
     if CLASS_IDS not in metadata:
         raise ValueError(f"{path} carries no '{CLASS_IDS}' metadata: export it with `geomoe device export`")

@@ -87,3 +87,9 @@ def test_bench_device_times_every_model_under_both_runtimes(tmp_path):
     assert flops["mlp-free"] < flops["pruned-all"] < flops["pruned"] < flops["dense"]
     ratios = result["over_dense"]
     assert 0 < ratios["pruned-all"]["parameters"] < ratios["pruned"]["parameters"] < 1  # fewer dense MLPs left
+    layers = result["layers"]  # the first layer of each transformer block, dense MLP branch and MoE layer alone
+    assert list(layers) == ["0", "2", "6"]
+    assert [row["channels"] for row in layers.values()] == [64, 96, 128]
+    assert [row["pixels"] for row in layers.values()] == [(64 // 8) ** 2, (64 // 16) ** 2, (64 // 32) ** 2]  # strides
+    for row in layers.values():
+        assert row["dense_us"] > 0 and row["moe_us"] > 0 and row["moe_over_dense"]["median"] > 0
