@@ -119,6 +119,24 @@ def bench_device(
     return result
 
 
+def interleaved(calls: dict, repeats: int, calls_per_round: int) -> dict:
+    """Seconds per call of each callable, one value per round: every callable warmed up (TorchScript's profiling
+    executor optimises a graph after its first calls), then `repeats` rounds running each `calls_per_round` times,
+    in an order reversed every other round."""
+    for call in calls.values():
+        for _ in range(WARM_UP_CALLS):
+            call()
+    times: dict = {key: [] for key in calls}
+    order = list(calls)
+    for round_ in range(repeats):
+        for key in order if round_ % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            for _ in range(calls_per_round):
+                calls[key]()
+            times[key].append((time.perf_counter() - start) / calls_per_round)
+    return times
+
+
 def _timed(models: dict[str, GeoMoENet], folder: Path, image_size: int, repeats: int, threads: int) -> dict:
     """Each model exported to both runtimes and timed, interleaved; sizes, latencies and ratios to dense."""
     loaded = {}
@@ -127,17 +145,8 @@ def _timed(models: dict[str, GeoMoENet], folder: Path, image_size: int, repeats:
         loaded[(name, "torchscript")] = load_exported(torchscript, threads=threads)
         loaded[(name, "onnx")] = load_exported(export_onnx(model, folder / f"{name}.onnx", image_size), threads=threads)
     image = np.random.default_rng(0).random((1, 3, image_size, image_size), dtype=np.float32)
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in loaded}
-    for key in loaded:  # warm-up: TorchScript's profiling executor optimises a graph after its first calls
-        for _ in range(WARM_UP_CALLS):
-            loaded[key].predict(image)
-    order = list(loaded)
-    for round_ in range(repeats):
-        for key in order if round_ % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            for _ in range(CALLS_PER_ROUND):
-                loaded[key].predict(image)
-            times[key].append((time.perf_counter() - start) / CALLS_PER_ROUND)
+    calls = {key: (lambda model=model: model.predict(image)) for key, model in loaded.items()}
+    times = interleaved(calls, repeats, CALLS_PER_ROUND)
     ms = {key: float(np.median(t)) * 1e3 for key, t in times.items()}
     result: dict = {
         "image_size": image_size,
@@ -171,8 +180,8 @@ def layer_latency(
     dense: GeoMoENet, moe: GeoMoENet, folder: Path, image_size: int, repeats: int, threads: int
 ) -> dict[str, dict]:
     """Per timed layer: microseconds of the dense MLP branch and of the MoE layer in its place, each exported alone
-    to ONNX and run on that layer's input for one image (rounds of CALLS_PER_LAYER calls, interleaved), and the MoE
-    layer's time over the branch's per round."""
+    to ONNX and run on that layer's normalised tokens for one image (rounds of CALLS_PER_LAYER calls, interleaved),
+    and the MoE layer's time over the branch's per round."""
     image = torch.rand(1, 3, image_size, image_size)
     with torch.no_grad():
         inputs = dense.forward_with_pre_mlp(image)[1]
@@ -185,16 +194,8 @@ def layer_latency(
             for name, module in (("dense", _MlpBranch(dense_blocks[layer])), ("moe", moe_blocks[layer].mlp))
         }
         feed = {"x": tokens.numpy()}
-        for session in sessions.values():
-            for _ in range(WARM_UP_CALLS):
-                session.run(None, feed)
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for round_ in range(repeats):
-            for name in sessions if round_ % 2 == 0 else list(sessions)[::-1]:
-                start = time.perf_counter()
-                for _ in range(CALLS_PER_LAYER):
-                    sessions[name].run(None, feed)
-                times[name].append((time.perf_counter() - start) / CALLS_PER_LAYER)
+        calls = {name: (lambda run=session.run, feed=feed: run(None, feed)) for name, session in sessions.items()}
+        times = interleaved(calls, repeats, CALLS_PER_LAYER)
         _, channels, pixels, patches = tokens.shape
         result[str(layer)] = {
             "channels": channels,

@@ -10,8 +10,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported where a model is loaded: a TorchScript-only camera need not have it
+    import onnxruntime
 
 RUNTIMES = ("torchscript", "onnx")
 CLASS_IDS = "class_ids"  # ONNX metadata key: JSON list, the global class id of each output
@@ -42,7 +46,7 @@ def load_exported(path: Path, runtime: str | None = None, threads: int = 0) -> E
     return _load_onnx(path, threads) if runtime == "onnx" else _load_torchscript(path, threads)
 
 
-def onnx_session(path: Path, threads: int):
+def onnx_session(path: Path, threads: int) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session on the CPU with `threads` intra-op threads (0: one per core)."""
     import onnxruntime
 
