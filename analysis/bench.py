@@ -21,10 +21,14 @@ from geomoe.wire.run_config import RunConfig
 
 
 def _step_time(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: Precision) -> float:
-    """Seconds of one forward+backward pass."""
+    """Seconds of one forward+backward pass from fresh gradients, as a training step takes it. Under torch.compile's
+    "reduce-overhead" each step replays CUDA graphs whose outputs the next one overwrites, gradients included:
+    accumulating into them fails (pytorch#169545), and marking the step says the last one's outputs are done with."""
+    model.zero_grad(set_to_none=True)
     if images.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
+    torch.compiler.cudagraph_mark_step_begin()  # a no-op outside "reduce-overhead"
     with autocast(images.device, precision):
         logits = model(images)
     F.cross_entropy(logits.float(), labels).backward()

@@ -131,9 +131,10 @@ def test_a_cuda_step_gives_the_cpu_loss_and_gradients(exact_fp32):
     cpu_loss.backward()
     gpu_loss.backward()
     assert float(gpu_loss) == pytest.approx(float(cpu_loss), rel=1e-4)
+    largest = max(float(p.grad.norm()) for p in on_cpu.parameters() if p.grad is not None)
     for (name, a), b in zip(on_cpu.named_parameters(), on_gpu.parameters(), strict=True):
-        if a.grad is not None and a.grad.norm() > 0:
-            assert float((b.grad.cpu() - a.grad).norm() / a.grad.norm()) < 1e-2, name
+        if a.grad is not None:  # a bias just before a train-mode BatchNorm: zero in exact arithmetic, rounding here
+            assert float((b.grad.cpu() - a.grad).norm()) <= 1e-2 * float(a.grad.norm()) + 1e-5 * largest, name
 
 
 @needs_gpu
