@@ -19,6 +19,8 @@ from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet
 from geomoe.wire.run_config import RunConfig
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
 
 def _step_time(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: Precision) -> float:
     """Seconds of one forward+backward pass from fresh gradients, as a training step takes it. Under torch.compile's

@@ -25,17 +25,21 @@ def model(
     pairs: int = typer.Option(30, help="Interleaved dense/MoE forward+backward pairs per device."),
     device: str = typer.Option("all", help="cpu, cuda, or all (the CPU and a GPU where there is one)."),
     compile_mode: str = typer.Option(
-        "", "--compile", help="torch.compile both models in this mode (default, reduce-overhead, max-autotune)."
+        "", "--compile", help="torch.compile both models in this mode (default, reduce-overhead, max-autotune, ...)."
     ),
     precision: str = typer.Option("fp32", help="fp32, or bf16 (autocast)."),
 ) -> None:
     """Forward+backward time of the MoE model over the dense one, on CPU and (if present) GPU: the median ratio
     over interleaved pairs, with its spread."""
-    from geomoe.analysis.bench import bench_devices, bench_model
+    from geomoe.analysis.bench import COMPILE_MODES, bench_devices, bench_model
     from geomoe.model.compute import PRECISIONS
 
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"{precision!r} is not one of {PRECISIONS}", param_hint="--precision")
+    if compile_mode and compile_mode not in COMPILE_MODES:
+        raise typer.BadParameter(f"{compile_mode!r} is not one of {COMPILE_MODES}", param_hint="--compile")
+    if compile_mode:
+        console.print(f"compiling both models ({compile_mode}): the first steps take minutes, more with a cold cache")
     result = bench_model(batch_size, image_size, pairs, bench_devices(device), compile_mode, precision)
     out.write_text(json.dumps(result, indent=2))
     for name, r in result["devices"].items():

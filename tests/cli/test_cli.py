@@ -120,6 +120,8 @@ def test_bench_model_writes_step_times_and_images_per_second(tmp_path):
     cpu = json.loads(out.read_text())["devices"]["cpu"]
     assert cpu["moe_images_per_s"] == pytest.approx(2 / cpu["moe_s"]) and cpu["ratio"]["min"] <= cpu["ratio"]["max"]
     assert runner.invoke(app, [*args, "--precision", "fp16"]).exit_code != 0
+    unknown_mode = runner.invoke(app, [*args, "--compile", "fast"])
+    assert unknown_mode.exit_code == 2 and "'fast' is not one of" in unknown_mode.output
     if not torch.cuda.is_available():
         assert "sees 0 CUDA device" in str(runner.invoke(app, [*args, "--device", "cuda"]).exception)
 
