@@ -1,5 +1,5 @@
-"""The ONNX lowerings write the MoE layer's norm and patch mean in other operations with the same results, and
-leave every other norm and mean to the exporter's defaults."""
+"""The ONNX lowerings write the MoE layer's norm and patch mean, and MobileViT's unfold and fold, in other operations
+with the same results, and leave every other norm, mean and permute to the exporter's defaults."""
 
 import contextlib
 import io
@@ -68,3 +68,40 @@ def test_other_means_keep_the_default(tmp_path, dims):
     ops, out = exported_ops_and_outputs(tmp_path, Apply(lambda x: x.mean(dim=dims)), X)
     assert "AveragePool" not in ops and "ReduceMean" in ops
     np.testing.assert_allclose(out, X.mean(dim=dims).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def unfold(x: torch.Tensor, patch_h: int, patch_w: int) -> torch.Tensor:
+    """timm's MobileViTV2 unfold: (B, C, H, W) -> (B, C, P, N)."""
+    B, C, H, W = x.shape
+    rows, cols = H // patch_h, W // patch_w
+    return x.reshape(B, C, rows, patch_h, cols, patch_w).permute(0, 1, 3, 5, 2, 4).reshape(B, C, -1, rows * cols)
+
+
+def fold(x: torch.Tensor, patch_h: int, patch_w: int, rows: int, cols: int) -> torch.Tensor:
+    """timm's MobileViTV2 fold: (B, C, P, N) -> (B, C, H, W)."""
+    B, C = x.shape[:2]
+    x = x.reshape(B, C, patch_h, patch_w, rows, cols).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(B, C, rows * patch_h, cols * patch_w)
+
+
+MAP = torch.randn(2, 8, 6, 10, generator=torch.Generator().manual_seed(1))  # (B, C, H, W)
+
+
+def test_unfold_of_square_patches_is_a_space_to_depth(tmp_path):
+    ops, out = exported_ops_and_outputs(tmp_path, Apply(lambda x: unfold(x, 2, 2)), MAP)
+    assert "SpaceToDepth" in ops and "Transpose" not in ops
+    np.testing.assert_array_equal(out, unfold(MAP, 2, 2).numpy())
+
+
+def test_fold_of_square_patches_is_a_depth_to_space(tmp_path):
+    patches = unfold(MAP, 2, 2)
+    ops, out = exported_ops_and_outputs(tmp_path, Apply(lambda x: fold(x, 2, 2, 3, 5)), patches)
+    assert "DepthToSpace" in ops and "Transpose" not in ops
+    np.testing.assert_array_equal(out, MAP.numpy())
+
+
+@pytest.mark.parametrize("permuted", [lambda x: unfold(x, 2, 5), lambda x: x.permute(0, 2, 3, 1)])
+def test_other_permutes_keep_the_default(tmp_path, permuted):
+    ops, out = exported_ops_and_outputs(tmp_path, Apply(permuted), MAP)
+    assert "Transpose" in ops and "SpaceToDepth" not in ops
+    np.testing.assert_array_equal(out, permuted(MAP).numpy())
