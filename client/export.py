@@ -40,10 +40,10 @@ def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
 
 
 def write_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> Path:
-    """`module` of one tensor as ONNX, with a dynamic batch axis. Torch's dynamo exporter (torch >= 2.9 with
-    onnxscript) gives a graph ONNX Runtime runs, with the MoE layer's own lowerings; the legacy TorchScript-based
-    one bakes a reshape of the MobileViT unfold wrongly (ORT refuses it), so it is used only where dynamo does not
-    exist (Debian's torch 1.13)."""
+    """`module` of one tensor as ONNX, with a dynamic batch axis, weights inside the one file (a camera gets one file
+    to install). Torch's dynamo exporter (torch >= 2.9 with onnxscript) gives a graph ONNX Runtime runs, with the
+    MoE layer's own lowerings; the legacy TorchScript-based one bakes a reshape of the MobileViT unfold wrongly (ORT
+    refuses it), so it is used only where dynamo does not exist (Debian's torch 1.13)."""
     module = module.eval()
     names = {"input_names": [input_name], "output_names": [output_name]}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
@@ -54,8 +54,8 @@ def write_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input
         # and not part of the graph) say nothing to the user.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
-                              custom_translation_table=LOWERINGS, verbose=False, **names)  # fmt: skip
+            torch.onnx.export(module, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},), verbose=False,
+                              custom_translation_table=LOWERINGS, external_data=False, **names)  # fmt: skip
     else:
         torch.onnx.export(module, (example,), str(path), dynamic_axes={input_name: {0: "batch"},
                           output_name: {0: "batch"}}, **names)  # fmt: skip

@@ -160,6 +160,7 @@ def test_onnx_runtime_classifies_as_torchscript_does_and_needs_no_torch(tmp_path
     torch.manual_seed(0)
     model = prune_head(GeoMoENet(ModelConfig(num_classes=8, num_experts=4)), [1, 4, 6])  # what `exported` holds
     onnx_model = export_onnx(model, tmp_path / "model.onnx", 64)
+    assert [p.name for p in tmp_path.glob("model.onnx*")] == ["model.onnx"]  # weights inside: one file to install
     onnx.checker.check_model(onnx.load(str(onnx_model)))
     assert {p.key: p.value for p in onnx.load(str(onnx_model)).metadata_props}["class_ids"] == "[1, 4, 6, -1]"
     write_images(tmp_path / "watch", 4)
