@@ -21,7 +21,7 @@ def run(
     results: Path = typer.Option(..., help="Append-only results file (JSON lines)."),
     max_watch_mb: float = typer.Option(512.0, help="Disk budget of the watched folder."),
     top_k: int = typer.Option(3, help="Species reported per image."),
-    image_size: int = typer.Option(64, help="Image side the model expects."),
+    image_size: int | None = typer.Option(None, help="Image side (default: the export's own; must agree)."),
     once: bool = typer.Option(False, help="Classify what is there now, then exit."),
     settle_s: float = typer.Option(1.0, help="Wait this long after an image was last written."),
     threads: int = typer.Option(0, min=0, help="The model's threads (0: one per core); fewer leave cores free."),

@@ -26,9 +26,10 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from geomoe.client.inference import load_exported, runtime_of
+from geomoe.client.inference import ExportedModel, load_exported, runtime_of
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LEGACY_IMAGE_SIZE = 64  # the side of TorchScript exports that do not record theirs
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (a small file can claim gigapixels)
 
 
@@ -41,10 +42,21 @@ class DeviceConfig:
     results: Path  # append-only JSON lines: one result per image
     max_watch_mb: float = 512.0  # budget of the watched folder; oldest classified images are deleted beyond it
     top_k: int = 3  # species reported per image
-    image_size: int = 64  # side the model expects
+    image_size: int | None = None  # side images are resized to; None: the export's own (it must agree if given)
     poll_s: float = 2.0  # how often to look for new images
     settle_s: float = 1.0  # an image younger than this may still be being written: wait for it
     threads: int = 0  # the model's threads (0: one per core); fewer leave cores to capture and upload
+
+
+def input_side(model: ExportedModel, asked: int | None, path: Path) -> int:
+    """The side a camera's images are resized to: the export's own, since a traced model runs only the side it was
+    traced at. `asked` must agree with it, and stands in for a TorchScript export too old to say (which was 64 px,
+    the export's default then, when neither says)."""
+    if model.image_size is None:
+        return asked or LEGACY_IMAGE_SIZE
+    if asked is not None and asked != model.image_size:
+        raise ValueError(f"image size {asked} does not fit {path}: it was exported for {model.image_size} px images")
+    return model.image_size
 
 
 def install_model(source: BinaryIO, target: Path, check: Callable[[Path], object] | None = None) -> None:
@@ -112,6 +124,7 @@ class DeviceRuntime:
         mtime = self.cfg.model.stat().st_mtime
         if mtime != self._model_mtime:
             self.model = load_exported(self.cfg.model, threads=self.cfg.threads)
+            self.image_size = input_side(self.model, self.cfg.image_size, self.cfg.model)
             self._model_mtime = mtime
 
     def _image(self, path: Path) -> np.ndarray:
@@ -119,8 +132,8 @@ class DeviceRuntime:
             width, height = image.size
             if width * height > MAX_PIXELS:  # checked on the header, before a single pixel is decoded
                 raise ValueError(f"{width}x{height} pixels exceed the {MAX_PIXELS} this device decodes")
-            image.draft("RGB", (self.cfg.image_size, self.cfg.image_size))  # JPEG: decode at a reduced scale
-            rgb = image.convert("RGB").resize((self.cfg.image_size, self.cfg.image_size))
+            image.draft("RGB", (self.image_size, self.image_size))  # JPEG: decode at a reduced scale
+            rgb = image.convert("RGB").resize((self.image_size, self.image_size))
         return np.ascontiguousarray((np.asarray(rgb, dtype=np.float32) / 255.0).transpose(2, 0, 1))  # (3, H, W)
 
     def classify(self, path: Path) -> dict:

@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # the camera runtime loads exports with torch alone: no timm,
 
 from geomoe.client.inference import CLASS_IDS
 
-CLASS_IDS_FILE = "class_ids.json"  # extra file inside a TorchScript export
+CLASS_IDS_FILE = "class_ids.json"  # extra files inside a TorchScript export
+IMAGE_SIZE_FILE = "image_size.json"  # the side it was traced at: a traced MobileViT runs only that
 
 
 def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
@@ -34,7 +35,7 @@ def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
-        extra = {CLASS_IDS_FILE: json.dumps(model.head.class_ids.tolist())}
+        extra = {CLASS_IDS_FILE: json.dumps(model.head.class_ids.tolist()), IMAGE_SIZE_FILE: json.dumps(image_size)}
         torch.jit.save(traced, str(path), _extra_files=extra)
     return path
 
@@ -74,11 +75,13 @@ def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
     return path
 
 
-def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, list[int]]:
-    """The exported module and the global class id of each output (torch's TorchScript deprecation, as on export,
-    is not the camera's concern)."""
-    extra = {CLASS_IDS_FILE: ""}
+def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, list[int], int | None]:
+    """The exported module, the global class id of each output and the image side it was traced at (None for an
+    export from before geomoe recorded it). Torch's TorchScript deprecation, as on export, is not the camera's
+    concern."""
+    extra = {CLASS_IDS_FILE: "", IMAGE_SIZE_FILE: ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return module.eval(), json.loads(extra[CLASS_IDS_FILE])
+    image_size = json.loads(extra[IMAGE_SIZE_FILE]) if extra[IMAGE_SIZE_FILE] else None
+    return module.eval(), json.loads(extra[CLASS_IDS_FILE]), image_size

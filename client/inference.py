@@ -28,6 +28,7 @@ class ExportedModel:
     predict: Callable[[np.ndarray], np.ndarray]
     class_ids: list[int]
     runtime: str  # one of RUNTIMES
+    image_size: int | None  # the side H = W it takes; None: the export does not say (older TorchScript)
 
 
 def runtime_of(path: Path) -> str:
@@ -64,8 +65,12 @@ def _load_onnx(path: Path, threads: int) -> ExportedModel:
     metadata = session.get_modelmeta().custom_metadata_map
     if CLASS_IDS not in metadata:
         raise ValueError(f"{path} carries no '{CLASS_IDS}' metadata: export it with `geomoe device export`")
-    name = session.get_inputs()[0].name
-    return ExportedModel(lambda images: session.run(None, {name: images})[0], json.loads(metadata[CLASS_IDS]), "onnx")
+    images = session.get_inputs()[0]
+    height, width = images.shape[2:]
+    image_size = height if isinstance(height, int) and height == width else None
+    return ExportedModel(
+        lambda batch: session.run(None, {images.name: batch})[0], json.loads(metadata[CLASS_IDS]), "onnx", image_size
+    )
 
 
 def _load_torchscript(path: Path, threads: int) -> ExportedModel:
@@ -76,10 +81,10 @@ def _load_torchscript(path: Path, threads: int) -> ExportedModel:
     if threads:
         torch.set_num_threads(threads)
 
-    module, class_ids = load_torchscript(path)
+    module, class_ids, image_size = load_torchscript(path)
 
     def predict(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return module(torch.from_numpy(images)).numpy()
 
-    return ExportedModel(predict, class_ids, "torchscript")
+    return ExportedModel(predict, class_ids, "torchscript", image_size)

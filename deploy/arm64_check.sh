@@ -52,7 +52,8 @@ from pathlib import Path
 import numpy as np
 from geomoe.client.inference import load_exported
 model = load_exported(Path(sys.argv[1]))
-image = np.random.default_rng(0).random((1, 3, int(sys.argv[2]), int(sys.argv[2])), dtype=np.float32)
+side = model.image_size or 64  # the side it was exported for (64: an older TorchScript export, which does not say)
+image = np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32)
 start = time.perf_counter()
 model.predict(image)
 first = time.perf_counter() - start
@@ -66,7 +67,7 @@ PYEOF
 run=(docker run --rm --platform linux/arm64 --network none -v "$WORK/check:/check" --entrypoint /opt/geomoe/bin/python)
 "${run[@]}" "$IMAGE" -m geomoe.cli.device run --once --settle-s 0 --watch /check/images --model "/check/$NAME" \
   --results /check/arm64.jsonl >/dev/null
-measured=$("${run[@]}" "$IMAGE" /check/measure.py "/check/$NAME" "${IMAGE_SIZE:-64}")
+measured=$("${run[@]}" "$IMAGE" /check/measure.py "/check/$NAME")
 size_mb=$(( $(docker image inspect --format '{{.Size}}' "$IMAGE") / 1000000 ))
 
 "$(dirname "$GEOMOE")/python" - "$WORK/check" "$measured" "$build_s" "$size_mb" <<'PYEOF'

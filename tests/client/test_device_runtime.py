@@ -52,6 +52,24 @@ def test_each_image_is_classified_once_with_top_species(tmp_path, exported):
     assert all(len(r["top"]) == 3 and {t["species"] for t in r["top"]} <= {1, 4, 6, -1} for r in rows)
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".onnx"])
+def test_images_are_fed_at_the_side_the_model_was_exported_for(tmp_path, suffix):
+    """An export records its side (a traced MobileViT runs no other): the camera resizes to it without being told,
+    and a side given that disagrees with it is refused, naming both."""
+    if suffix == ".onnx":
+        pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
+    from geomoe.client.export import export_onnx
+
+    torch.manual_seed(0)
+    model = prune_head(GeoMoENet(ModelConfig(num_classes=8, num_experts=4)), [1, 4, 6])
+    path = (export_onnx if suffix == ".onnx" else export_torchscript)(model, tmp_path / f"model{suffix}", 96)
+    write_images(tmp_path / "watch", 2)  # 64 x 64 frames
+    assert runtime_for(tmp_path, path, settle_s=0).run_once() == 2
+    assert all(len(r["top"]) == 3 for r in results(tmp_path))
+    with pytest.raises(ValueError, match=r"image size 64 does not fit .*model.* exported for 96 px"):
+        runtime_for(tmp_path, path, image_size=64)
+
+
 def test_a_camera_can_leave_cores_to_capture_and_upload(tmp_path, exported):
     """`threads` caps the model's threads (TorchScript's are torch's, the process's) and changes no result."""
     write_images(tmp_path / "watch", 3)

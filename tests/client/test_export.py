@@ -21,8 +21,8 @@ def test_torchscript_export_matches_the_eager_model(tmp_path, policy):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a camera's log and the command line stay quiet
         path = export_torchscript(model, tmp_path / "m.ts", 64)
-        module, class_ids = load_torchscript(path)
-    assert class_ids == [1, 2, 5, -1]
+        module, class_ids, image_size = load_torchscript(path)
+    assert class_ids == [1, 2, 5, -1] and image_size == 64
     images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(module(images), model(images), rtol=1e-5, atol=1e-5)
