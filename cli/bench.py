@@ -36,9 +36,9 @@ def model(
 
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"{precision!r} is not one of {PRECISIONS}", param_hint="--precision")
-    if compile_mode and compile_mode not in COMPILE_MODES:
-        raise typer.BadParameter(f"{compile_mode!r} is not one of {COMPILE_MODES}", param_hint="--compile")
     if compile_mode:
+        if compile_mode not in COMPILE_MODES:
+            raise typer.BadParameter(f"{compile_mode!r} is not one of {COMPILE_MODES}", param_hint="--compile")
         console.print(f"compiling both models ({compile_mode}): the first steps take minutes, more with a cold cache")
     result = bench_model(batch_size, image_size, pairs, bench_devices(device), compile_mode, precision)
     out.write_text(json.dumps(result, indent=2))

@@ -49,9 +49,8 @@ class DeviceConfig:
 
 
 def input_side(model: ExportedModel, asked: int | None, path: Path) -> int:
-    """The side a camera's images are resized to: the export's own, since a traced model runs only the side it was
-    traced at. `asked` must agree with it, and stands in for a TorchScript export too old to say (which was 64 px,
-    the export's default then, when neither says)."""
+    """The side images are resized to for `model` (loaded from `path`): its own, since a traced model runs only the
+    side it was traced at; `asked` must agree. For an export too old to say: `asked`, else LEGACY_IMAGE_SIZE."""
     if model.image_size is None:
         return asked or LEGACY_IMAGE_SIZE
     if asked is not None and asked != model.image_size:

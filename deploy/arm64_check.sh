@@ -50,9 +50,10 @@ cat > "$WORK/check/measure.py" <<'PYEOF'
 import json, platform, resource, sys, time
 from pathlib import Path
 import numpy as np
+from geomoe.client.device_runtime import input_side
 from geomoe.client.inference import load_exported
 model = load_exported(Path(sys.argv[1]))
-side = model.image_size or 64  # the side it was exported for (64: an older TorchScript export, which does not say)
+side = input_side(model, None, Path(sys.argv[1]))  # the side the camera feeds it
 image = np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32)
 start = time.perf_counter()
 model.predict(image)
