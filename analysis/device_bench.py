@@ -11,9 +11,9 @@ replaces MLPs with experts, however few or fast, can run faster than it, so its 
 any expert layout's.
 
 Where the time goes, layer by layer: the first transformer layer of each block is exported alone twice, as the dense
-model's `norm2 -> mlp` branch and as the pruned MoE layer that replaces it, and both are timed under ONNX Runtime on
-that layer's input for one image. They say how far the MoE layers are from what a target needs, which a whole-model
-ratio (the MLPs are a seventh of the model's time) hides in its spread."""
+model's `norm2 -> mlp` branch and as the pruned MoE layer that replaces it (folded, as exports have it), and both are
+timed under ONNX Runtime on that layer's input for one image. They say how far the MoE layers are from what a target
+needs, which a whole-model ratio (the MLPs are a seventh of the model's time) hides in its spread."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from geomoe.client.inference import RUNTIMES, load_exported, onnx_session
 from geomoe.model.config import ModelConfig
 from geomoe.model.counting import forward_flops, parameter_count
 from geomoe.model.experts import prune_model
+from geomoe.model.folded_moe import FoldedMoE
 from geomoe.model.network import GeoMoENet, prune_head, transformer_layers
 
 EVERY_LAYER = tuple(range(9))  # MobileViTV2's nine transformer layers
@@ -191,7 +192,7 @@ def layer_latency(
         tokens = inputs[layer]
         sessions = {
             name: onnx_session(write_onnx(module, tokens, folder / f"{name}-layer{layer}.onnx", "x", "y"), threads)
-            for name, module in (("dense", _MlpBranch(dense_blocks[layer])), ("moe", moe_blocks[layer].mlp))
+            for name, module in (("dense", _MlpBranch(dense_blocks[layer])), ("moe", FoldedMoE(moe_blocks[layer].mlp)))
         }
         feed = {"x": tokens.numpy()}
         calls = {name: (lambda run=session.run, feed=feed: run(None, feed)) for name, session in sessions.items()}

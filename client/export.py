@@ -20,21 +20,22 @@ if TYPE_CHECKING:  # the camera runtime loads exports with torch alone: no timm,
     from geomoe.model.network import GeoMoENet
 
 from geomoe.client.inference import CLASS_IDS
+from geomoe.model.folded_moe import fold_for_inference
 
 CLASS_IDS_FILE = "class_ids.json"  # extra files inside a TorchScript export
 IMAGE_SIZE_FILE = "image_size.json"  # the side it was traced at: a traced MobileViT runs only that
 
 
 def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
-    """Frozen TorchScript for `image_size` px images: Debian's torch on a Pi runs it without timm. The tracer's
-    warnings are about what it bakes in as constants (the image size, the experts this model holds), which are
-    fixed for this export; torch's deprecation of TorchScript does not concern the torch 1.13 that runs it."""
-    model = model.eval()
+    """Frozen TorchScript of the model with its MoE layers folded (`fold_for_inference`), for `image_size` px
+    images: Debian's torch on a Pi runs it without timm. The tracer's warnings are about what it bakes in as
+    constants (the image size, the experts this model holds), which are fixed for this export; torch's deprecation
+    of TorchScript does not concern the torch 1.13 that runs it."""
     example = torch.zeros(1, 3, image_size, image_size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
+        traced = torch.jit.freeze(torch.jit.trace(fold_for_inference(model), example, check_trace=False))
         extra = {CLASS_IDS_FILE: json.dumps(model.head.class_ids.tolist()), IMAGE_SIZE_FILE: json.dumps(image_size)}
         torch.jit.save(traced, str(path), _extra_files=extra)
     return path
@@ -64,8 +65,9 @@ def write_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input
 
 
 def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
-    """ONNX for `image_size` px images with a dynamic batch axis, carrying the head's class ids."""
-    write_onnx(model, torch.zeros(1, 3, image_size, image_size), path, "images", "logits")
+    """ONNX of the model with its MoE layers folded, for `image_size` px images with a dynamic batch axis, carrying
+    the head's class ids."""
+    write_onnx(fold_for_inference(model), torch.zeros(1, 3, image_size, image_size), path, "images", "logits")
     import onnx
 
     exported = onnx.load(str(path))
