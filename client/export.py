@@ -49,15 +49,20 @@ def write_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input
     module = module.eval()
     names = {"input_names": [input_name], "output_names": [output_name]}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-        from geomoe.client.onnx_lowering import LOWERINGS
+        import onnx
+
+        from geomoe.client.onnx_lowering import LOWERINGS, fuse_unit_length
 
         batch = torch.export.Dim("batch", min=1, max=1024)
-        # Its progress lines and its warning about the routers' debug attributes (last_choice, set in forward
-        # and not part of the graph) say nothing to the user.
+        # Its progress lines and its warnings (about the training layer's debug attributes, where a module still
+        # has one) say nothing to the user.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},), verbose=False,
                               custom_translation_table=LOWERINGS, external_data=False, **names)  # fmt: skip
+        exported = onnx.load(str(path))
+        if fuse_unit_length(exported):
+            onnx.save(exported, str(path))
     else:
         torch.onnx.export(module, (example,), str(path), dynamic_axes={input_name: {0: "batch"},
                           output_name: {0: "batch"}}, **names)  # fmt: skip

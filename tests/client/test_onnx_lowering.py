@@ -1,9 +1,6 @@
-"""The ONNX lowerings write the MoE layer's norm and patch mean, and MobileViT's unfold and fold, in other operations
-with the same results, and leave every other norm, mean and permute to the exporter's defaults."""
-
-import contextlib
-import io
-import warnings
+"""The ONNX lowerings write the MoE layer's norm, patch mean, best expert and unit-length query, and MobileViT's unfold
+and fold, in other operations with the same results, and leave every other norm, mean, permute and division to the
+exporter's defaults."""
 
 import numpy as np
 import pytest
@@ -13,7 +10,10 @@ from torch import nn
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-lowering = pytest.importorskip("geomoe.client.onnx_lowering")
+pytest.importorskip("onnxscript", reason="the export extra (onnxscript) is not installed")
+
+from geomoe.client.export import write_onnx  # noqa: E402
+from geomoe.model.moe_layer import unit  # noqa: E402
 
 
 class Apply(nn.Module):
@@ -26,16 +26,12 @@ class Apply(nn.Module):
 
 
 def exported_ops_and_outputs(tmp_path, module: nn.Module, x: torch.Tensor) -> tuple[list[str], np.ndarray]:
-    """Operation types of the lowered ONNX export and what ONNX Runtime computes from `x`."""
-    path = tmp_path / "m.onnx"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module.eval(), (x,), str(path), dynamo=True, custom_translation_table=lowering.LOWERINGS, verbose=False
-        )
+    """Operation types of the ONNX export as a camera gets it (lowered, then fused) and what ONNX Runtime computes
+    from `x`."""
+    path = write_onnx(module, x, tmp_path / "m.onnx", "x", "y")
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return ops, session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    return ops, session.run(None, {"x": x.numpy()})[0]
 
 
 X = torch.randn(2, 8, 4, 6, generator=torch.Generator().manual_seed(0)) * 3 + 1  # (B, C, P, N)
@@ -105,3 +101,41 @@ def test_other_permutes_keep_the_default(tmp_path, permuted):
     ops, out = exported_ops_and_outputs(tmp_path, Apply(permuted), MAP)
     assert "Transpose" in ops and "SpaceToDepth" not in ops
     np.testing.assert_array_equal(out, permuted(MAP).numpy())
+
+
+TIED = torch.randint(0, 3, (2, 8, 4, 6), generator=torch.Generator().manual_seed(2)).float()  # many equal maxima
+
+
+@pytest.mark.parametrize("keepdim", [True, False])
+def test_maximum_with_its_index_is_one_top_k_taking_the_first_of_equals(tmp_path, keepdim):
+    def best(x: torch.Tensor) -> torch.Tensor:
+        values, indices = x.max(dim=-1, keepdim=keepdim)
+        return torch.stack([values, indices.to(x.dtype)])
+
+    ops, out = exported_ops_and_outputs(tmp_path, Apply(best), TIED)
+    assert ops.count("TopK") == 1 and "ArgMax" not in ops and "ReduceMax" not in ops
+    np.testing.assert_array_equal(out, best(TIED).numpy())
+
+
+QUERIES = torch.cat([torch.randn(2, 1, 5, 8, generator=torch.Generator().manual_seed(3)), torch.zeros(2, 1, 1, 8)], 2)
+
+
+def test_unit_length_is_one_lp_normalization_and_keeps_zero_vectors_zero(tmp_path):
+    ops, out = exported_ops_and_outputs(tmp_path, Apply(unit), QUERIES)
+    assert ops == ["LpNormalization"]
+    np.testing.assert_allclose(out, unit(QUERIES).numpy(), rtol=1e-6, atol=1e-7)
+    assert (out[:, :, -1] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "scaled",
+    [
+        lambda x: x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12),  # another axis
+        lambda x: x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-3),  # another floor
+        lambda x: unit(x) + torch.linalg.vector_norm(x, dim=-1, keepdim=True),  # the norm is used again
+    ],
+)
+def test_other_divisions_by_a_norm_keep_the_default(tmp_path, scaled):
+    ops, out = exported_ops_and_outputs(tmp_path, Apply(scaled), QUERIES)
+    assert "LpNormalization" not in ops and "Div" in ops
+    np.testing.assert_allclose(out, scaled(QUERIES).numpy(), rtol=1e-5, atol=1e-6)
