@@ -9,7 +9,9 @@ everything that depends on parameters alone is done once here:
 - the routing mask is built per hidden unit (E * H), not per expert, so it multiplies the experts' hidden
   activations without reshaping them to (B, E, H, P, N) and back;
 - each expert's output shift (its second-layer bias and correction) rides on the mask: a (E * H, C) matrix whose
-  first row per expert holds it, so one 1x1 convolution of the mask adds it.
+  first row per expert holds it, so one 1x1 convolution of the (B, E * H, 1, N) mask adds it. (An extra hidden unit
+  per expert held constant would carry it with no convolution of its own, but takes 16 units to 24, which ONNX
+  Runtime's blocked convolutions pad to 32 on AVX-512: the first layer took 13% longer.)
 
 The routing runs with patches on the second-to-last axis and experts last, as the training layer's does: ONNX
 Runtime's softmax over a middle axis transposes internally (29 us a layer against 5). Every decision (the argmax
@@ -27,8 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from geomoe.model.moe_layer import MoEMlp, unit
-
-SHIFT_UNIT_INPUT = 1.0  # pre-activation of each expert's constant unit: silu(1) = 0.73, far from 0 and overflow
 
 
 class FoldedMoE(nn.Module):
@@ -48,22 +48,17 @@ class FoldedMoE(nn.Module):
             keys = torch.cat([layer.centroids, layer.absent_centroids]) @ projection  # (E_all, r): held first
             inverse_temperature = layer.log_temperature.neg().exp()
             weight1, bias1 = layer.folded_first_layer()  # (E*H, C, 1, 1), (E*H,)
-            shift = (1 - layer.gamma)[:, None] * layer.b2 + layer.gamma[:, None] * layer.x_corr  # (E, C)
             weight2 = layer.w2 * (1 - layer.gamma)[:, None, None]  # (E, H, C)
-            # Each expert gets one more hidden unit, held at SHIFT_UNIT_VALUE whatever the input (no weights, a
-            # bias), whose second-layer weights are the expert's shift over that value: the mask scales it by
-            # the gate with the other units, and no separate convolution and broadcast add are needed.
-            constant = torch.full((held, 1), SHIFT_UNIT_INPUT)
-            weight1 = torch.cat([weight1.view(held, hidden, dim), torch.zeros(held, 1, dim)], dim=1)
-            bias1 = torch.cat([bias1.view(held, hidden), constant], dim=1)
-            weight2 = torch.cat([weight2, (shift / F.silu(constant))[:, None, :]], dim=1)  # (E, H + 1, C)
+            shift = torch.zeros(held, hidden, dim)  # on the first of each expert's units: exact, no sum of shares
+            shift[:, 0] = (1 - layer.gamma)[:, None] * layer.b2 + layer.gamma[:, None] * layer.x_corr
             self.register_buffer("scale_min", layer.scale_min.clone())
             self.register_buffer("query_weight", span[:, None] * projection)  # (C, r)
             self.register_buffer("keys", (unit(keys) * inverse_temperature).T.contiguous())  # (r, E_all)
-            self.register_buffer("weight1", weight1.reshape(-1, dim)[:, :, None, None].contiguous())  # (U, C, 1, 1)
-            self.register_buffer("bias1", bias1.reshape(-1).contiguous())  # (U,), U = E * (H + 1) units
-            self.register_buffer("weight2", weight2.reshape(-1, dim).T.contiguous()[:, :, None, None])  # (C, U, 1, 1)
-            self.register_buffer("unit_expert", torch.arange(held).repeat_interleave(hidden + 1))  # (U,) local expert
+            self.register_buffer("weight1", weight1.clone())
+            self.register_buffer("bias1", bias1.clone())
+            self.register_buffer("weight2", weight2.reshape(-1, dim).T.contiguous()[:, :, None, None])  # (C, E*H, 1, 1)
+            self.register_buffer("shift", shift.reshape(-1, dim).T.contiguous()[:, :, None, None])  # (C, E*H, 1, 1)
+            self.register_buffer("unit_expert", torch.arange(held).repeat_interleave(hidden))  # (E*H,) local expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = F.group_norm(x, 1, eps=self.eps)  # (B, C, P, N)
@@ -73,9 +68,10 @@ class FoldedMoE(nn.Module):
         query = (patch_embedding.permute(0, 2, 3, 1) - self.scale_min) @ self.query_weight  # (B, 1, N, r)
         probs = (unit(query) @ self.keys).softmax(dim=-1)  # (B, 1, N, E_all)
         gate, choice = probs[..., : self.num_held].max(dim=-1, keepdim=True)  # (B, 1, N, 1)
-        routed = torch.where(choice == self.unit_expert, gate, 0.0).permute(0, 3, 1, 2)  # (B, U, 1, N)
-        hidden = F.silu(F.conv2d(tokens, self.weight1, self.bias1))  # (B, U, P, N)
-        out = F.conv2d(hidden * routed, self.weight2)  # (B, C, P, N)
+        routed = torch.where(choice == self.unit_expert, gate, 0.0).permute(0, 3, 1, 2)  # (B, E*H, 1, N)
+        routed = routed.contiguous()  # torch.export fails on a convolution of the permuted view ("Invalid ranges")
+        hidden = F.silu(F.conv2d(tokens, self.weight1, self.bias1))  # (B, E*H, P, N)
+        out = F.conv2d(hidden * routed, self.weight2) + F.conv2d(routed, self.shift)  # (B, C, P, N)
         if self.remove_absent:  # MLP_e(x) <- -x zeroes a patch whose best expert this model does not hold
             removed = probs[..., self.num_held :].amax(dim=-1, keepdim=True) > gate  # (B, 1, N, 1)
             out = torch.where(removed.permute(0, 3, 1, 2), -x, out)
