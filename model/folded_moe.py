@@ -9,15 +9,16 @@ everything that depends on parameters alone is done once here:
 - the routing mask is built per hidden unit (E * H), not per expert, so it multiplies the experts' hidden
   activations without reshaping them to (B, E, H, P, N) and back;
 - each expert's output shift (its second-layer bias and correction) rides on the mask: a (E * H, C) matrix whose
-  first row per expert holds it, so one 1x1 convolution of the (B, E * H, 1, N) mask adds it. (An extra hidden unit
-  per expert held constant would carry it with no convolution of its own, but takes 16 units to 24, which ONNX
-  Runtime's blocked convolutions pad to 32 on AVX-512: the first layer took 13% longer.)
+  first row per expert holds it, so one product with the (B, 1, N, E * H) mask gives every patch's. (An extra hidden
+  unit per expert held constant would carry it with no operation of its own, but takes 16 units to 24, which ONNX
+  Runtime's blocked convolutions pad to 32 on AVX-512: the first layer took 13% longer. A 1x1 convolution of the mask
+  was as fast, but torch.export cannot export one on a single patch.)
 
 The routing runs with patches on the second-to-last axis and experts last, as the training layer's does: ONNX
 Runtime's softmax over a middle axis transposes internally (29 us a layer against 5). Every decision (the argmax
 over held experts' gates, its tie-breaking, the removal of patches whose best expert is absent) is the training
 layer's; outputs agree to float rounding. On one camera image (ONNX Runtime, one thread) a folded layer takes 0.37-0.50
-of the dense MLP branch's time where the training layer took 0.55-0.72, in 24 ONNX operations instead of 37.
+of the dense MLP branch's time where the training layer took 0.55-0.72: 23 exported operations where it had 34.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class FoldedMoE(nn.Module):
             self.register_buffer("weight1", weight1.clone())
             self.register_buffer("bias1", bias1.clone())
             self.register_buffer("weight2", weight2.reshape(-1, dim).T.contiguous()[:, :, None, None])  # (C, E*H, 1, 1)
-            self.register_buffer("shift", shift.reshape(-1, dim).T.contiguous()[:, :, None, None])  # (C, E*H, 1, 1)
+            self.register_buffer("shift", shift.reshape(-1, dim))  # (E*H, C)
             self.register_buffer("unit_expert", torch.arange(held).repeat_interleave(hidden))  # (E*H,) local expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,10 +69,10 @@ class FoldedMoE(nn.Module):
         query = (patch_embedding.permute(0, 2, 3, 1) - self.scale_min) @ self.query_weight  # (B, 1, N, r)
         probs = (unit(query) @ self.keys).softmax(dim=-1)  # (B, 1, N, E_all)
         gate, choice = probs[..., : self.num_held].max(dim=-1, keepdim=True)  # (B, 1, N, 1)
-        routed = torch.where(choice == self.unit_expert, gate, 0.0).permute(0, 3, 1, 2)  # (B, E*H, 1, N)
-        routed = routed.contiguous()  # torch.export fails on a convolution of the permuted view ("Invalid ranges")
+        routed = torch.where(choice == self.unit_expert, gate, 0.0)  # (B, 1, N, E*H)
+        shift = (routed @ self.shift).permute(0, 3, 1, 2)  # (B, C, 1, N)
         hidden = F.silu(F.conv2d(tokens, self.weight1, self.bias1))  # (B, E*H, P, N)
-        out = F.conv2d(hidden * routed, self.weight2) + F.conv2d(routed, self.shift)  # (B, C, P, N)
+        out = F.conv2d(hidden * routed.permute(0, 3, 1, 2), self.weight2) + shift  # (B, C, P, N)
         if self.remove_absent:  # MLP_e(x) <- -x zeroes a patch whose best expert this model does not hold
             removed = probs[..., self.num_held :].amax(dim=-1, keepdim=True) > gate  # (B, 1, N, 1)
             out = torch.where(removed.permute(0, 3, 1, 2), -x, out)

@@ -59,3 +59,18 @@ def test_an_expert_parallel_layer_is_refused():
     layer.remote = object()
     with pytest.raises(ValueError, match="expert-parallel"):
         FoldedMoE(layer)
+
+
+@pytest.mark.parametrize("patches", [1, 7])
+def test_folded_layer_runs_in_onnx_runtime_as_in_torch(tmp_path, patches):
+    """A single patch is what the last transformer block has at 64 px (the synthetic default)."""
+    ort = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
+    pytest.importorskip("onnxscript", reason="the export extra (onnxscript) is not installed")
+    from geomoe.client.export import write_onnx
+
+    folded = FoldedMoE(trained_like_layer("patch", "remove", 4))
+    x = torch.randn(1, 12, 5, patches, generator=torch.Generator().manual_seed(2))
+    session = ort.InferenceSession(str(write_onnx(folded, x, tmp_path / "layer.onnx", "x", "y")))
+    batch = torch.randn(3, 12, 5, patches, generator=torch.Generator().manual_seed(3))  # the batch axis is dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": batch.numpy()})[0]), folded(batch))
