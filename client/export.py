@@ -41,16 +41,24 @@ def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
     return path
 
 
-def write_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> Path:
-    """`module` of one tensor as ONNX, with a dynamic batch axis, weights inside the one file (a camera gets one file
-    to install). Torch's dynamo exporter (torch >= 2.9 with onnxscript) gives a graph ONNX Runtime runs, with the
-    MoE layer's own lowerings; the legacy TorchScript-based one bakes a reshape of the MobileViT unfold wrongly (ORT
-    refuses it), so it is used only where dynamo does not exist (Debian's torch 1.13)."""
+def write_onnx(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    input_name: str,
+    output_name: str,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """`module` of one tensor as ONNX, with a dynamic batch axis, weights and `metadata` inside the one file (a camera
+    gets one file to install). Torch's dynamo exporter (torch >= 2.9 with onnxscript) gives a graph ONNX Runtime
+    runs, with the MoE layer's own lowerings; the legacy TorchScript-based one bakes a reshape of the MobileViT unfold
+    wrongly (ORT refuses it), so it is used only where dynamo does not exist (Debian's torch 1.13)."""
+    import onnx
+
     module = module.eval()
     names = {"input_names": [input_name], "output_names": [output_name]}
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-        import onnx
-
+    dynamo = "dynamo" in inspect.signature(torch.onnx.export).parameters
+    if dynamo:
         from geomoe.client.onnx_lowering import LOWERINGS, fuse_unit_length
 
         batch = torch.export.Dim("batch", min=1, max=1024)
@@ -60,26 +68,25 @@ def write_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},), verbose=False,
                               custom_translation_table=LOWERINGS, external_data=False, **names)  # fmt: skip
-        exported = onnx.load(str(path))
-        if fuse_unit_length(exported):
-            onnx.save(exported, str(path))
     else:
         torch.onnx.export(module, (example,), str(path), dynamic_axes={input_name: {0: "batch"},
                           output_name: {0: "batch"}}, **names)  # fmt: skip
+    exported = onnx.load(str(path))
+    if dynamo:
+        fuse_unit_length(exported)
+    for key, value in (metadata or {}).items():
+        entry = exported.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(exported, str(path))
     return path
 
 
 def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
     """ONNX of the model with its MoE layers folded, for `image_size` px images with a dynamic batch axis, carrying
     the head's class ids."""
-    write_onnx(fold_for_inference(model), torch.zeros(1, 3, image_size, image_size), path, "images", "logits")
-    import onnx
-
-    exported = onnx.load(str(path))
-    entry = exported.metadata_props.add()
-    entry.key, entry.value = CLASS_IDS, json.dumps(model.head.class_ids.tolist())
-    onnx.save(exported, str(path))
-    return path
+    example = torch.zeros(1, 3, image_size, image_size)
+    class_ids = {CLASS_IDS: json.dumps(model.head.class_ids.tolist())}
+    return write_onnx(fold_for_inference(model), example, path, "images", "logits", class_ids)
 
 
 def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, list[int], int | None]:

@@ -106,9 +106,9 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
-def fuse_unit_length(model: onnx.ModelProto) -> int:
+def fuse_unit_length(model: onnx.ModelProto) -> None:
     """Div(x, Clip(ReduceL2(x, axes=[-1], keepdims=1), min=1e-12)) -> LpNormalization(x, axis=-1, p=2) in the main
-    graph, in place, where the norm and its clip feed nothing else; the number fused."""
+    graph, in place, where the norm and its clip feed nothing else; constants left unused go too."""
     graph = model.graph
     constants = _constants(graph)
     producer = {name: node for node in graph.node for name in node.output}
@@ -121,7 +121,7 @@ def fuse_unit_length(model: onnx.ModelProto) -> int:
         value = constants.get(name)
         return value is not None and value.size == 1 and float(value.reshape(-1)[0]) == expected
 
-    fused, removed = [], set()
+    nodes, removed = [], set()  # the graph's nodes with each fused Div replaced, and the norms and clips it absorbed
     for node in graph.node:
         clip = producer.get(node.input[1]) if node.op_type == "Div" else None
         norm = producer.get(clip.input[0]) if clip is not None and clip.op_type == "Clip" else None
@@ -137,12 +137,12 @@ def fuse_unit_length(model: onnx.ModelProto) -> int:
             or uses[norm.output[0]] != 1
             or uses[clip.output[0]] != 1
         ):
-            fused.append(node)
+            nodes.append(node)
             continue
         removed.update((id(norm), id(clip)))
         unit = onnx.helper.make_node("LpNormalization", [node.input[0]], list(node.output), axis=-1, p=2)
-        fused.append(unit)
-    kept = [node for node in fused if id(node) not in removed]
+        nodes.append(unit)
+    kept = [node for node in nodes if id(node) not in removed]
     used = {name for node in kept for name in node.input} | {output.name for output in graph.output}
     kept = [node for node in kept if node.op_type != "Constant" or node.output[0] in used]
     del graph.node[:]
@@ -150,4 +150,3 @@ def fuse_unit_length(model: onnx.ModelProto) -> int:
     unused = [tensor for tensor in graph.initializer if tensor.name not in used]  # the norms' axes, the clips' floor
     for tensor in unused:
         graph.initializer.remove(tensor)
-    return len(removed) // 2
