@@ -81,12 +81,18 @@ def write_onnx(
     return path
 
 
-def export_onnx(model: GeoMoENet, path: Path, image_size: int) -> Path:
+def export_onnx(model: GeoMoENet, path: Path, image_size: int, fused: bool = False) -> Path:
     """ONNX of the model with its MoE layers folded, for `image_size` px images with a dynamic batch axis, carrying
-    the head's class ids."""
+    the head's class ids. `fused`: each MoE layer as one node of geomoe's own operator (`client/fused_moe.py`),
+    which ONNX Runtime runs with geomoe's operator library; otherwise standard operations only."""
     example = torch.zeros(1, 3, image_size, image_size)
     class_ids = {CLASS_IDS: json.dumps(model.head.class_ids.tolist())}
-    return write_onnx(fold_for_inference(model), example, path, "images", "logits", class_ids)
+    folded = fold_for_inference(model)
+    if fused:
+        from geomoe.client.fused_moe import fuse_for_export
+
+        folded = fuse_for_export(folded)
+    return write_onnx(folded, example, path, "images", "logits", class_ids)
 
 
 def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, list[int], int | None]:

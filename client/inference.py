@@ -48,7 +48,26 @@ def load_exported(path: Path, runtime: str | None = None, threads: int = 0) -> E
 
 
 def onnx_session(path: Path, threads: int) -> onnxruntime.InferenceSession:
-    """An ONNX Runtime session on the CPU with `threads` intra-op threads (0: one per core)."""
+    """An ONNX Runtime session on the CPU with `threads` intra-op threads (0: one per core), with geomoe's operator
+    library registered where it is built; a fused export (`export_onnx(..., fused=True)`) needs it, and it is
+    built here for one where it is not (OpsBuildError says why it cannot be)."""
+    import onnxruntime
+
+    from geomoe.client.native_ops import DOMAIN, ops_library
+
+    try:
+        library = ops_library(build=False)
+    except FileNotFoundError:
+        library = None
+    try:
+        return _session(path, threads, library)
+    except onnxruntime.capi.onnxruntime_pybind11_state.Fail as error:
+        if library is not None or DOMAIN not in str(error):
+            raise
+    return _session(path, threads, ops_library())
+
+
+def _session(path: Path, threads: int, library: Path | None) -> onnxruntime.InferenceSession:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -57,6 +76,8 @@ def onnx_session(path: Path, threads: int) -> onnxruntime.InferenceSession:
     # Idle worker threads sleep instead of spinning: a camera classifies an image now and then and shares its
     # cores with capture and the uploader (spinning also starved any other runtime timed beside it).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if library is not None:
+        options.register_custom_ops_library(str(library))
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -13,6 +13,7 @@ than the exporter's defaults, for the camera's ONNX Runtime. Training and TorchS
 - A vector scaled to unit length (the router's query: a ReduceL2, a Clip of the norm to at least 1e-12, a Div) becomes
   one LpNormalization (`fuse_unit_length`, on the exported graph: the three are separate aten operations). ONNX
   Runtime's sets a zero vector to zero, as the clipped division does.
+- A fused export's MoE layer (`client/fused_moe.py`) becomes the one node of geomoe's own operator.
 
 On a pruned model with experts in all nine transformer layers, the last two took its latency on one camera image
 (ONNX Runtime, one thread) from 0.896 to 0.884 of the dense model's in one interleaved run: 27 operations fewer.
@@ -28,8 +29,12 @@ import onnx
 import torch
 from onnx import numpy_helper
 from onnxscript import opset18 as op
+from onnxscript import values
 from onnxscript.function_libs.torch_lib.ops.core import aten_mean_dim, aten_permute
 from onnxscript.function_libs.torch_lib.ops.nn import aten_group_norm
+
+import geomoe.client.fused_moe  # noqa: F401  registers torch.ops.geomoe.folded_moe, lowered below
+from geomoe.client.native_ops import DOMAIN
 
 PIXEL_AXIS = 2  # of the MoE layer's (B, C, P, N) tokens
 
@@ -87,11 +92,34 @@ def max_dim(self, dim: int, keepdim: bool = False):
     return values, indices
 
 
+def _folded_moe_schema() -> onnx.defs.OpSchema:
+    """geomoe's own operator (client/ops/folded_moe.cc, which its library adds to ONNX Runtime), as the exporter
+    needs it described."""
+    schema = onnx.defs.OpSchema
+    tensor = [schema.FormalParameter(name, "T") for name in ("x", "weight1", "bias1", "keys", "weight2")]
+    ints = ("num_held", "hidden", "image_routing", "remove_absent")
+    attributes = [schema.Attribute(name, schema.AttrType.INT, "") for name in ints]
+    return schema("FoldedMoE", DOMAIN, 1, inputs=tensor, outputs=[schema.FormalParameter("y", "T")],
+                  type_constraints=[("T", ["tensor(float)"], "")],
+                  attributes=[*attributes, schema.Attribute("eps", schema.AttrType.FLOAT, "")])  # fmt: skip
+
+
+FOLDED_MOE = values.Op(values.Opset(DOMAIN, 1), "FoldedMoE", _folded_moe_schema())
+
+
+def folded_moe(x, weight1, bias1, keys, weight2, num_held: int, hidden: int, eps: float, image_routing: bool,
+               remove_absent: bool):  # fmt: skip
+    """geomoe::folded_moe (a FusedMoE layer); the one ai.geomoe.FoldedMoE node."""
+    return FOLDED_MOE(x, weight1, bias1, keys, weight2, num_held=num_held, hidden=hidden, eps=eps,
+                      image_routing=int(image_routing), remove_absent=int(remove_absent))  # fmt: skip
+
+
 LOWERINGS = {
     torch.ops.aten.permute.default: permute,
     torch.ops.aten.group_norm.default: group_norm,
     torch.ops.aten.mean.dim: mean_dim,
     torch.ops.aten.max.dim: max_dim,
+    torch.ops.geomoe.folded_moe.default: folded_moe,
 }
 
 UNIT_LENGTH_FLOOR = 1e-12  # the least norm `geomoe.model.moe_layer.unit` divides by

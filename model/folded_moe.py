@@ -81,9 +81,14 @@ class FoldedMoE(nn.Module):
 
 def fold_for_inference(model: nn.Module) -> nn.Module:
     """A copy of `model` in eval mode with each MoE layer folded; `model` itself is untouched."""
-    folded = copy.deepcopy(model).eval()
-    for parent in list(folded.modules()):
+    return with_layers_replaced(model, MoEMlp, FoldedMoE)
+
+
+def with_layers_replaced(model: nn.Module, kind: type[nn.Module], replace) -> nn.Module:
+    """A copy of `model` in eval mode with every submodule of type `kind` replaced by `replace(it)`."""
+    copied = copy.deepcopy(model).eval()
+    for parent in list(copied.modules()):
         for name, child in parent.named_children():
-            if isinstance(child, MoEMlp):
-                setattr(parent, name, FoldedMoE(child))
-    return folded
+            if isinstance(child, kind):
+                setattr(parent, name, replace(child))
+    return copied
