@@ -1,6 +1,8 @@
 """`geomoe bench device`: what a camera runs, measured in one run: the dense model, the global MoE and a cell's
 pruned MoE (the papers' 5089-class bottleneck head and rank-8 gate by default), each exported to TorchScript and to
-ONNX and timed on single images (a camera classifies one at a time) with both runtimes, interleaved.
+ONNX and timed on single images (a camera classifies one at a time) with both runtimes, interleaved. Models with
+MoE layers are also exported fused (`export_onnx(..., fused=True)`: each MoE layer one node of geomoe's own
+ONNX Runtime operator, built here) and timed as "onnx_fused"; their ratio to dense is against dense's ONNX time.
 
 Two expert layouts are pruned: the papers' experts at transformer layers 1, 3, 5, 7 ("pruned"), and experts in
 place of every transformer MLP ("pruned-all", the layout of Mensah et al.'s Table 3 MoE-MLP2), because the first
@@ -10,10 +12,11 @@ A bound is timed beside them ("mlp-free"): the dense model with every transforme
 replaces MLPs with experts, however few or fast, can run faster than it, so its latency over dense is the floor for
 any expert layout's.
 
-Where the time goes, layer by layer: the first transformer layer of each block is exported alone twice, as the dense
-model's `norm2 -> mlp` branch and as the pruned MoE layer that replaces it (folded, as exports have it), and both are
-timed under ONNX Runtime on that layer's input for one image. They say how far the MoE layers are from what a target
-needs, which a whole-model ratio (the MLPs are a seventh of the model's time) hides in its spread."""
+Where the time goes, layer by layer: the first transformer layer of each block is exported alone three times, as
+the dense model's `norm2 -> mlp` branch, as the pruned MoE layer that replaces it (folded, as exports have it) and as
+that layer fused, and all are timed under ONNX Runtime on that layer's input for one image. They say how far the MoE
+layers are from what a target needs, which a whole-model ratio (the MLPs are a seventh of the model's time) hides in
+its spread."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from torch import nn
 
 from geomoe.analysis.bench import pair_ratios
 from geomoe.client.export import export_onnx, export_torchscript, write_onnx
+from geomoe.client.fused_moe import FusedMoE
 from geomoe.client.inference import RUNTIMES, load_exported, onnx_session
 from geomoe.model.config import ModelConfig
 from geomoe.model.counting import forward_flops, parameter_count
@@ -40,6 +44,8 @@ GATE_RANK = 8  # the geographic paper's low-rank gate
 WARM_UP_CALLS = 5
 CALLS_PER_ROUND = 5  # one image at a time, timed together: a single call's time swings 3x on a shared machine
 CALLS_PER_LAYER = 20  # a layer alone takes tens of microseconds: more calls per timed round
+FUSED = "onnx_fused"  # ONNX Runtime on a fused export: each MoE layer one node of geomoe's operator (client/ops)
+FUSED_MODELS = ("moe", "pruned", "pruned-all")  # those with MoE layers
 
 
 class _NoMlp(nn.Module):
@@ -139,12 +145,16 @@ def interleaved(calls: dict, repeats: int, calls_per_round: int) -> dict:
 
 
 def _timed(models: dict[str, GeoMoENet], folder: Path, image_size: int, repeats: int, threads: int) -> dict:
-    """Each model exported to both runtimes and timed, interleaved; sizes, latencies and ratios to dense."""
+    """Each model exported to both runtimes (and each with MoE layers, fused too) and timed, interleaved; sizes,
+    latencies and ratios to dense."""
     loaded = {}
     for name, model in models.items():
         torchscript = export_torchscript(model, folder / f"{name}.pt", image_size)
         loaded[(name, "torchscript")] = load_exported(torchscript, threads=threads)
         loaded[(name, "onnx")] = load_exported(export_onnx(model, folder / f"{name}.onnx", image_size), threads=threads)
+        if name in FUSED_MODELS:
+            fused = export_onnx(model, folder / f"{name}-fused.onnx", image_size, fused=True)
+            loaded[(name, FUSED)] = load_exported(fused, threads=threads)
     image = np.random.default_rng(0).random((1, 3, image_size, image_size), dtype=np.float32)
     calls = {key: (lambda model=model: model.predict(image)) for key, model in loaded.items()}
     times = interleaved(calls, repeats, CALLS_PER_ROUND)
@@ -158,7 +168,7 @@ def _timed(models: dict[str, GeoMoENet], folder: Path, image_size: int, repeats:
             name: {
                 "parameters": parameter_count(model),
                 "flops": forward_flops(model, image_size),
-                **{f"{rt}_ms": ms[(name, rt)] for rt in RUNTIMES},
+                **{f"{rt}_ms": ms[(name, rt)] for rt in (*RUNTIMES, FUSED) if (name, rt) in ms},
             }
             for name, model in models.items()
         },
@@ -168,6 +178,11 @@ def _timed(models: dict[str, GeoMoENet], folder: Path, image_size: int, repeats:
         name: {
             "parameters": result["models"][name]["parameters"] / dense["parameters"],
             **{f"{rt}_latency": pair_ratios(times[("dense", rt)], times[(name, rt)]) for rt in RUNTIMES},
+            **(
+                {f"{FUSED}_latency": pair_ratios(times[("dense", "onnx")], times[(name, FUSED)])}
+                if name in FUSED_MODELS
+                else {}
+            ),
         }
         for name in ("pruned", "pruned-all", "mlp-free")
     }
@@ -190,9 +205,11 @@ def layer_latency(
     result = {}
     for layer in TIMED_LAYERS:
         tokens = inputs[layer]
+        folded = FoldedMoE(moe_blocks[layer].mlp)
+        modules = (("dense", _MlpBranch(dense_blocks[layer])), ("moe", folded), ("fused", FusedMoE(folded)))
         sessions = {
             name: onnx_session(write_onnx(module, tokens, folder / f"{name}-layer{layer}.onnx", "x", "y"), threads)
-            for name, module in (("dense", _MlpBranch(dense_blocks[layer])), ("moe", FoldedMoE(moe_blocks[layer].mlp)))
+            for name, module in modules
         }
         feed = {"x": tokens.numpy()}
         calls = {name: (lambda run=session.run, feed=feed: run(None, feed)) for name, session in sessions.items()}
@@ -203,5 +220,6 @@ def layer_latency(
             "pixels": pixels * patches,
             **{f"{name}_us": float(np.median(t)) * 1e6 for name, t in times.items()},
             "moe_over_dense": pair_ratios(times["dense"], times["moe"]),
+            "fused_over_dense": pair_ratios(times["dense"], times["fused"]),
         }
     return result

@@ -68,28 +68,31 @@ def device(
     threads: int = typer.Option(0, min=0, help="Threads of both runtimes (0: one per core); try your device's."),
 ) -> None:
     """Dense vs MoE vs a cell's pruned MoE on the device: parameters, and latency under TorchScript and ONNX
-    Runtime."""
+    Runtime, the MoE models also fused (geomoe's ONNX Runtime operator, built here: needs a C++ compiler)."""
     from geomoe.analysis.device_bench import bench_device
 
     with tempfile.TemporaryDirectory(prefix="geomoe-bench-device-") as folder:
         result = bench_device(Path(folder), image_size, repeats, classes, experts, keep, species, threads)
     out.write_text(json.dumps(result, indent=2))
     table = Table(title=f"device models ({image_size} px, 1 image, {result['threads']} threads)")
-    for column in ("model", "parameters", "TorchScript ms", "ONNX Runtime ms"):
+    for column in ("model", "parameters", "TorchScript ms", "ONNX Runtime ms", "fused ms"):
         table.add_column(column, justify="right")
     for name, row in result["models"].items():
-        table.add_row(name, f"{row['parameters']:,}", f"{row['torchscript_ms']:.1f}", f"{row['onnx_ms']:.1f}")
+        fused = f"{row['onnx_fused_ms']:.1f}" if "onnx_fused_ms" in row else "-"
+        table.add_row(name, f"{row['parameters']:,}", f"{row['torchscript_ms']:.1f}", f"{row['onnx_ms']:.1f}", fused)
     console.print(table)
     for name, ratio in result["over_dense"].items():
+        fused = f", fused {_spread(ratio['onnx_fused_latency'])}" if "onnx_fused_latency" in ratio else ""
         console.print(
             f"{name}/dense: parameters {ratio['parameters']:.2f}; latency per round, TorchScript "
-            f"{_spread(ratio['torchscript_latency'])}, ONNX Runtime {_spread(ratio['onnx_latency'])}"
+            f"{_spread(ratio['torchscript_latency'])}, ONNX Runtime {_spread(ratio['onnx_latency'])}{fused}"
         )
     console.print("mlp-free: the dense model with no transformer MLP, a latency floor for any expert layout")
     for layer, row in result["layers"].items():
         console.print(
             f"layer {layer} alone ({row['pixels']} pixels x {row['channels']} channels, ONNX Runtime): dense MLP "
-            f"{row['dense_us']:.0f} us, MoE layer {row['moe_us']:.0f} us, MoE/dense {_spread(row['moe_over_dense'])}"
+            f"{row['dense_us']:.0f} us, MoE layer {row['moe_us']:.0f} us, MoE/dense {_spread(row['moe_over_dense'])}, "
+            f"fused {row['fused_us']:.0f} us, fused/dense {_spread(row['fused_over_dense'])}"
         )
     console.print(f"wrote {out}")
 

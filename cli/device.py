@@ -1,4 +1,4 @@
-"""`geomoe device run|export|install-model`: the camera-trap runtime and the model it runs."""
+"""`geomoe device run|export|build-ops|install-model`: the camera-trap runtime and the model it runs."""
 
 from __future__ import annotations
 
@@ -46,6 +46,11 @@ def export(
     out: Path = typer.Option(..., help="File to write."),
     fmt: str = typer.Option("torchscript", "--format", help="torchscript or onnx."),
     image_size: int = typer.Option(64, help="Image side."),
+    fused: bool = typer.Option(
+        False,
+        help="ONNX only: each MoE layer as one node of geomoe's operator (faster; the runtime needs its "
+        "library: `geomoe device build-ops`, which the camera image carries).",
+    ),
 ) -> None:
     """Export a model for inference without the training stack."""
     from geomoe.client.export import export_onnx, export_torchscript
@@ -53,9 +58,33 @@ def export(
 
     if fmt not in EXPORT_FORMATS:
         raise click.BadParameter(f"{fmt!r} is not one of {', '.join(EXPORT_FORMATS)}", param_hint="--format")
+    if fused and fmt != "onnx":
+        raise click.BadParameter("--fused needs --format onnx: TorchScript runs the layer as torch does")
     loaded, _ = load_model(model)
-    (export_torchscript if fmt == "torchscript" else export_onnx)(loaded, out, image_size)
+    if fmt == "onnx":
+        export_onnx(loaded, out, image_size, fused=fused)
+    else:
+        export_torchscript(loaded, out, image_size)
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
+@app.command("build-ops")
+def build_ops(
+    portable: bool = typer.Option(False, help="For any CPU of this architecture, not only this one (images)."),
+    out: Path | None = typer.Option(None, help="Also copy the library here (set GEOMOE_OPS_LIBRARY to it)."),
+) -> None:
+    """Build geomoe's ONNX Runtime operator library (fused exports run on it) for this machine: needs a C++
+    compiler, and fetches ONNX Runtime's headers once."""
+    import shutil
+
+    from geomoe.client.native_ops import ops_library
+
+    library = ops_library(native=not portable)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(library, out)
+        library = out
+    console.print(f"geomoe's operator library: {library}")
 
 
 @app.command("install-model")

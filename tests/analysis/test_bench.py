@@ -82,6 +82,9 @@ def test_bench_device_times_every_model_under_both_runtimes(tmp_path):
     assert set(result["models"]) == {"dense", "moe", "pruned", "pruned-all", "mlp-free"}
     for row in result["models"].values():
         assert row["torchscript_ms"] > 0 and row["onnx_ms"] > 0
+    assert [name for name, row in result["models"].items() if "onnx_fused_ms" in row] == ["moe", "pruned", "pruned-all"]
+    assert all(result["models"][name]["onnx_fused_ms"] > 0 for name in ("moe", "pruned", "pruned-all"))
+    assert result["over_dense"]["pruned-all"]["onnx_fused_latency"]["median"] > 0
     assert result["models"]["pruned"]["parameters"] < result["models"]["moe"]["parameters"]
     flops = {name: row["flops"] for name, row in result["models"].items()}
     assert flops["mlp-free"] < flops["pruned-all"] < flops["pruned"] < flops["dense"]
@@ -93,3 +96,4 @@ def test_bench_device_times_every_model_under_both_runtimes(tmp_path):
     assert [row["pixels"] for row in layers.values()] == [(64 // 8) ** 2, (64 // 16) ** 2, (64 // 32) ** 2]  # strides
     for row in layers.values():
         assert row["dense_us"] > 0 and row["moe_us"] > 0 and row["moe_over_dense"]["median"] > 0
+        assert row["fused_us"] > 0 and row["fused_over_dense"]["median"] > 0

@@ -250,3 +250,31 @@ def test_device_export_writes_a_model_that_classifies_and_says_only_that(tmp_pat
     assert console.startswith("wrote") and len(console.splitlines()) == 1, console
     exported = load_exported(tmp_path / "m.ts")
     assert exported.predict(np.zeros((2, 3, 64, 64), np.float32)).shape == (2, len(exported.class_ids))
+
+
+def test_device_export_fused_writes_geomoes_operator_and_refuses_it_for_torchscript(tmp_path):
+    """`--fused` writes one ai.geomoe.FoldedMoE node per MoE layer, which the loader runs with the library that
+    `device build-ops` builds (and copies where asked); TorchScript has no such node, so the flag is refused."""
+    import numpy as np
+    import onnx
+
+    from geomoe.client.inference import load_exported
+    from geomoe.client.native_ops import DOMAIN
+    from geomoe.model.config import ModelConfig
+    from geomoe.model.network import GeoMoENet
+    from geomoe.server.checkpoint import save_model
+
+    torch.manual_seed(0)
+    save_model(GeoMoENet(ModelConfig(num_classes=8, num_experts=6)), tmp_path / "m.pt")
+    built = geomoe("device", "build-ops", "--out", str(tmp_path / "lib" / "ops.so"))
+    assert built.returncode == 0, built.stderr
+    assert (tmp_path / "lib" / "ops.so").stat().st_size > 0
+    args = ("device", "export", "--model", str(tmp_path / "m.pt"), "--fused")
+    refused = geomoe(*args, "--out", str(tmp_path / "m.ts"))
+    assert refused.returncode != 0 and "--fused needs --format onnx" in refused.stderr
+    result = geomoe(*args, "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert result.returncode == 0, result.stderr
+    nodes = onnx.load(str(tmp_path / "m.onnx")).graph.node
+    assert sum(node.domain == DOMAIN for node in nodes) == 4
+    exported = load_exported(tmp_path / "m.onnx")
+    assert exported.predict(np.zeros((2, 3, 64, 64), np.float32)).shape == (2, len(exported.class_ids))
