@@ -97,24 +97,27 @@ void TiledProduct(const float* __restrict in, int C_in, const float* __restrict 
 void FoldedMoELayer(const LayerAttributes& a, const float* __restrict x, float* __restrict y,
                     const float* __restrict w1, const float* __restrict b1, const float* __restrict keys,
                     const float* __restrict w2, int B, int C, int P, int N, int R, int E_all) {
-  const int H = a.hidden, E = a.held, EH = E * H, U1 = EH + R, U2 = EH + E, L = P * N, CL = C * L;
-  const int Lp = (L + kTile - 1) / kTile * kTile;  // a row of pixels, padded to whole tiles
-  const int routes = a.image_routing ? 1 : N;      // routing decisions per image
-  // Kept per thread across calls: allocating the first layer's (1.8 MB) on every call costs page faults.
+  const int H = a.hidden, E = a.held, EH = E * H, U1 = EH + R, L = P * N, CL = C * L;
+  const auto padded = [](int n) { return (n + kTile - 1) / kTile * kTile; };  // whole tiles
+  const int Lp = padded(L), Np = padded(N);
+  const int routes = a.image_routing ? 1 : N, Rp = padded(routes);  // routing decisions per image
+  // Kept per thread across calls: allocating the first layer's (1 MB) on every call costs page faults.
   thread_local std::vector<float> scratch;
-  scratch.resize(C * Lp + U1 * Lp + U2 * Lp + C * Lp + (E_all + 5 + R) * routes + N);
-  float* __restrict t = scratch.data();      // (C, Lp): normalised tokens, zero past L
-  float* __restrict first = t + C * Lp;       // (EH + R, Lp): the experts' units, then the router's query
-  float* __restrict act = first + U1 * Lp;    // (EH + E, Lp): activations times the mask, then the shift units
-  float* __restrict second = act + U2 * Lp;   // (C, Lp)
-  float* __restrict prob = second + C * Lp;   // (E_all, routes): exp(logit - top)
-  float* __restrict norm = prob + E_all * routes;
+  scratch.resize(C * Lp + C * Rp + R * Rp + EH * Lp + C * Lp + E * Np + C * Np + E_all * Rp + 5 * routes + N);
+  float* __restrict t = scratch.data();       // (C, Lp): normalised tokens, zero past L
+  float* __restrict embedding = t + C * Lp;    // (C, Rp): their mean per route
+  float* __restrict query = embedding + C * Rp;  // (R, Rp)
+  float* __restrict act = query + R * Rp;      // (E * H, Lp): the experts' units
+  float* __restrict second = act + EH * Lp;    // (C, Lp)
+  float* __restrict gates = second + C * Lp;   // (E, Np): each patch's gate on its expert, zero on the others
+  float* __restrict shifts = gates + E * Np;   // (C, Np): each patch's expert's output shift times its gate
+  float* __restrict prob = shifts + C * Np;    // (E_all, Rp): exp(logit - top)
+  float* __restrict norm = prob + E_all * Rp;
   float* __restrict total = norm + routes;
   float* __restrict best_p = total + routes;
   float* __restrict absent_p = best_p + routes;
   float* __restrict top = absent_p + routes;
-  float* __restrict gate = top + routes;      // (N)
-  float* __restrict query = gate + N;         // (R, routes)
+  float* __restrict gate = top + routes;       // (N)
   thread_local std::vector<int> choice, best;
   thread_local std::vector<unsigned char> removed;
   choice.resize(N), best.resize(routes), removed.resize(N);
@@ -122,59 +125,49 @@ void FoldedMoELayer(const LayerAttributes& a, const float* __restrict x, float* 
   for (int b = 0; b < B; ++b) {
     const float* __restrict xb = x + static_cast<int64_t>(b) * CL;
     float* __restrict yb = y + static_cast<int64_t>(b) * CL;
-    // GroupNorm, one group, no affine: the mean, then the variance of the centred values, as torch.
+    // GroupNorm, one group, no affine: the mean, then the variance of the centred values, as torch; and the
+    // tokens' mean per patch (or image), which is all the router reads.
     const float mean = Sum(xb, CL, 0.f, false) / CL;
     const float rstd = 1.f / std::sqrt(Sum(xb, CL, mean, true) / CL + a.eps);
+    for (int i = 0; i < C * Rp; ++i) embedding[i] = 0.f;
     for (int c = 0; c < C; ++c) {
-      for (int i = 0; i < L; ++i) t[c * Lp + i] = (xb[c * L + i] - mean) * rstd;
-      for (int i = L; i < Lp; ++i) t[c * Lp + i] = 0.f;
-    }
-    // One product gives the experts' first layers and the router's query on every pixel: the query is linear,
-    // so its patch mean is the mean of its per-pixel values.
-    TiledProduct(t, C, w1, U1, U1, b1, first, Lp);
-
-    // The query of each route, unit length; exp(logit - top) of every expert; the best held and absent ones.
-    for (int r = 0; r < R; ++r) {
-      const float* __restrict qr = first + (EH + r) * Lp;
-      float* __restrict query_r = query + r * routes;
-      if (a.image_routing) {
-        query_r[0] = Sum(qr, L, 0.f, false) / L;
-        continue;
-      }
-      for (int n = 0; n < N; ++n) query_r[n] = 0.f;
+      float* __restrict tc = t + c * Lp;
+      float* __restrict ec = embedding + c * Rp;
+      const float* __restrict xc = xb + c * L;
       for (int p = 0; p < P; ++p)
-        for (int n = 0; n < N; ++n) query_r[n] += qr[p * N + n];
-      for (int n = 0; n < N; ++n) query_r[n] /= P;
+        for (int n = 0; n < N; ++n) {
+          const float v = (xc[p * N + n] - mean) * rstd;
+          tc[p * N + n] = v;
+          ec[a.image_routing ? 0 : n] += v;
+        }
+      for (int i = L; i < Lp; ++i) tc[i] = 0.f;
+      for (int n = 0; n < routes; ++n) ec[n] /= a.image_routing ? L : P;
     }
+    // The router's query (its projection's columns of weight1), unit length; exp(logit - top) of every expert;
+    // the best held and the best absent one.
+    TiledProduct(embedding, C, w1 + EH, U1, R, b1 + EH, query, Rp);
     for (int n = 0; n < routes; ++n) norm[n] = 0.f;
     for (int r = 0; r < R; ++r)
-      for (int n = 0; n < routes; ++n) norm[n] += query[r * routes + n] * query[r * routes + n];
-    for (int e = 0; e < E_all; ++e) {  // logits, before the query's length is divided out
-      float* __restrict pe = prob + e * routes;
-      for (int n = 0; n < routes; ++n) pe[n] = 0.f;
-      for (int r = 0; r < R; ++r) {
-        const float k = keys[r * E_all + e];
-        for (int n = 0; n < routes; ++n) pe[n] += k * query[r * routes + n];
-      }
-    }
+      for (int n = 0; n < routes; ++n) norm[n] += query[r * Rp + n] * query[r * Rp + n];
+    TiledProduct(query, R, keys, E_all, E_all, nullptr, prob, Rp);  // logits, before the query's length is out
     for (int n = 0; n < routes; ++n) norm[n] = 1.f / std::max(std::sqrt(norm[n]), 1e-12f);
     for (int n = 0; n < routes; ++n) top[n] = prob[n];
     for (int e = 1; e < E_all; ++e)
-      for (int n = 0; n < routes; ++n) top[n] = std::max(top[n], prob[e * routes + n]);
+      for (int n = 0; n < routes; ++n) top[n] = std::max(top[n], prob[e * Rp + n]);
     for (int n = 0; n < routes; ++n) total[n] = 0.f;
     for (int e = 0; e < E_all; ++e)
       for (int n = 0; n < routes; ++n) {
-        prob[e * routes + n] = Exp((prob[e * routes + n] - top[n]) * norm[n]);
-        total[n] += prob[e * routes + n];
+        prob[e * Rp + n] = Exp((prob[e * Rp + n] - top[n]) * norm[n]);
+        total[n] += prob[e * Rp + n];
       }
     // Compared on exp(logit - top): dividing by the total, done for the winner only, keeps their order (values
     // equal after rounding aside, where softmax ties and takes the first).
     for (int n = 0; n < routes; ++n) best_p[n] = prob[n], best[n] = 0, absent_p[n] = 0.f;
     for (int e = 1; e < E; ++e)
       for (int n = 0; n < routes; ++n)
-        if (prob[e * routes + n] > best_p[n]) best_p[n] = prob[e * routes + n], best[n] = e;
+        if (prob[e * Rp + n] > best_p[n]) best_p[n] = prob[e * Rp + n], best[n] = e;
     for (int e = E; e < E_all; ++e)
-      for (int n = 0; n < routes; ++n) absent_p[n] = std::max(absent_p[n], prob[e * routes + n]);
+      for (int n = 0; n < routes; ++n) absent_p[n] = std::max(absent_p[n], prob[e * Rp + n]);
     for (int n = 0; n < N; ++n) {
       const int route = a.image_routing ? 0 : n;
       choice[n] = best[route], gate[n] = best_p[route] / total[route];
@@ -182,25 +175,28 @@ void FoldedMoELayer(const LayerAttributes& a, const float* __restrict x, float* 
     }
 
     // The experts as a masked dense layer: every held expert's units on every pixel, SiLU, times the patch's
-    // gate on its own expert's units and zero on the others; then one unit per expert holding its gate, whose
-    // second-layer weights are its output shift. (Gathering each patch's own expert would do 1/E of the
-    // multiply-adds, but gathers are the slowest loads, and E * H units are few.)
-    for (int u = 0; u < U2; ++u) {
-      const int expert = u < EH ? u / H : u - EH;
+    // gate on its own expert's units and zero on the others. (Gathering each patch's own expert would do 1/E of
+    // the multiply-adds, but gathers are the slowest loads, and E * H units are few.)
+    TiledProduct(t, C, w1, U1, EH, b1, act, Lp);
+    for (int u = 0; u < EH; ++u) {
       float* __restrict au = act + u * Lp;
-      const float* __restrict fu = first + u * Lp;
       for (int p = 0; p < P; ++p)
         for (int n = 0; n < N; ++n) {
-          const float on = choice[n] == expert ? gate[n] : 0.f;
-          au[p * N + n] = u < EH ? on * fu[p * N + n] / (1.f + Exp(-fu[p * N + n])) : on;
+          const float h = au[p * N + n];
+          au[p * N + n] = (choice[n] == u / H ? gate[n] : 0.f) * h / (1.f + Exp(-h));
         }
       for (int i = L; i < Lp; ++i) au[i] = 0.f;
     }
-      TiledProduct(act, U2, w2, C, C, nullptr, second, Lp);
+    TiledProduct(act, EH, w2, C, C, nullptr, second, Lp);
+    // Each patch's expert's output shift (weight2's last E rows), times its gate: once per patch, not per pixel.
+    for (int e = 0; e < E; ++e)
+      for (int n = 0; n < Np; ++n) gates[e * Np + n] = n < N && choice[n] == e ? gate[n] : 0.f;
+    TiledProduct(gates, E, w2 + EH * C, C, C, nullptr, shifts, Np);
     for (int c = 0; c < C; ++c) {
       float* __restrict yc = yb + c * L;
-      const float* __restrict sc = second + c * Lp;
-      for (int i = 0; i < L; ++i) yc[i] = sc[i];
+      const float *__restrict sc = second + c * Lp, *__restrict shift = shifts + c * Np;
+      for (int p = 0; p < P; ++p)
+        for (int n = 0; n < N; ++n) yc[p * N + n] = sc[p * N + n] + shift[n];
       if (a.remove_absent)  // MLP_e(x) <- -x: the residual zeroes a patch whose best expert is absent
         for (int p = 0; p < P; ++p)
           for (int n = 0; n < N; ++n)
