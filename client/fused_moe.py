@@ -6,10 +6,12 @@ which exists to be exported: torch's exporter traces it by its output shape alon
 the ONNX node. Torch never runs it (it raises); torch runs `FoldedMoE`, and the tests hold the operator's outputs
 in ONNX Runtime to FoldedMoE's.
 
-The operator's layout puts work together that FoldedMoE does apart:
-- the router's projection rides on the experts' first layer as R more units (the query of a patch is the patch
-  mean of a linear map, so the mean of that map's per-pixel values), its scale minimum in their bias;
-- each expert's output shift rides on the second layer as one more unit per expert, whose activation is the gate.
+The operator's inputs besides the tokens:
+- weight1 (C, E*H + R): the experts' first layers, then the router's projection with the min-max scale folded in
+  (its minimum, projected, in bias1), which the operator applies to each patch's mean token;
+- weight2 (E*H + E, C): the experts' second layers, then each expert's output shift, which it adds once per patch,
+  times the gate;
+- keys (R, E_all), as FoldedMoE holds them.
 """
 
 from __future__ import annotations
