@@ -87,12 +87,11 @@ def export_onnx(model: GeoMoENet, path: Path, image_size: int, fused: bool = Fal
     which ONNX Runtime runs with geomoe's operator library; otherwise standard operations only."""
     example = torch.zeros(1, 3, image_size, image_size)
     class_ids = {CLASS_IDS: json.dumps(model.head.class_ids.tolist())}
-    folded = fold_for_inference(model)
     if fused:
         from geomoe.client.fused_moe import fuse_for_export
 
-        folded = fuse_for_export(folded)
-    return write_onnx(folded, example, path, "images", "logits", class_ids)
+        return write_onnx(fuse_for_export(model), example, path, "images", "logits", class_ids)
+    return write_onnx(fold_for_inference(model), example, path, "images", "logits", class_ids)
 
 
 def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, list[int], int | None]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from geomoe.model.folded_moe import FoldedMoE, with_layers_replaced
+from geomoe.model.moe_layer import MoEMlp
 
 
 @torch.library.custom_op("geomoe::folded_moe", mutates_args=())
@@ -70,5 +71,5 @@ class FusedMoE(nn.Module):
 
 
 def fuse_for_export(model: nn.Module) -> nn.Module:
-    """A copy of a folded model (`fold_for_inference`) with each FoldedMoE as a FusedMoE."""
-    return with_layers_replaced(model, FoldedMoE, FusedMoE)
+    """A copy of `model` in eval mode with each MoE layer folded and fused; `model` itself is untouched."""
+    return with_layers_replaced(model, MoEMlp, lambda layer: FusedMoE(FoldedMoE(layer)))

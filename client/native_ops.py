@@ -17,6 +17,7 @@ architecture (SSE2 on x86-64, NEON on arm64), as an image built under emulation 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import lzma
@@ -95,6 +96,7 @@ def _flags(native: bool) -> tuple[str, ...]:
     return (*COMPILE_FLAGS, "-mcpu=native" if platform.machine() in ("aarch64", "arm64") else "-march=native")
 
 
+@functools.cache  # asked at every ONNX session: the source and the CPU do not change while the process runs
 def _build_key(flags: tuple[str, ...]) -> str:
     """Source, flags and (for a native build) the CPU's feature flags: a cache shared by two machines must not
     hand one the other's instructions."""

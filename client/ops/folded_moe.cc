@@ -3,7 +3,7 @@
 // block's, 64 pixels x 128 channels: 40-55 us on one thread, 60-110 on two, for 0.4 M multiply-adds); here it runs
 // whole on the calling thread (22-26 us), so no small operation wakes a second thread either.
 //
-// Inputs (float32), as `geomoe.model.folded_moe.FusedMoE` exports them:
+// Inputs (float32), as `geomoe.client.fused_moe.FusedMoE` exports them:
 //   x (B, C, P, N): the tokens, P pixels of N patches;
 //   weight1 (C, E*H + R): the held experts' first layers, then the router's projection (min-max scale folded in);
 //   bias1 (E*H + R): their biases, then minus the scale's minimum projected;
@@ -238,7 +238,6 @@ struct FoldedMoEKernel {
                    static_cast<int>(shape[3]), static_cast<int>(R), static_cast<int>(k[1]));
     return Ort::Status{nullptr};
   }
-
 };
 
 }  // namespace

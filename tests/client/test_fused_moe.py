@@ -14,6 +14,7 @@ from geomoe.client.native_ops import DOMAIN, LIBRARY_ENV, ops_library
 from geomoe.model.config import ModelConfig
 from geomoe.model.experts import prune_model
 from geomoe.model.folded_moe import FoldedMoE, fold_for_inference
+from geomoe.model.moe_layer import MoEMlp
 from geomoe.model.network import GeoMoENet
 from tests.model.test_folded_moe import trained_like_layer
 
@@ -64,17 +65,17 @@ def test_a_fused_export_classifies_as_the_model_does(tmp_path):
     assert exported.class_ids == model.head.class_ids.tolist()
 
 
-def test_fusing_leaves_the_folded_model_as_it_is():
+def test_fusing_leaves_the_model_as_it_is():
     torch.manual_seed(0)
-    folded = fold_for_inference(GeoMoENet(ModelConfig(num_classes=5, num_experts=4)).eval())
-    fused = fuse_for_export(folded)
+    model = GeoMoENet(ModelConfig(num_classes=5, num_experts=4)).eval()
+    fused = fuse_for_export(model)
     assert sum(isinstance(m, FusedMoE) for m in fused.modules()) == 4
-    assert sum(isinstance(m, FoldedMoE) for m in folded.modules()) == 4
+    assert len(model.moe_layers()) == 4 and all(isinstance(m, MoEMlp) for m in model.moe_layers().values())
     with pytest.raises(RuntimeError, match="ONNX Runtime only"):  # torch never runs the operator itself
         fused(torch.rand(1, 3, 64, 64))
 
 
-def test_weights_that_do_not_fit_the_tokens_are_refused_with_the_operators_name():
+def test_weights_that_do_not_fit_the_tokens_are_refused_with_the_operators_name(tmp_path):
     """A hand-made node whose first layer has 5 input channels for tokens of 4."""
     weights = {"weight1": np.zeros((5, 6), np.float32), "bias1": np.zeros(6, np.float32),
                "keys": np.zeros((2, 3), np.float32), "weight2": np.zeros((6, 4), np.float32)}  # fmt: skip
@@ -85,17 +86,10 @@ def test_weights_that_do_not_fit_the_tokens_are_refused_with_the_operators_name(
                               initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
     model.ir_version = 8
-    session = onnx_session_from_proto(model)
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    session = onnx_session(tmp_path / "bad.onnx", threads=1)
     with pytest.raises(Exception, match="FoldedMoE: weights do not match"):
         session.run(None, {"x": np.zeros((1, 4, 2, 3), np.float32)})
-
-
-def onnx_session_from_proto(model: onnx.ModelProto):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.register_custom_ops_library(str(ops_library()))
-    return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def test_a_named_library_that_is_not_there_is_said_so(monkeypatch, tmp_path):
