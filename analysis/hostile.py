@@ -14,6 +14,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from geomoe.client import client_app as honest
 from geomoe.client.client_app import run_config
+from geomoe.client.task import download_limit
 from geomoe.wire import messages as msg
 
 HOSTILE_PARTITION = 0  # the one corrupted node of a simulation (1 of 6 on the synthetic default)
@@ -30,7 +31,7 @@ def corrupting(factor: float):
         if message.metadata.message_type != "train" or not hostile or reply.has_error():
             return reply
         cfg = run_config(message, context)
-        update = msg.unpack(reply.content, msg.UPDATE)
+        update = msg.unpack(reply.content, msg.UPDATE, download_limit(cfg.model))
         corrupted = {k: v * factor if v.is_floating_point() else v for k, v in update.items()}
         msg.pack(reply.content, msg.UPDATE, corrupted, cfg.federation.upload_compression)
         return reply

@@ -24,6 +24,7 @@ from geomoe.client.task import (
     Received,
     build_model,
     coordinates,
+    download_limit,
     evaluate_local,
     locate,
     privatise,
@@ -90,9 +91,10 @@ def shared_base(path: Path, sha256: str) -> dict[str, torch.Tensor] | None:
     return _SHARED_BASE[sha256]
 
 
-def _received(message: Message) -> Received:
-    content = message.content
-    return Received(*(msg.unpack(content, name) for name in (msg.EXPERTS, msg.ROUTER, msg.HEAD, msg.SHARED)))
+def _received(message: Message, cfg: RunConfig) -> Received:
+    """The tensors of a message, each record bounded by what this run's model can hold."""
+    content, limit = message.content, download_limit(cfg.model)
+    return Received(*(msg.unpack(content, name, limit) for name in (msg.EXPERTS, msg.ROUTER, msg.HEAD, msg.SHARED)))
 
 
 def _world(message: Message, context: Context) -> dict:
@@ -159,13 +161,14 @@ def query(message: Message, context: Context) -> Message:
         "base-from-file": from_file,
         "species": json.dumps(local.species()),
         "train-examples": len(local.train),
+        "test-examples": len(local.test),
         "source": local.source,
         "unknown-species": json.dumps(dict(local.unknown_species)),
         "skipped": json.dumps(dict(local.skipped)),
     }
     content = RecordDict({msg.INFO: ConfigRecord(info)})
     if msg.EXPERTS in message.content:
-        model = build_model(cfg.model, _base(message, context, world), _received(message))
+        model = build_model(cfg.model, _base(message, context, world), _received(message, cfg))
         content[msg.TOKENS] = msg.to_record(msg.stats_to_tensors(routing_on_validation(cfg, model, local)))
     return Message(content, reply_to=message)
 
@@ -177,7 +180,7 @@ def train(message: Message, context: Context) -> Message:
     config = message.content[msg.CONFIG]
     world = _world(message, context)
     local, index = local_data(cfg, world, dict(context.node_config))
-    received = _received(message)
+    received = _received(message, cfg)
     model = build_model(cfg.model, _base(message, context, world), received)
     started = time.perf_counter()
     before = evaluate_local(cfg, model, local)
@@ -217,6 +220,6 @@ def evaluate(message: Message, context: Context) -> Message:
     cfg = run_config(message, context)
     world = _world(message, context)
     local, _ = local_data(cfg, world, dict(context.node_config))
-    model = build_model(cfg.model, _base(message, context, world), _received(message))
+    model = build_model(cfg.model, _base(message, context, world), _received(message, cfg))
     metrics = MetricRecord(evaluation_metrics(evaluate_local(cfg, model, local)))
     return Message(RecordDict({msg.METRICS: metrics}), reply_to=message)

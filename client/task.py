@@ -8,6 +8,8 @@ tensors it was sent to train.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import zlib
 from dataclasses import dataclass, replace
@@ -68,6 +70,18 @@ class Received:
 
 def keep_of(experts: dict[str, torch.Tensor]) -> KeepSet:
     return {int(k.split(".")[1]): v.tolist() for k, v in experts.items() if k.endswith(".ids")}
+
+
+def download_limit(model_cfg: ModelConfig) -> int:
+    """The most bytes of tensors one message may bring this node: twice the full model's state (every expert, every
+    head row), enough for float64 models; a message describing more is refused before anything is decoded."""
+    return 2 * _state_bytes(json.dumps(model_cfg.to_dict(), sort_keys=True))
+
+
+@functools.cache
+def _state_bytes(model_json: str) -> int:
+    cfg = ModelConfig.from_dict({**json.loads(model_json), "pretrained": False, "pretrained_file": ""})
+    return sum(v.numel() * v.element_size() for v in GeoMoENet(cfg).state_dict().values())
 
 
 def build_model(model_cfg: ModelConfig, base: dict[str, torch.Tensor], received: Received) -> GeoMoENet:

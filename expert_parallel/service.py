@@ -126,6 +126,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         try:
             tokens = from_proto(request.tokens, max_elements=MAX_TOKEN_ELEMENTS)
             ids = torch.tensor(list(request.expert_ids), dtype=torch.long)
+            self.host.check(request.layer, ids, tokens)  # before it joins a batch beside other callers' tokens
             outputs = self._batched_forward(request.layer, ids, tokens)
             return expert_pb2.ForwardReply(outputs=to_proto(outputs, request.reply_codec))
         except ValueError as error:
@@ -136,14 +137,17 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             tokens = from_proto(request.tokens, max_elements=MAX_TOKEN_ELEMENTS)
             grad = from_proto(request.grad_outputs, max_elements=MAX_TOKEN_ELEMENTS)
             ids = torch.tensor(list(request.expert_ids), dtype=torch.long)
-            grad_tokens = self.host.backward(request.layer, ids, tokens, grad, session=_session(context))
+            grad_tokens = self.host.backward(
+                request.layer, ids, tokens, grad, session=_session(context), caller=context.peer()
+            )
             return expert_pb2.BackwardReply(grad_tokens=to_proto(grad_tokens))
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
     def Step(self, request, context):
         try:
-            return expert_pb2.StepReply(parameters_updated=self.host.step(request.lr, session=_session(context)))
+            updated = self.host.step(request.lr, session=_session(context), caller=context.peer())
+            return expert_pb2.StepReply(parameters_updated=updated)
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
@@ -156,9 +160,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
 
 def _session(context) -> str:
-    """The caller's training session: what its client names in metadata, else its connection."""
+    """The caller's training session, as its client names it in metadata (kept apart per connection by the host)."""
     metadata = dict(context.invocation_metadata() or ())
-    return str(metadata.get(SESSION_KEY) or context.peer())
+    return str(metadata.get(SESSION_KEY, ""))[:64]
 
 
 def is_loopback(host: str) -> bool:

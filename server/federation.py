@@ -31,6 +31,7 @@ from geomoe.server.progress import phase
 from geomoe.server.strategy import GeoExpertStrategy, ServerState, weighted_accuracy
 from geomoe.sim.world import World
 from geomoe.wire import messages as msg
+from geomoe.wire.bounded import finite_json
 from geomoe.wire.run_config import RunConfig
 
 log = logging.getLogger("geomoe.server")
@@ -167,12 +168,12 @@ class Federation:
 
     def set_up_nodes(self) -> dict[int, dict[str, int]]:
         """Wait for the first nodes and query them; at least one must answer."""
-        traffic = self.query_new(self.wait_for_nodes())
+        traffic = self.query_new(self.wait_for_nodes(), self.state.completed_round)
         if not self.strategy.nodes:
             raise RuntimeError("no node answered the query")
         return traffic
 
-    def query_new(self, nodes: list[int]) -> dict[int, dict]:
+    def query_new(self, nodes: list[int], server_round: int) -> dict[int, dict]:
         """Query nodes for their location and data; with location clients, also route the full model.
 
         Runs at set-up and at the start of every round for nodes that joined since (or whose query failed).
@@ -183,10 +184,10 @@ class Federation:
             return {}
         with phase(f"querying {len(nodes)} nodes", self.console):
             replies, traffic = self.exchange(self.strategy.configure_query(nodes, with_model=False), "query")
-        self.strategy.register(replies)
+        self.strategy.register(server_round, replies)
         self.charge_shared_base(traffic)
         if self.cfg.world.clients == "locations":
-            for node, t in self.route_new([n for n in nodes if n in self.strategy.nodes]).items():
+            for node, t in self.route_new([n for n in nodes if n in self.strategy.nodes], server_round).items():
                 traffic[node] = merge_traffic(traffic.get(node), t)
         return traffic
 
@@ -200,7 +201,7 @@ class Federation:
                 entry["down"] += self.base_bytes
                 entry["down_by"]["base"] = entry["down_by"].get("base", 0) + self.base_bytes
 
-    def route_new(self, nodes: list[int]) -> dict[int, dict]:
+    def route_new(self, nodes: list[int], server_round: int) -> dict[int, dict]:
         """Nodes of locations without a keep set route the full model on their validation images."""
         needs_keep = [n for n in nodes if self.strategy.nodes[n].location not in self.state.keep]
         if not needs_keep or self.strategy.dense:
@@ -212,7 +213,7 @@ class Federation:
                 replies, batch_traffic = self.exchange(
                     self.strategy.configure_query(batch, with_model=True), "routing query"
                 )
-                self.strategy.register(replies)
+                self.strategy.register(server_round, replies)
                 traffic |= batch_traffic
         return traffic
 
@@ -227,11 +228,12 @@ class Federation:
         for server_round in range(self.state.completed_round + 1, fed.rounds + 1):
             started = time.monotonic()
             clock = PhaseClock()
-            joined = self._by_cell(self.query_new(sorted(set(self.grid.get_node_ids()) - set(self.strategy.nodes))))
+            new_nodes = sorted(set(self.grid.get_node_ids()) - set(self.strategy.nodes))
+            joined = self._by_cell(self.query_new(new_nodes, server_round))
             if not self.within_budget(server_round):
                 break
             sampled = self.strategy.round_nodes(server_round, self.grid)
-            routed = {**joined, **self._by_cell(self.route_new(sampled))}
+            routed = {**joined, **self._by_cell(self.route_new(sampled, server_round))}
             clock.lap("query")
             if routed:
                 setup = self.setup["traffic"].setdefault(str(server_round - 1), {})
@@ -279,7 +281,7 @@ class Federation:
         self.final_evaluation()
         self.checkpoint()
         report = self.report()
-        atomic_write(self.out / REPORT, json.dumps(report, indent=2).encode())
+        atomic_write(self.out / REPORT, json.dumps(finite_json(report), indent=2, allow_nan=False).encode())
         return report
 
     def within_budget(self, server_round: int) -> bool:
@@ -299,7 +301,7 @@ class Federation:
         done = self.state.completed_round
         messages = list(self.strategy.configure_evaluate(done, ArrayRecord(), ConfigRecord(), self.grid))
         replies, _ = self.exchange(messages, "evaluation")
-        self._store_evaluation(done, self.strategy.per_cell_evaluation(replies))
+        self._store_evaluation(done, self.strategy.per_cell_evaluation(done, replies))
 
     def _store_evaluation(self, rounds_done: int, per_cell: dict, server_accuracy: float | None = None) -> None:
         if per_cell:

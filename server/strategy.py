@@ -11,6 +11,7 @@ tensor too): dense FedAvg of the same trainable parts, or of the whole model.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 from collections.abc import Iterable, Iterator
@@ -32,6 +33,7 @@ from geomoe.server.privacy import RoundMechanism, epsilon, local_epsilon, next_c
 from geomoe.server.replies import Evaluation, QueryReply, RejectedReply, ReplyReader, SentSpec, TrainReply, spec_of
 from geomoe.server.server_optimizer import ServerOptimizer
 from geomoe.wire import messages as msg
+from geomoe.wire.bounded import printable
 from geomoe.wire.privacy import clip_update, update_norm
 from geomoe.wire.run_config import RunConfig
 
@@ -81,6 +83,7 @@ class GeoExpertStrategy(Strategy):
         self.population: list[int] = []  # nodes that could have been sampled this round (fixed DP denominators)
         self.sampling_rate = 1.0  # q of this round
         self.thin_rows_told = False  # DP rows that expect under one holder a round: said once (tell_of_thin_rows)
+        self.asked_to_evaluate: set[int] = set()  # nodes sent this evaluation's messages
 
     # --- what a node receives ------------------------------------------------------------------
     @property
@@ -205,7 +208,8 @@ class GeoExpertStrategy(Strategy):
         return sorted(ordered[i] for i in torch.randperm(len(ordered), generator=generator)[:count].tolist())
 
     def accept(self, server_round: int, replies: Iterable[Message]) -> list[tuple[QueryReply, TrainReply]]:
-        """Valid replies, one per node, as (node, reply) ordered by location; the others are logged."""
+        """Valid replies, one per node, as (node, reply) ordered by location; the others are logged. Whatever goes
+        wrong while one node's reply is read is that reply's rejection: no reply can end the round."""
         accepted, seen = {}, set()
         self.received = {}
         for reply in replies:
@@ -217,9 +221,9 @@ class GeoExpertStrategy(Strategy):
                 if node_id not in self.sent:
                     raise RejectedReply("reply from a node that was not sent a training message")
                 node = self.nodes[node_id]
-                parsed = self.reader.train(reply, self.sent[node_id], node.train_examples)
-            except RejectedReply as error:
-                self.reject(server_round, node_id, str(error))
+                parsed = self.reader.train(reply, self.sent[node_id], node, self.examples_cap(node_id))
+            except Exception as error:  # noqa: BLE001 - one node's reply fails alone, whatever it held
+                self.reject(server_round, node_id, unreadable(error), "train")
                 accepted.pop(node_id, None)  # a node that replies twice has neither reply counted
                 continue
             self.confirm_base(node_id)
@@ -230,6 +234,16 @@ class GeoExpertStrategy(Strategy):
                 self.received[node.name] = parsed.received
         self.drop_outliers(server_round, accepted)
         return sorted(accepted.values(), key=lambda item: item[0].location)
+
+    def examples_cap(self, node_id: int) -> int:
+        """The training examples a node's update may count: what it declared at query time, but at most
+        `federation.max_examples_factor` times the median of the other registered nodes' declarations, so that a
+        node declaring 10^9 examples cannot outweigh every honest holder of a shared expert."""
+        declared = self.nodes[node_id].train_examples
+        others = [node.train_examples for other, node in self.nodes.items() if other != node_id]
+        if not others:
+            return declared
+        return min(declared, max(1, math.floor(self.fed.max_examples_factor * statistics.median(others))))
 
     def drop_outliers(self, server_round: int, accepted: dict[int, tuple[QueryReply, TrainReply]]) -> None:
         """With `outlier_factor` set, leave out replies whose update norm exceeds it times the round's median."""
@@ -243,9 +257,11 @@ class GeoExpertStrategy(Strategy):
                                                    "the median)")  # fmt: skip
                 del accepted[node_id]
 
-    def reject(self, server_round: int, node_id: int, reason: str) -> None:
-        self.rejections.append({"round": server_round, "node": node_id, "reason": reason})
-        log.warning("round %d: rejected reply of node %s: %s", server_round, node_id, reason)
+    def reject(self, server_round: int, node_id: int, reason: str, kind: str = "train") -> None:
+        """Record and log a refused reply; the reason is bounded and escaped (it may quote what the node sent)."""
+        reason = printable(reason)
+        self.rejections.append({"round": server_round, "node": node_id, "kind": kind, "reason": reason})
+        log.warning("round %d: rejected %s reply of node %s: %s", server_round, kind, node_id, reason)
 
     def confirm_base(self, node_id: int) -> None:
         """A node that replied well to a message carrying the base holds it now."""
@@ -406,32 +422,33 @@ class GeoExpertStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        asked = [node_id for node_id in self.online(grid) if self.keep_known(node_id)]
+        self.asked_to_evaluate = set(asked)
         return [
             Message(self.node_content(node_id, server_round, train=False), dst_node_id=node_id, message_type="evaluate")
-            for node_id in self.online(grid)
-            if self.keep_known(node_id)
+            for node_id in asked
         ]
 
-    def per_cell_evaluation(self, replies: Iterable[Message]) -> dict[str, dict]:
-        """Accuracy, test examples and per-species recall of each replying node's cell (one reply per node)."""
+    def per_cell_evaluation(self, server_round: int, replies: Iterable[Message]) -> dict[str, dict]:
+        """Accuracy, test examples and per-species recall of each replying node's cell (one reply per node asked)."""
         per_cell: dict[str, dict] = {}
         seen = set()
         for reply in replies:
             node_id = reply.metadata.src_node_id
             try:
-                if node_id not in self.nodes or node_id in seen:
+                if node_id not in self.asked_to_evaluate or node_id in seen:
                     raise RejectedReply("an evaluation reply it was not asked for")
                 seen.add(node_id)
-                evaluation = self.reader.evaluation(reply)
-            except RejectedReply as error:
-                log.warning("evaluation: rejected reply of node %s: %s", node_id, error)
+                evaluation = self.reader.evaluation(reply, self.nodes[node_id])
+            except Exception as error:  # noqa: BLE001 - one node's reply fails alone, whatever it held
+                self.reject(server_round, node_id, unreadable(error), "evaluate")
                 continue
             self.confirm_base(node_id)
             per_cell[self.nodes[node_id].name] = vars(evaluation)
         return per_cell
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        per_cell = self.per_cell_evaluation(replies)
+        per_cell = self.per_cell_evaluation(server_round, replies)
         if not per_cell:
             return None
         return MetricRecord(weighted_accuracy(per_cell) | {"cells": len(per_cell)})
@@ -466,14 +483,17 @@ class GeoExpertStrategy(Strategy):
             messages.append(Message(content, dst_node_id=node_id, message_type="query"))
         return messages
 
-    def register(self, replies: Iterable[Message]) -> None:
-        """Record each node's location and, from its routing statistics, its location's keep set."""
+    def register(self, server_round: int, replies: Iterable[Message]) -> None:
+        """Record each node's location and, from its routing statistics, its location's keep set. A query reply
+        that cannot be read leaves its node unregistered (asked again next round), never the run ended."""
         for reply in replies:
             node_id = reply.metadata.src_node_id
             try:
                 node = self.reader.query(reply)
-            except RejectedReply as error:
-                log.warning("node %s: query reply rejected: %s", node_id, error)
+                if node.routing is not None and node.location not in self.state.keep:
+                    self.state.keep[node.location] = keep_set(node.routing, self.fed.keep)
+            except Exception as error:  # noqa: BLE001 - one node's reply fails alone, whatever it held
+                self.reject(server_round, node_id, unreadable(error), "query")
                 continue
             if node.unknown_species:
                 names = ", ".join(f"{name} ({n})" for name, n in sorted(node.unknown_species.items()))
@@ -483,9 +503,14 @@ class GeoExpertStrategy(Strategy):
             if any(other.name == node.cell for other_id, other in self.nodes.items() if other_id != node_id):
                 node.name = f"{node.cell}~{node_id}"  # two devices in one cell (or one coarse cell) stay apart
             self.nodes[node_id] = node
-            if node.routing is not None and node.location not in self.state.keep:
-                self.state.keep[node.location] = keep_set(node.routing, self.fed.keep)
             node.routing = None  # used once; thousands of nodes need not keep their routing graphs
+
+
+def unreadable(error: Exception) -> str:
+    """The reason a reply was refused: the reader's own words, or what broke while reading it."""
+    if isinstance(error, RejectedReply):
+        return str(error)
+    return f"could not be read ({type(error).__name__}: {error})"
 
 
 def weighted_accuracy(per_cell: dict[str, dict[str, float]]) -> dict[str, float]:

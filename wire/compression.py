@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import zstandard
+
+from geomoe.wire.bounded import bounded_json
 
 QUANTIZERS = ("fp16", "int8", "int8c")  # int8c: one scale per row (per expert / per channel)
 VALUE_DTYPES = {
@@ -32,6 +35,9 @@ VALUE_DTYPES = {
 }
 SCALE_DTYPE = np.dtype(np.float32)
 ZSTD_LEVEL = 10
+ZSTD_CHUNK = 1 << 20  # bytes decompressed at a time
+MAX_DIM = 1 << 40  # no axis of a described tensor is longer (a larger claim is refused, not multiplied out)
+MAX_DESCRIPTION_CHARS = 1 << 20  # JSON describing a record's compressed tensors (a few hundred names)
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ class Layout:
 
     @classmethod
     def of(cls, shape: tuple[int, ...], dtype: np.dtype, pipeline: Pipeline) -> Layout:
-        numel = int(np.prod(shape))
+        numel = math.prod(shape)
         lossy = pipeline.lossy and dtype.kind == "f" and numel > 0
         if not lossy:
             return cls(shape, dtype, False, 0, 0)
@@ -93,7 +99,7 @@ class Layout:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)
 
 
 def _quantize(values: np.ndarray, quantizer: str | None, groups: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,18 +139,55 @@ def _encode_group(tensors: dict[str, torch.Tensor], pipeline: Pipeline) -> tuple
     return np.frombuffer(packed, dtype=np.uint8), described
 
 
-def _decode_group(packed: np.ndarray, described: dict[str, list], pipeline: Pipeline) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class GroupLayout:
+    """Where each section of one packed group lies, from its description alone."""
+
+    layouts: dict[str, Layout]
+    sections: list[int]  # bytes of exact tensors, top-k bitmap, int8 scales (the kept values follow)
+    mask_bits: int
+    packed_bytes: int  # the group's size before zstd
+
+    @classmethod
+    def of(cls, described: dict[str, list], pipeline: Pipeline) -> GroupLayout:
+        layouts = {name: _layout(name, meta, pipeline) for name, meta in described.items()}
+        lossy = [x for x in layouts.values() if x.lossy]
+        exact_bytes = sum(x.numel * x.dtype.itemsize for x in layouts.values() if not x.lossy)
+        mask_bits = sum(x.numel for x in lossy) if pipeline.topk is not None else 0
+        sections = [exact_bytes, -(-mask_bits // 8), sum(x.scales for x in lossy) * SCALE_DTYPE.itemsize]
+        kept_bytes = sum(x.kept for x in lossy) * VALUE_DTYPES[pipeline.quantizer].itemsize
+        return cls(layouts, sections, mask_bits, sum(sections) + kept_bytes)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """What decoding allocates for the tensors themselves (lossy ones as float32 while they are rebuilt)."""
+        return sum(x.numel * max(x.dtype.itemsize, 4) for x in self.layouts.values())
+
+
+def group_layouts(description: str, pipeline: Pipeline) -> dict[str, GroupLayout]:
+    """Each packed group's layout from a description (group -> name -> [shape, dtype]), parsed with bounds."""
+    described = bounded_json(description, "the description of compressed tensors", MAX_DESCRIPTION_CHARS, 4)
+    if not isinstance(described, dict) or not all(isinstance(v, dict) for v in described.values()):
+        raise ValueError("the description of compressed tensors is not group -> name -> [shape, dtype]")
+    return {group: GroupLayout.of(members, pipeline) for group, members in described.items()}
+
+
+def packed_bound(layout: GroupLayout, pipeline: Pipeline) -> int:
+    """The most bytes a group of this layout may take on the wire: its packed size, plus zstd's worst-case
+    overhead on incompressible data (zstd's own ZSTD_COMPRESSBOUND, with room for the frame header)."""
+    size = layout.packed_bytes
+    return size + size // 128 + 1024 if pipeline.zstd else size
+
+
+def _decode_group(packed: np.ndarray, group: GroupLayout, pipeline: Pipeline) -> dict[str, torch.Tensor]:
     """The tensors of one packed array. Its expected size follows from the description, and a zstd frame is
     read up to that size and no further, so a frame cannot make the receiver allocate more than described."""
-    layouts = {name: _layout(name, meta, pipeline) for name, meta in described.items()}
+    layouts, sections, mask_bits = group.layouts, group.sections, group.mask_bits
     exact = [x for x in layouts.values() if not x.lossy]
     lossy = [x for x in layouts.values() if x.lossy]
     exact_bytes = [x.numel * x.dtype.itemsize for x in exact]
-    mask_bits = sum(x.numel for x in lossy) if pipeline.topk is not None else 0
-    mask_bytes = -(-mask_bits // 8)
     value_dtype = VALUE_DTYPES[pipeline.quantizer]
-    sections = [sum(exact_bytes), mask_bytes, sum(x.scales for x in lossy) * SCALE_DTYPE.itemsize]
-    expected = sum(sections) + sum(x.kept for x in lossy) * value_dtype.itemsize
+    expected = group.packed_bytes
     data = _unzstd(packed, expected) if pipeline.zstd else packed.tobytes()
     if len(data) != expected:
         raise ValueError(f"packed tensors of {len(data)} bytes, their description says {expected}")
@@ -187,17 +230,26 @@ def _layout(name: str, meta: object, pipeline: Pipeline) -> Layout:
         shape, dtype = tuple(int(n) for n in shape), np.dtype(str(dtype))
     except (TypeError, ValueError):
         raise ValueError(f"{name}: description {meta!r} is not [shape, dtype]") from None
-    if dtype.kind not in "biuf" or any(n < 0 for n in shape):
+    if dtype.kind not in "biuf" or any(n < 0 or n > MAX_DIM for n in shape):
         raise ValueError(f"{name}: cannot carry shape {list(shape)} of dtype {dtype}")
     return Layout.of(shape, dtype, pipeline)
 
 
 def _unzstd(frame: np.ndarray, expected: int) -> bytes:
-    """A zstd frame, decompressed to at most `expected` + 1 bytes (one more shows it was longer)."""
+    """A zstd frame, decompressed to at most `expected` + 1 bytes (one more shows it was longer), in chunks: what
+    is allocated follows what the frame really holds, not what its description claims."""
+    parts, held = [], 0
     try:
-        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frame.tobytes())).read(expected + 1)
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frame.tobytes())) as reader:
+            while held <= expected:
+                chunk = reader.read(min(expected + 1 - held, ZSTD_CHUNK))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                held += len(chunk)
     except zstandard.ZstdError as error:
         raise ValueError(f"bad zstd frame: {error}") from None
+    return b"".join(parts)
 
 
 def _one_group(name: str) -> str:
@@ -220,34 +272,42 @@ def encode_all(
 
 def decode_all(
     arrays: dict[str, np.ndarray],
-    description: str,
+    groups: dict[str, GroupLayout],
     pipeline: Pipeline,
     expected: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+    max_bytes: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tensors from their packed groups. With `expected` (name -> shape, dtype: what the receiver sent), the
-    description must name exactly those tensors with those shapes and dtypes, checked before decoding any."""
-    described = json.loads(description)
-    if not isinstance(described, dict) or not all(isinstance(v, dict) for v in described.values()):
-        raise ValueError("the description of compressed tensors is not group -> name -> [shape, dtype]")
-    if set(described) != set(arrays):
-        raise ValueError(f"packed groups {sorted(arrays)} do not match their description {sorted(described)}")
+    """Tensors from their packed groups (`groups`: `group_layouts` of their description). With `expected` (name ->
+    shape, dtype: what the receiver sent), the description must name exactly those tensors with those shapes and
+    dtypes; with `max_bytes`, the tensors it describes may take at most that much. Both are checked, and each
+    packed array's size against its layout, before anything is decoded."""
+    if set(groups) != set(arrays):
+        raise ValueError(f"packed groups {sorted(arrays)} do not match their description {sorted(groups)}")
     if expected is not None:
-        _check_description({n: m for group in described.values() for n, m in group.items()}, expected)
+        check_layouts({n: x for group in groups.values() for n, x in group.layouts.items()}, expected)
+    described = sum(group.decoded_bytes for group in groups.values())
+    if max_bytes is not None and described > max_bytes:
+        raise ValueError(f"compressed tensors describe {described} bytes, more than the {max_bytes} expected")
+    for name, group in groups.items():
+        if arrays[name].nbytes > packed_bound(group, pipeline):
+            raise ValueError(f"packed group {name} of {arrays[name].nbytes} bytes; its description allows "
+                             f"{packed_bound(group, pipeline)}")  # fmt: skip
     out: dict[str, torch.Tensor] = {}
-    for group, members in described.items():
-        out.update(_decode_group(arrays[group], members, pipeline))
+    for name, group in groups.items():
+        out.update(_decode_group(arrays[name], group, pipeline))
     return out
 
 
-def _check_description(metas: dict[str, object], expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-    if set(metas) != set(expected):
-        raise ValueError(f"compressed tensors {sorted(metas)} are not the ones sent {sorted(expected)}")
+def check_layouts(layouts: dict[str, Layout], expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """The described tensors must be exactly `expected`, with its shapes and dtypes."""
+    if set(layouts) != set(expected):
+        raise ValueError(f"compressed tensors {sorted(layouts)[:5]} are not the ones sent {sorted(expected)[:5]}")
     for name, (shape, dtype) in expected.items():
-        meta = metas[name]
-        if not isinstance(meta, list) or len(meta) != 2 or meta[0] != list(shape):
-            raise ValueError(f"{name}: described shape {meta}, sent {list(shape)}")
-        if meta[1] != str(dtype).removeprefix("torch."):
-            raise ValueError(f"{name}: described dtype {meta[1]}, sent {dtype}")
+        layout = layouts[name]
+        if layout.shape != tuple(shape):
+            raise ValueError(f"{name}: described shape {list(layout.shape)}, sent {list(shape)}")
+        if str(layout.dtype) != str(dtype).removeprefix("torch."):
+            raise ValueError(f"{name}: described dtype {layout.dtype}, sent {dtype}")
 
 
 class ErrorFeedback:
@@ -265,6 +325,6 @@ class ErrorFeedback:
         }
         arrays, description = encode_all(corrected, pipeline, group_of)
         if pipeline.lossy:
-            decoded = decode_all(arrays, description, pipeline)
+            decoded = decode_all(arrays, group_layouts(description, pipeline), pipeline)
             self.residuals = {k: corrected[k] - decoded[k] for k in corrected if corrected[k].is_floating_point()}
         return arrays, description

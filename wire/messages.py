@@ -15,7 +15,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from geomoe.model.importance import RoutingStats
-from geomoe.wire.compression import ErrorFeedback, Pipeline, decode_all
+from geomoe.wire.bounded import read_npy
+from geomoe.wire.compression import ErrorFeedback, Pipeline, decode_all, group_layouts
 
 # RecordDict entries
 EXPERTS = "experts"  # held experts' stacked state (moe.{layer}.{param}, moe.{layer}.ids)
@@ -119,15 +120,30 @@ def pack(
     content[name + CODEC] = ConfigRecord({"pipeline": pipeline, "tensors": description})
 
 
-def unpack(content: RecordDict, name: str) -> dict[str, torch.Tensor]:
-    """Tensors of `content[name]`, decompressed if they were packed compressed; {} if absent."""
+def read_record(record: ArrayRecord, what: str, max_bytes: int) -> dict[str, torch.Tensor]:
+    """Tensors of an untrusted ArrayRecord holding at most `max_bytes` in all, each array's `.npy` header checked
+    against its bytes before anything is allocated (`np.load` would allocate what a header claims)."""
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"{what} is not an array record")
+    tensors, left = {}, max_bytes
+    for key, array in record.items():
+        tensors[key] = torch.from_numpy(read_npy(array.data, f"{what}.{key}", max_bytes=left))
+        left -= tensors[key].numel() * tensors[key].element_size()
+    return tensors
+
+
+def unpack(content: RecordDict, name: str, max_bytes: int) -> dict[str, torch.Tensor]:
+    """Tensors of `content[name]` (at most `max_bytes` of them), decompressed if they were packed compressed; {} if
+    absent. The receiver's side of a download: sizes are checked before anything is decoded."""
     if name not in content:
         return {}
     if name + CODEC not in content:
-        return from_record(content[name])
+        return read_record(content[name], name, max_bytes)
     codec = content[name + CODEC]
-    arrays = {k: v.numpy() for k, v in content[name].items()}
-    return decode_all(arrays, str(codec["tensors"]), Pipeline.parse(str(codec["pipeline"])))
+    pipeline = Pipeline.parse(str(codec["pipeline"]))
+    packed = read_record(content[name], name, max_bytes)
+    groups = group_layouts(str(codec["tensors"]), pipeline)
+    return decode_all({k: v.numpy() for k, v in packed.items()}, groups, pipeline, max_bytes=max_bytes)
 
 
 def stats_to_tensors(stats: RoutingStats, edges: bool = True) -> dict[str, torch.Tensor]:

@@ -93,6 +93,6 @@ def test_only_partition_0s_training_update_is_corrupted(task_identity, partition
 
     context = Context(run_id=1, node_id=1, node_config={"partition-id": partition}, state=RecordDict(), run_config={})
     reply = corrupting(-4.0)(message, context, honest)
-    sent = msg.unpack(reply.content, msg.UPDATE)
+    sent = msg.unpack(reply.content, msg.UPDATE, 1 << 30)
     torch.testing.assert_close(sent["moe.1.w1"], update["moe.1.w1"] * factor, atol=0.05, rtol=0)
     assert sent["moe.1.ids"].tolist() == [0, 3]

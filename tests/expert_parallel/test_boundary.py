@@ -2,6 +2,7 @@
 8 peers sending good and malformed requests at once."""
 
 import hmac
+import math
 import os
 import random
 import threading
@@ -13,11 +14,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from geomoe.expert_parallel.host import ExpertHost
+from geomoe.expert_parallel.host import MAX_STEP_NORM, ExpertHost
 from geomoe.expert_parallel.remote import PeerClient, PeerError
-from geomoe.expert_parallel.service import MAX_MESSAGE_BYTES, ExpertServer, background_server
+from geomoe.expert_parallel.service import MAX_MESSAGE_BYTES, SESSION_KEY, ExpertServer, background_server
 from geomoe.expert_parallel.tensors import to_proto
-from geomoe.protos import expert_pb2
+from geomoe.model.moe_layer import EXPERT_PARAMS
+from geomoe.protos import expert_pb2, expert_pb2_grpc
 
 from .conftest import full_model, split
 
@@ -213,3 +215,78 @@ def test_soak_eight_peers_good_and_malformed_for_a_bounded_time(served):
     assert rss_mb() - start_rss < 300  # bounded: no per-request growth
     assert healthy(server.address)
     assert forward(server.address, torch.randn(3, 4, 64)).shape == (3, 4, 64)
+
+
+# --- a token holder attacking the served experts or other callers (issue 33) ----------------------------------------
+
+
+def raw_call(address: str, method: str, request, session: str = "attacker"):
+    """One call on its own connection, as a hostile token holder would make it (no client-side checks)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = expert_pb2_grpc.ExpertServiceStub(channel)
+        return getattr(stub, method)(request, timeout=10, metadata=((SESSION_KEY, session),))
+
+
+def test_gradients_that_overflow_are_refused_and_the_served_experts_stay_finite(served):
+    server, host = served
+    tokens = torch.randn(3, 4, 64)
+    request = expert_pb2.BackwardRequest(layer=1, expert_ids=[1, 2, 3], tokens=to_proto(tokens),
+                                         grad_outputs=to_proto(torch.full_like(tokens, 3e38)))  # fmt: skip
+    with pytest.raises(grpc.RpcError) as error:
+        raw_call(server.address, "Backward", request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not finite" in error.value.details()
+    raw_call(server.address, "Step", expert_pb2.StepRequest(lr=1.0))
+    assert all(torch.isfinite(p).all() for p in host.model.parameters())
+    assert torch.isfinite(forward(server.address, tokens)).all()
+
+
+def test_a_step_is_capped_in_norm_and_one_that_would_leave_experts_non_finite_is_undone():
+    host = ExpertHost(split(full_model(), [[0], SERVED])[1][0])
+    tokens = torch.randn(3, 4, 64)
+    host.backward(1, torch.tensor([1, 2, 3]), tokens, torch.full_like(tokens, 1e6), session="s", caller="c")
+    before = {name: getattr(host.layers[1], name).detach().clone() for name in EXPERT_PARAMS}
+    host.step(1.0, session="s", caller="c")
+    moved = math.sqrt(sum(float((getattr(host.layers[1], n).detach() - before[n]).double().pow(2).sum())
+                          for n in EXPERT_PARAMS))  # fmt: skip
+    assert 0 < moved <= MAX_STEP_NORM * (1 + 1e-5)
+    host.backward(1, torch.tensor([1]), tokens[:1], torch.ones_like(tokens[:1]), session="s", caller="c")
+    host.callers["c"]["s"][(1, "w1")][0, 0, 0] = math.nan  # what no backward keeps: the last line of defence
+    kept = host.layers[1].w1.detach().clone()
+    with pytest.raises(ValueError, match="refused and undone"):
+        host.step(1.0, session="s", caller="c")
+    assert torch.equal(host.layers[1].w1.detach(), kept)
+
+
+def test_ids_that_do_not_match_their_tokens_never_join_a_victims_batch(served):
+    server, host = served
+    tokens = torch.randn(3, 4, 64)
+    expected = host.forward(1, torch.tensor([1, 2, 3]), tokens)
+    crafted = [
+        expert_pb2.ForwardRequest(layer=1, expert_ids=[1, 2], tokens=to_proto(torch.randn(1, 4, 64))),
+        expert_pb2.ForwardRequest(layer=1, expert_ids=[], tokens=to_proto(torch.randn(1, 4, 64))),
+    ]
+    with ThreadPoolExecutor(3) as pool:
+        victim = pool.submit(forward, server.address, tokens)
+        attacks = [pool.submit(raw_call, server.address, "Forward", request) for request in crafted]
+        for attack in attacks:
+            with pytest.raises(grpc.RpcError) as error:
+                attack.result(timeout=10)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expert ids for" in error.value.details()
+        assert torch.allclose(victim.result(timeout=10), expected, atol=1e-6)
+
+
+def test_another_caller_opening_many_sessions_cannot_evict_a_callers_gradients(served):
+    server, host = served
+    victim = PeerClient(server.address)
+    tokens = torch.randn(3, 4, 64)
+    victim.backward(1, torch.tensor([1, 1, 1]), tokens, torch.ones_like(tokens))
+    with grpc.insecure_channel(server.address) as channel:  # one connection, many fresh session names
+        stub = expert_pb2_grpc.ExpertServiceStub(channel)
+        request = expert_pb2.BackwardRequest(layer=1, expert_ids=[2, 2, 2], tokens=to_proto(tokens),
+                                             grad_outputs=to_proto(torch.ones_like(tokens)))  # fmt: skip
+        for index in range(16):
+            stub.Backward(request, timeout=10, metadata=((SESSION_KEY, f"fresh-{index}"),))
+    before = host.layers[1].w1.detach().clone()
+    assert victim.step(0.1) > 0
+    assert not torch.equal(host.layers[1].w1.detach()[0], before[0])  # expert 1 moved: its gradients were kept
+    victim.close()

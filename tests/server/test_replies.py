@@ -1,6 +1,7 @@
 """The server's trust boundary, one row per hole: what an adversarial or broken node sends is rejected with a
 reason, the round goes on with the good replies, and the global model stays finite."""
 
+import io
 import json
 import math
 
@@ -12,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from geomoe.server.checkpoint import atomic_write, load_model, save_model
 from geomoe.wire import messages as msg
+from geomoe.wire.bounded import finite_json
 from geomoe.wire.compression import ErrorFeedback, Pipeline
 
 from .test_strategy import GRID, in_a_task, make_strategy, reply_to  # noqa: F401 - fixture
@@ -84,7 +86,7 @@ TRAIN_CASES = [
     ("no metrics", "none", lambda c: c.__delitem__(msg.METRICS), "no metrics record"),
     ("token counts infinite", "none", with_counts(torch.tensor([math.inf, 1, 1, 1])), "finite and non-negative"),
     ("token counts negative", "none", with_counts(torch.tensor([-5.0, 1, 1, 1])), "finite and non-negative"),
-    ("token counts misshapen", "none", with_counts(torch.ones(9)), "counts.1: got (9,)"),
+    ("token counts misshapen", "none", with_counts(torch.ones(9)), "counts.1: shape (9,)"),
     ("token counts beyond its examples", "none", with_counts(torch.full((4,), 1e9)), "more than its 50 examples"),
     ("a finite but huge update", "none", huge_delta, "update norm"),
     ("compressed when the run is not", "none", compressed("int8+zstd"), "this run uploads uncompressed"),
@@ -101,7 +103,7 @@ def test_a_bad_train_reply_is_rejected_and_the_rest_applied(case, pipeline, chan
     strategy = make_strategy()
     strategy.cfg.train.epochs = 1
     strategy.reader.upload = pipeline
-    strategy.fed.max_update_norm = 1e6 if case != "a finite but huge update" else 10.0
+    strategy.fed.max_update_norm = 1e6 if case != "a finite but huge update" else 100.0
     before = strategy.model.moe_layers()[5].w1.detach().clone()
     messages = train_messages(strategy)
     bad = reply_to(messages[101], examples=50)
@@ -148,7 +150,15 @@ def test_the_base_is_sent_again_until_a_reply_shows_it_arrived():
 
 
 def query_reply(message: Message, **changes) -> Message:
-    info = {"location": 0, "cell": "0/", "has-base": True, "species": "[1, 2]", "train-examples": 50, **changes}
+    info = {
+        "location": 0,
+        "cell": "0/",
+        "has-base": True,
+        "species": "[1, 2]",
+        "train-examples": 50,
+        "test-examples": 20,
+        **changes,
+    }
     info = {k: v for k, v in info.items() if v is not None}
     return Message(RecordDict({msg.INFO: ConfigRecord(info)}), reply_to=message)
 
@@ -157,12 +167,12 @@ QUERY_CASES = [
     ("another location's cell", {"cell": "4/"}, "that location's cell is '0/'"),
     ("a location that does not exist", {"location": 7}, "location must be an integer in 0..1"),
     ("species out of range", {"species": "[1, 99999]"}, "species must be ids in 0..23"),
-    ("species repeated", {"species": json.dumps([5] * 1000)}, "species ids repeat"),
+    ("species repeated", {"species": "[5, 5]"}, "species ids repeat"),
     ("species not a list", {"species": '{"a": 1}'}, "species must be a JSON list"),
     ("no train-examples", {"train-examples": None}, "train-examples must be an integer"),
     ("no location", {"location": None}, "location must be an integer"),
     ("has-base not a bool", {"has-base": "yes"}, "has-base must be true or false"),
-    ("negative left-out counts", {"skipped": '{"bad": -3}'}, "skipped must map names to non-negative counts"),
+    ("negative left-out counts", {"skipped": '{"bad": -3}'}, "skipped must map names to counts"),
 ]
 
 
@@ -171,7 +181,7 @@ def test_a_bad_query_reply_is_not_registered(case, changes, reason, caplog):
     strategy = make_strategy()
     strategy.nodes = {}
     [query] = strategy.configure_query([101], with_model=False)
-    strategy.register([query_reply(query, **changes)])
+    strategy.register(0, [query_reply(query, **changes)])
     assert strategy.nodes == {}
     assert reason in caplog.text
 
@@ -185,7 +195,7 @@ def test_a_query_reply_with_nan_routing_sets_no_keep_set(caplog):
     routing |= {f"edges.{layer}": torch.ones(4, 4) for layer in (1, 3, 5)}
     routing["counts.3"][0] = math.nan
     reply.content[msg.TOKENS] = msg.to_record(routing)
-    strategy.register([reply])
+    strategy.register(0, [reply])
     assert strategy.nodes == {} and strategy.state.keep == {}
     assert "counts.3: counts must be finite" in caplog.text
 
@@ -194,7 +204,7 @@ def test_a_good_query_reply_is_registered():
     strategy = make_strategy()
     strategy.nodes = {}
     [query] = strategy.configure_query([101], with_model=False)
-    strategy.register([query_reply(query, skipped='{"unreadable": 2}')])
+    strategy.register(0, [query_reply(query, skipped='{"unreadable": 2}')])
     node = strategy.nodes[101]
     assert (node.location, node.cell, node.species, node.train_examples, node.skipped) == (
         0,
@@ -237,3 +247,146 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path):
         atomic_write(path, crash)
     assert path.read_bytes() == b'{"round": 1}'
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left behind
+
+
+# --- holes found by probing as an attacker would (issue 33): each one ended or distorted the run -------------------
+
+
+def small_steps(update: dict[str, torch.Tensor]) -> None:
+    """Every tensor moved by 0.01 instead of 1: within the default norm bounds."""
+    update.update({k: v * 0.01 for k, v in update.items() if v.is_floating_point()})
+
+
+def npy_claiming(shape: tuple[int, ...]) -> Array:
+    """A 128-byte `.npy` whose header claims `shape` of float32 (np.load would allocate all of it)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=buffer.getvalue())
+
+
+def deep_codec(content: RecordDict) -> None:
+    compressed("int8+zstd")(content)
+    content[msg.UPDATE + msg.CODEC] = ConfigRecord({"pipeline": "int8+zstd", "tensors": "[" * 5000})
+
+
+def claimed_update(content: RecordDict) -> None:
+    content[msg.UPDATE]["moe.1.w1"] = npy_claiming((10**12,))
+
+
+def claimed_counts(content: RecordDict) -> None:
+    content[msg.TOKENS]["counts.3"] = npy_claiming((10**12,))
+
+
+def renamed_copies(content: RecordDict) -> None:
+    """One array under 60 extra names: Flower sends it once, a reader that copies every name decodes it 61 times."""
+    record = content[msg.UPDATE]
+    for index in range(60):
+        record[f"moe.1.w1.copy{index}"] = record["moe.1.w1"]
+
+
+def moved_head_bias(content: RecordDict) -> None:
+    """Within the whole-update norm, all of it spent on one species' bias: one node moves a head bias by ~30."""
+    update = msg.from_record(content[msg.UPDATE])
+    update = {k: v if k.endswith(".ids") else torch.zeros_like(v) for k, v in update.items()}
+    update["head.fc.bias"][0] = 30.0
+    content[msg.UPDATE] = msg.to_record(update)
+
+
+HOLE_CASES = [
+    ("a codec description 5,000 levels deep", "int8+zstd", deep_codec, "nests 5000 levels"),
+    ("an update tensor whose header claims 10^12 values", "none", claimed_update, "shape (1000000000000,)"),
+    ("routing counts whose header claims 10^12 values", "none", claimed_counts, "shape (1000000000000,)"),
+    ("one array under 60 more names", "none", renamed_copies, "unknown ['moe.1.w1.copy0'"),
+    ("a loss of 1e308", "none", with_metrics(train_loss=1e308), "train_loss=1e+308 lies outside"),
+    ("a received evaluation over more examples than it has", "none",
+     with_metrics(**{"received-accuracy": 1.0, "received-examples": 1e9}), "received-examples=1e+09 lies outside"),
+    ("a head bias moved by 30", "none", moved_head_bias, "head row 1 moves by 30"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "pipeline", "change", "reason"), HOLE_CASES, ids=[c[0] for c in HOLE_CASES])
+def test_a_reply_that_used_to_end_or_distort_the_run_is_rejected_alone(case, pipeline, change, reason):
+    strategy = make_strategy(max_update_norm=1.0)
+    strategy.cfg.train.epochs = 1
+    strategy.reader.upload = pipeline
+    messages = train_messages(strategy)
+    bad = reply_to(messages[101], small_steps, examples=50)
+    change(bad.content)
+    good = reply_to(messages[202], small_steps, examples=150)
+    if pipeline != "none":
+        compressed(pipeline)(good.content)
+    _, metrics = strategy.aggregate_train(1, [bad, good])
+    assert [r["node"] for r in strategy.rejections] == [101], strategy.rejections
+    assert reason in strategy.rejections[0]["reason"]
+    assert metrics["replies"] == 1
+    assert all(torch.isfinite(v).all() for v in strategy.model.state_dict().values() if v.is_floating_point())
+
+
+def test_a_node_declaring_a_billion_examples_weighs_at_most_ten_times_the_median_of_the_others():
+    strategy = make_strategy()
+    strategy.nodes[101].train_examples = 10**9
+    assert strategy.examples_cap(101) == 10 * 150  # node 202 declared 150
+    assert strategy.examples_cap(202) == 150  # an honest node keeps its own count
+    messages = train_messages(strategy)
+    strategy.aggregate_train(1, [reply_to(messages[101], examples=1e9), reply_to(messages[202], examples=150)])
+    assert "examples=1e+09 lies outside [0, 1500]" in strategy.rejections[0]["reason"]
+
+
+def test_an_evaluation_reply_counts_at_most_the_test_examples_its_node_declared():
+    strategy = make_strategy()
+    asked = {m.metadata.dst_node_id: m for m in strategy.configure_evaluate(1, None, None, GRID)}
+    honest = Message(RecordDict({msg.METRICS: MetricRecord({"accuracy": 0.5, "examples": 20.0})}), reply_to=asked[101])
+    inflated = Message(RecordDict({msg.METRICS: MetricRecord({"accuracy": 1.0, "examples": 1e9})}), reply_to=asked[202])
+    metrics = strategy.aggregate_evaluate(1, [honest, inflated])
+    assert metrics["accuracy"] == 0.5 and metrics["examples"] == 20.0
+    assert "examples=1e+09 lies outside [0, 60]" in strategy.rejections[0]["reason"]
+
+
+QUERY_HOLES = [
+    ("species 5,000 levels deep", {"species": "[" * 5000}, "species is 5000 characters"),
+    ("a species id of 5,000 digits", {"species": "[" + "9" * 5000 + "]"}, "species is 5002 characters"),
+    ("unknown species 5,000 levels deep", {"unknown-species": '{"a": ' + "[" * 5000 + "}"}, "nests 5001 levels"),
+    ("a count of 5,000 digits", {"skipped": '{"bad": ' + "9" * 5000 + "}"}, "number of 5000 characters"),
+    ("a 10 MB species name", {"unknown-species": json.dumps({"x" * 10_000_000: 1})}, "exceeds"),
+    ("a 1 MB source", {"source": "s" * 1_000_000}, "exceeds"),
+    ("a species name forging a log line", {"unknown-species": json.dumps({"Lynx\nround 9: \x1b[32mok": 1})},
+     "control characters"),
+    ("an unasked record", {}, "records this query reply may not hold"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "changes", "reason"), QUERY_HOLES, ids=[c[0] for c in QUERY_HOLES])
+def test_a_query_reply_that_used_to_end_the_run_or_forge_its_log_is_refused(case, changes, reason, caplog):
+    strategy = make_strategy()
+    strategy.nodes = {}
+    [query] = strategy.configure_query([101], with_model=False)
+    reply = query_reply(query, **changes)
+    if case == "an unasked record":
+        reply.content["extra"] = ArrayRecord({f"copy{i}": Array(np.zeros(1000, np.float32)) for i in range(50)})
+    strategy.register(0, [reply])
+    assert strategy.nodes == {}
+    assert reason in strategy.rejections[0]["reason"] and strategy.rejections[0]["kind"] == "query"
+    assert "\x1b" not in caplog.text and caplog.text.count("\n") == len(caplog.records)  # one line per record
+    assert len(caplog.text) < 2000
+
+
+def test_any_exception_while_reading_one_reply_is_that_replys_rejection(monkeypatch):
+    strategy = make_strategy()
+    messages = train_messages(strategy)
+
+    def broken(reply, *args):
+        if reply.metadata.src_node_id == 101:
+            raise MemoryError("what a reader bug would raise")
+        return original(reply, *args)
+
+    original = strategy.reader.train
+    monkeypatch.setattr(strategy.reader, "train", broken)
+    _, metrics = strategy.aggregate_train(1, [reply_to(messages[101]), reply_to(messages[202])])
+    assert metrics["replies"] == 1
+    assert "could not be read (MemoryError" in strategy.rejections[0]["reason"]
+
+
+def test_a_report_with_an_infinite_number_is_written_as_strict_json():
+    report = {"train_loss": math.inf, "rounds": [{"loss": math.nan, "ok": 1.5}]}
+    text = json.dumps(finite_json(report), allow_nan=False)
+    assert json.loads(text) == {"train_loss": None, "rounds": [{"loss": None, "ok": 1.5}]}

@@ -47,7 +47,7 @@ def make_strategy(strategy: str = "expert", privacy: dict | None = None, cells=(
     model = GeoMoENet(cfg.model)
     keep = {0: {1: [0, 1], 3: [2], 5: [3], 7: [0]}, 1: {1: [1, 2], 3: [2], 5: [0], 7: [1]}}
     s = GeoExpertStrategy(cfg, model, shared_state(model), ServerState(keep=keep), world={msg.CELLS: list(cells)})
-    s.nodes = {101: QueryReply(0, "0/", True, [1, 2], 50), 202: QueryReply(1, "4/", True, [2, 5], 150)}
+    s.nodes = {101: QueryReply(0, "0/", True, [1, 2], 50, 20), 202: QueryReply(1, "4/", True, [2, 5], 150, 60)}
     return s
 
 
@@ -112,7 +112,7 @@ def test_experts_average_over_their_holders_only():
         (lambda u: u.update({"moe.1.ids": torch.tensor([0, 3])}), "not given"),
         (lambda u: u.update({"backbone.stem.conv.weight": torch.zeros(3)}), "unknown"),
         (lambda u: u["moe.1.w1"].__setitem__((0, 0, 0), float("nan")), "NaN"),
-        (lambda u: u.update({"moe.1.w1": torch.ones(2, 64, 3)}), "got"),
+        (lambda u: u.update({"moe.1.w1": torch.ones(2, 64, 3)}), "shape (2, 64, 3)"),
     ],
 )
 def test_a_bad_reply_is_rejected_and_the_round_goes_on(change, reason):

@@ -164,11 +164,11 @@ def test_a_coarse_location_level_registers_nodes_by_their_coarse_cell():
     queries = strategy.configure_query([101, 202], with_model=False)
     from .test_replies import query_reply
 
-    strategy.register([query_reply(queries[0], cell="2/01"), query_reply(queries[1], cell="2/01")])
+    strategy.register(0, [query_reply(queries[0], cell="2/01"), query_reply(queries[1], cell="2/01")])
     assert [n.cell for n in strategy.nodes.values()] == ["2/01", "2/01"]
     assert sorted(n.name for n in strategy.nodes.values()) == ["2/01", "2/01~202"]  # reports keep them apart
     strategy.nodes = {}
-    strategy.register([query_reply(queries[0], cell="2/0123")])  # the fine cell is not what this run reports
+    strategy.register(0, [query_reply(queries[0], cell="2/0123")])  # the fine cell is not what this run reports
     assert strategy.nodes == {}
 
 

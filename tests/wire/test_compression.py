@@ -4,13 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from geomoe.wire.compression import ErrorFeedback, Pipeline, decode_all, encode_all
+from geomoe.wire.compression import ErrorFeedback, Pipeline, decode_all, encode_all, group_layouts
+
+
+def decode(arrays, description, pipeline):
+    return decode_all(arrays, group_layouts(description, pipeline), pipeline)
 
 
 def round_trip(tensors, text):
     pipeline = Pipeline.parse(text)
     arrays, description = encode_all(tensors, pipeline)
-    return decode_all(arrays, description, pipeline), sum(a.nbytes for a in arrays.values())
+    return decode(arrays, description, pipeline), sum(a.nbytes for a in arrays.values())
 
 
 @pytest.fixture
@@ -66,10 +70,10 @@ def test_error_feedback_carries_the_residual_to_the_next_round():
     feedback = ErrorFeedback()
     first = {"w": torch.tensor([4.0, 1.0])}
     arrays, description = feedback.compress(first, pipeline)
-    assert decode_all(arrays, description, pipeline)["w"].tolist() == [4.0, 0.0]
+    assert decode(arrays, description, pipeline)["w"].tolist() == [4.0, 0.0]
     assert feedback.residuals["w"].tolist() == [0.0, 1.0]
     arrays, description = feedback.compress({"w": torch.tensor([0.0, 0.5])}, pipeline)
-    assert decode_all(arrays, description, pipeline)["w"].tolist() == [0.0, 1.5]  # 0.5 + last round's 1.0
+    assert decode(arrays, description, pipeline)["w"].tolist() == [0.0, 1.5]  # 0.5 + last round's 1.0
     assert feedback.residuals["w"].tolist() == [0.0, 0.0]
 
 
@@ -88,7 +92,7 @@ def test_bad_pipelines_are_refused(text):
 def test_error_feedback_ignores_residuals_of_another_shape():
     feedback = ErrorFeedback({"w": torch.ones(3)})
     arrays, description = feedback.compress({"w": torch.zeros(2)}, Pipeline.parse("int8"))
-    assert np.allclose(decode_all(arrays, description, Pipeline.parse("int8"))["w"].numpy(), 0)
+    assert np.allclose(decode(arrays, description, Pipeline.parse("int8"))["w"].numpy(), 0)
 
 
 def test_each_group_travels_as_one_array_whose_size_its_description_fixes(tensors):
@@ -99,8 +103,8 @@ def test_each_group_travels_as_one_array_whose_size_its_description_fixes(tensor
     kept = round(0.25 * 16 * 64 * 2)
     assert arrays["experts"].nbytes == 16 * 8 + 16 * 64 * 2 // 8 + 4 + kept  # ids, bitmap, one scale, int8 values
     for wrong in (arrays["experts"][:-1], np.concatenate([arrays["experts"], [0]]).astype(np.uint8)):
-        with pytest.raises(ValueError, match="their description says"):
-            decode_all({**arrays, "experts": wrong}, description, pipeline)
+        with pytest.raises(ValueError, match="their description says|its description allows"):
+            decode({**arrays, "experts": wrong}, description, pipeline)
 
 
 def test_a_bitmap_bit_past_the_last_tensor_is_refused():
@@ -109,17 +113,44 @@ def test_a_bitmap_bit_past_the_last_tensor_is_refused():
     tampered = arrays["tensors"].copy()
     tampered[0] |= 0b1  # bit 8 of the byte: no tensor position
     with pytest.raises(ValueError, match="past its last tensor"):
-        decode_all({"tensors": tampered}, description, pipeline)
+        decode({"tensors": tampered}, description, pipeline)
 
 
 @pytest.mark.parametrize("meta", [[[2], "object"], [[-1], "float32"], "w", [[2]]])
 def test_descriptions_that_are_not_a_shape_and_numeric_dtype_are_refused(meta):
     arrays, _ = encode_all({"w": torch.zeros(2)}, Pipeline.parse("int8"))
     with pytest.raises(ValueError, match="w:"):
-        decode_all(arrays, json.dumps({"tensors": {"w": meta}}), Pipeline.parse("int8"))
+        decode(arrays, json.dumps({"tensors": {"w": meta}}), Pipeline.parse("int8"))
 
 
 @pytest.mark.parametrize("text", ["topk0.1+int8c+zstd", "int8c", "fp16+zstd"])
 def test_empty_and_scalar_tensors_round_trip(text):
     back, _ = round_trip({"empty": torch.zeros(0, 3), "scalar": torch.tensor(2.0)}, text)
     assert back["empty"].shape == (0, 3) and back["scalar"].item() == pytest.approx(2.0, rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("description", "reason"),
+    [
+        ("[" * 5000, "nests 5000 levels"),  # json.loads would raise RecursionError
+        ('{"tensors": {"w": [[' + "9" * 5000 + '], "float32"]}}', "number of 5000 characters"),
+        ('{"tensors": {"w": [[NaN], "float32"]}}', "NaN"),
+        ('{"tensors": {"w": [[1099511627777], "float32"]}}', "cannot carry shape"),
+    ],
+    ids=["deep", "long number", "NaN", "axis beyond 2^40"],
+)
+def test_a_description_is_parsed_within_bounds(description, reason):
+    with pytest.raises(ValueError, match=reason):
+        group_layouts(description, Pipeline.parse("int8+zstd"))
+
+
+def test_a_zstd_frame_is_decompressed_no_further_than_its_description_and_a_claim_beyond_max_bytes_is_refused():
+    pipeline = Pipeline.parse("zstd")
+    arrays, description = encode_all({"w": torch.zeros(1000)}, pipeline)
+    groups = group_layouts(description, pipeline)
+    assert decode_all(arrays, groups, pipeline, max_bytes=4000)["w"].shape == (1000,)
+    with pytest.raises(ValueError, match="more than the 3999 expected"):
+        decode_all(arrays, groups, pipeline, max_bytes=3999)
+    claim = group_layouts(json.dumps({"tensors": {"w": [[10**12], "float32"]}}), pipeline)  # 4 TB described
+    with pytest.raises(ValueError, match="more than the"):
+        decode_all(arrays, claim, pipeline, max_bytes=1 << 30)
