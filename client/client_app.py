@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from geomoe.client.task import (
     train_and_delta,
 )
 from geomoe.data.cells import coarsened
+from geomoe.data.images import ImageConfig
 from geomoe.wire import messages as msg
 from geomoe.wire.compression import ErrorFeedback
 from geomoe.wire.run_config import RunConfig
@@ -124,7 +126,8 @@ def local_data(cfg: RunConfig, world: dict, node_config: dict) -> tuple[LocalDat
         if key not in _LOCAL:
             lat, lon = coordinates(node_config) if "lat" in node_config and "lon" in node_config else (None, None)
             _LOCAL.clear()
-            _LOCAL[key] = device_data(path, world["species"], cfg.world.split, cfg.world.images, lat, lon)
+            images = device_images(cfg.world.images, node_config)
+            _LOCAL[key] = device_data(path, world["species"], cfg.world.split, images, lat, lon)
         local = _LOCAL[key]
         return local, locate(world["cells"], node_config, local)
     index = locate(world["cells"], node_config)
@@ -138,6 +141,13 @@ def local_data(cfg: RunConfig, world: dict, node_config: dict) -> tuple[LocalDat
         _LOCAL.clear()
         _LOCAL[key] = cell_data(world["file"], world["sha256"], index, cfg.world.images)
     return _LOCAL[key], index
+
+
+def device_images(images: ImageConfig, node_config: dict) -> ImageConfig:
+    """The image settings a device uses: the run's, except where decoded images are cached, which only the device
+    says (node config `cache`): a path in the run config names a folder on the server's host, and a server must not
+    make a device write wherever it likes. Without `cache` a device decodes every time."""
+    return replace(images, cache=str(node_config.get("cache", "")))
 
 
 def evaluation_metrics(result: dict) -> dict:

@@ -6,6 +6,11 @@
 - An image that cannot be classified (empty or truncated file, a decompression bomb, one the model
   fails on) is recorded as failed, with the reason, and never retried: no crash loop.
 - Images already in the results file are skipped on restart: the run resumes where it stopped.
+- Only regular files are read: a symlink (dangling, looping or not), a FIFO or a device in the watched folder is
+  recorded as skipped and never opened (opening a FIFO would hang the camera); a file that vanishes between
+  listing and reading is passed over.
+- Results lines are bounded before they are parsed (length, nesting, number length): one crafted line cannot stop
+  the runtime at start.
 - Disk use is bounded: once the watched folder exceeds its budget, the oldest classified images go.
 - Model updates are written to a temporary file, checked, fsync'ed, then renamed over the model:
   a crash leaves either the old or the new model, never half of one.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,9 +33,11 @@ import numpy as np
 from PIL import Image
 
 from geomoe.client.inference import ExportedModel, load_exported, runtime_of
+from geomoe.wire.bounded import bounded_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 LEGACY_IMAGE_SIZE = 64  # the side of TorchScript exports that do not record theirs
+MAX_RESULT_CHARS = 64 * 1024  # a results line longer than this is corrupt (a real one is a few hundred characters)
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (a small file can claim gigapixels)
 
 
@@ -83,6 +91,21 @@ def install_model(source: BinaryIO, target: Path, check: Callable[[Path], object
         raise
 
 
+def kind(status: os.stat_result) -> str:
+    """What a folder entry is, in words (for the record of a skipped one)."""
+    for test, name in (
+        (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(status.st_mode):
+            return name
+    return "special file"  # fmt: skip
+
+
 def repair_results(path: Path) -> set[str]:
     """Drop torn or corrupt lines from the results file (rewritten atomically, the good lines kept in order);
     return the images it holds."""
@@ -92,10 +115,12 @@ def repair_results(path: Path) -> set[str]:
     done, good = set(), []
     for line in data.split(b"\n"):
         try:
-            result = json.loads(line)
+            result = bounded_json(line.decode(), "a results line", MAX_RESULT_CHARS)
+            if not isinstance(result, dict) or not isinstance(result.get("image"), str):
+                continue
             done.add(result["image"])
             good.append(line)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):  # torn by power loss, or corrupt
+        except (ValueError, UnicodeDecodeError):  # torn by power loss, or corrupt (JSONDecodeError is a ValueError)
             continue
     kept = b"".join(line + b"\n" for line in good)
     if kept != data:
@@ -150,26 +175,46 @@ class DeviceRuntime:
             os.fsync(f.fileno())
         self.done.add(result["image"])
 
+    def _entries(self) -> list[tuple[Path, os.stat_result]]:
+        """Each entry of the watched folder with its own status (links not followed); entries gone are left out."""
+        entries = []
+        for path in self.cfg.watch.iterdir():
+            try:
+                entries.append((path, path.lstat()))
+            except FileNotFoundError:  # deleted between listing and stat
+                continue
+        return entries
+
     def pending(self) -> list[Path]:
+        """Images not yet classified that have settled, oldest first. Image names that are not regular files are
+        recorded as skipped (once) and never opened."""
         settled = time.time() - self.cfg.settle_s
-        files = [
-            p
-            for p in self.cfg.watch.iterdir()
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.name not in self.done and p.stat().st_mtime <= settled
-        ]
-        return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
+        files = []
+        for path, status in self._entries():
+            if path.suffix.lower() not in IMAGE_SUFFIXES or path.name in self.done:
+                continue
+            if not stat.S_ISREG(status.st_mode):
+                self._append(
+                    {"image": path.name, "time": time.time(), "skipped": f"not a regular file ({kind(status)})"}
+                )
+            elif status.st_mtime <= settled:
+                files.append((status.st_mtime, path.name, path))
+        return [path for _, _, path in sorted(files)]
 
     def enforce_budget(self) -> list[Path]:
         """Delete the oldest classified images until the watched folder fits its budget."""
-        files = sorted((p for p in self.cfg.watch.iterdir() if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name))
-        total = sum(p.stat().st_size for p in files)
+        files = sorted(
+            ((status.st_mtime, path.name, path, status.st_size) for path, status in self._entries()
+             if stat.S_ISREG(status.st_mode)),
+        )  # fmt: skip
+        total = sum(size for *_, size in files)
         removed = []
-        for path in files:
+        for _, name, path, size in files:
             if total <= self.cfg.max_watch_mb * 1e6:
                 break
-            if path.name in self.done:
-                total -= path.stat().st_size
-                path.unlink()
+            if name in self.done:
+                total -= size
+                path.unlink(missing_ok=True)
                 removed.append(path)
         return removed
 
@@ -180,6 +225,8 @@ class DeviceRuntime:
         for path in self.pending():
             try:
                 result = self.classify(path)
+            except FileNotFoundError:  # deleted since it was listed: nothing left to classify or record
+                continue
             except Exception as error:  # noqa: BLE001 - any image that fails is recorded, never retried
                 result = {"image": path.name, "time": time.time(), "error": f"{type(error).__name__}: {error}"}
             self._append(result)

@@ -1,14 +1,19 @@
-"""Where a node's base model comes from: the message, its node state, or (virtual nodes only) the server's file."""
+"""Where a node's base model comes from (the message, its node state, or, virtual nodes only, the server's file),
+and what a node accepts from a message: downloads bounded by its model, its image cache where it says."""
 
 import hashlib
 import io
+import json
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
 from geomoe.client import client_app
+from geomoe.data.images import ImageConfig
 from geomoe.wire import messages as msg
+from geomoe.wire.run_config import RunConfig
 
 
 @pytest.fixture
@@ -50,3 +55,30 @@ def test_a_device_or_another_file_does_not_use_the_servers_base(base_file, task_
     missing = {"base_file": path.with_name("gone.pt"), "base_sha256": "1" * 64}
     with pytest.raises(RuntimeError, match="no base model"):
         client_app._base(empty(), context({"partition-id": 0}), missing)
+
+
+def test_a_device_caches_decoded_images_only_where_it_says_never_where_the_run_config_points():
+    images = ImageConfig(cache="/etc/anywhere")
+    assert client_app.device_images(images, {"data": "/data/labelled"}).cache == ""
+    assert client_app.device_images(images, {"data": "/data/labelled", "cache": "/data/cache"}).cache == "/data/cache"
+    assert client_app.device_images(images, {}).size == images.size  # everything else is the run's
+
+
+def test_a_compressed_download_describing_a_trillion_values_is_refused_before_it_is_decoded(task_identity):
+    cfg = RunConfig()
+    content = RecordDict()
+    msg.pack(content, msg.EXPERTS, {"moe.1.w1": torch.zeros(4, 8)}, "int8+zstd")
+    codec = content[msg.EXPERTS + msg.CODEC]
+    codec["tensors"] = json.dumps({"experts": {"moe.1.w1": [[10**6, 10**6], "float32"]}})
+    with pytest.raises(ValueError, match="more than the"):
+        client_app._received(Message(content, dst_node_id=7, message_type="train"), cfg)
+
+
+def test_a_download_whose_npy_header_claims_more_than_it_holds_is_refused(task_identity):
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+    record = ArrayRecord({"moe.1.w1": Array(dtype="float32", shape=(10**12,), stype="numpy.ndarray",
+                                            data=header.getvalue())})  # fmt: skip
+    content = RecordDict({msg.EXPERTS: record})
+    with pytest.raises(ValueError, match="more than"):
+        client_app._received(Message(content, dst_node_id=7, message_type="train"), RunConfig())

@@ -92,3 +92,70 @@ def test_a_corrupt_line_in_the_middle_loses_no_good_result(tmp_path):
     assert repair_results(path) == {f"img_{i}.png" for i in range(4)}
     assert path.read_text().splitlines() == lines  # the good lines, in order; nothing after the bad one lost
     assert repair_results(path) == {f"img_{i}.png" for i in range(4)}  # and stable
+
+
+def dangling_link(folder):
+    (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
+    return folder / "dangling.jpg"
+
+
+def looping_link(folder):
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    return folder / "loop.jpg"
+
+
+def fifo(folder):
+    os.mkfifo(folder / "pipe.jpg")  # opening it for reading would block until a writer comes: forever
+    return folder / "pipe.jpg"
+
+
+def link_to_a_good_image(folder):
+    (folder / "elsewhere.png").symlink_to(folder / "img_0000.png")
+    return folder / "elsewhere.png"
+
+
+SPECIAL = [
+    ("dangling symlink", dangling_link, "symbolic link"),
+    ("symlink to itself", looping_link, "symbolic link"),
+    ("FIFO", fifo, "FIFO"),
+    ("symlink to an image", link_to_a_good_image, "symbolic link"),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "what"), SPECIAL, ids=[c[0] for c in SPECIAL])
+def test_anything_but_a_regular_file_is_recorded_as_skipped_never_opened(tmp_path, exported, case, make, what):
+    write_images(tmp_path / "watch", 3)
+    special = make(tmp_path / "watch")
+    runtime = runtime_for(tmp_path, exported, max_watch_mb=0.0)  # the budget pass walks the folder too
+    assert runtime.run_once() == 3
+    assert runtime.run_once() == 0
+    rows = {r["image"]: r for r in results(tmp_path)}
+    assert rows[special.name] == {"image": special.name, "time": rows[special.name]["time"],
+                                  "skipped": f"not a regular file ({what})"}  # fmt: skip
+    assert all("top" in rows[f"img_{i:04d}.png"] for i in range(3))
+    assert os.path.lexists(special)  # the budget deletes classified images, never what it did not read
+
+
+def test_a_file_deleted_between_listing_and_reading_is_passed_over(tmp_path, exported, monkeypatch):
+    write_images(tmp_path / "watch", 3)
+    runtime = runtime_for(tmp_path, exported)
+    listed = runtime.pending()
+    monkeypatch.setattr(runtime, "pending", lambda: listed)
+    listed[1].unlink()
+    assert runtime.run_once() == 2
+    assert sorted(r["image"] for r in results(tmp_path)) == ["img_0000.png", "img_0002.png"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['{"image": "x.png", "n": ' + "9" * 5000 + "}", "[" * 100_000, '{"image": "' + "y" * 100_000 + '"}', '["a"]'],
+    ids=["5,000-digit number", "100,000 levels deep", "a 100 kB line", "not an object"],
+)
+def test_a_crafted_results_line_is_dropped_and_the_runtime_starts(tmp_path, exported, line):
+    path = tmp_path / "results.jsonl"
+    good = [json.dumps({"image": f"img_{i:04d}.png", "top": []}) for i in range(2)]
+    path.write_text("\n".join([good[0], line, good[1]]) + "\n")
+    write_images(tmp_path / "watch", 3)
+    runtime = runtime_for(tmp_path, exported)
+    assert runtime.done == {"img_0000.png", "img_0001.png"}
+    assert runtime.run_once() == 1
