@@ -64,7 +64,11 @@ def ops_library(native: bool = True, build: bool = True) -> Path:
     flags = _flags(native)
     path = cache_dir() / f"libgeomoe_ops-{_build_key(flags)}.so"
     if path.is_file():
-        return path
+        if _intact(path):
+            return path
+        if not build:
+            raise FileNotFoundError(f"{path} does not match the hash recorded when it was built: run "
+                                    "`geomoe device build-ops` to build it again")  # fmt: skip
     if not build:
         raise FileNotFoundError(f"geomoe's operator library is not built ({path}): run `geomoe device build-ops`")
     return build_library(path, flags)
@@ -86,8 +90,25 @@ def build_library(path: Path, flags: tuple[str, ...]) -> Path:
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise OpsBuildError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+        _digest_file(path).write_text(_sha256(partial) + "\n")
         partial.replace(path)
     return path
+
+
+def _digest_file(path: Path) -> Path:
+    """Where the SHA-256 of a cached artefact is kept (written when it was made, checked before every use)."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(path: Path) -> bool:
+    """Whether a cached artefact still has the SHA-256 recorded when it was made (a cache folder is shared and
+    writable: a library or header changed there since would otherwise be loaded or compiled as it is)."""
+    recorded = _digest_file(path)
+    return recorded.is_file() and recorded.read_text().strip() == _sha256(path)
 
 
 def _flags(native: bool) -> tuple[str, ...]:
@@ -126,7 +147,7 @@ def _headers() -> Path:
             raise OpsBuildError(f"{INCLUDE_ENV}={named} lacks {', '.join(missing)}")
         return Path(named)
     folder = cache_dir() / "include-1.21.0"
-    if all((folder / name).is_file() for name in HEADERS):
+    if all((folder / name).is_file() and _intact(folder / name) for name in HEADERS):
         return folder
     url, sha256 = HEADERS_DEB
     try:
@@ -152,6 +173,7 @@ def _extract_headers(package: bytes, folder: Path) -> None:
                 raise OpsBuildError(f"the headers package has no {name}")
             partial = folder / f".{name}.partial"
             partial.write_bytes(member.read())
+            _digest_file(folder / name).write_text(_sha256(partial) + "\n")
             partial.replace(folder / name)
 
 

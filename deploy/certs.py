@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -79,13 +80,24 @@ def issue(ca: Issued, name: str, hosts: list[str], server: bool = True, days: in
     return Issued(certificate.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """`data` into `path`, readable by its owner only whatever the file was before (a stale 0644 key file keeps its
+    mode through `touch(mode=...)` and `write_bytes`): written to a new 0600 file, then renamed over it."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    handle = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(handle, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)  # whatever the umask
+        out.write(data)
+    os.replace(partial, path)
+
+
 def write(issued: Issued, folder: Path, stem: str) -> tuple[Path, Path]:
     """`stem.pem` and `stem.key` (0600) in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = folder / f"{stem}.pem", folder / f"{stem}.key"
     cert_path.write_bytes(issued.certificate)
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(issued.private_key)
+    write_private(key_path, issued.private_key)
     return cert_path, key_path
 
 
@@ -110,8 +122,7 @@ def write_auth_key(pair: Issued, certs: Path, name: str) -> None:
     """The device's key pair at `device_auth_key` (private 0600)."""
     private_path, public_path = device_auth_key(certs, name)
     private_path.parent.mkdir(parents=True, exist_ok=True)
-    private_path.touch(mode=0o600)
-    private_path.write_bytes(pair.private_key)
+    write_private(private_path, pair.private_key)
     public_path.write_bytes(pair.certificate)
 
 
@@ -120,14 +131,20 @@ def read(folder: Path, stem: str) -> Issued:
 
 
 DEVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # names become file, container and volume names
+RESERVED_NAMES = frozenset({"localhost", "superlink", "serverapp", "geomoe-server", "link", "server", "ca"})
 EXPERT_TOKEN = "expert.token"  # the fleet's shared token for expert servers (callers send it, servers check it)
 
 
 def check_device_name(name: str) -> str:
-    """`name` if it is safe as a file, container and volume name (lowercase letters, digits, '-'); else an error."""
+    """`name` if it is safe as a file, container and volume name (lowercase letters, digits, '-') and as the name
+    in a certificate every SuperNode trusts: not `localhost`, not a name of the link (`superlink`, `serverapp`,
+    `geomoe-server`), not all digits and dashes (an address to some resolvers); else an error."""
     if not DEVICE_NAME.match(name):
         raise ValueError(f"device name {name!r} must be 1-63 lowercase letters, digits or '-', starting with one "
                          "of the first two")  # fmt: skip
+    if name in RESERVED_NAMES or name.startswith("localhost") or not re.search(r"[a-z]", name):
+        raise ValueError(f"device name {name!r} is reserved: a certificate for it would pass for the link machine or "
+                         "this host; choose another")  # fmt: skip
     return name
 
 
@@ -153,8 +170,7 @@ def ensure_fleet_certs(out: Path, server_hosts: list[str], devices: list[str]) -
         written.append(f"CA and server certificate for {', '.join(server_hosts)}")
     token = out / EXPERT_TOKEN
     if not token.exists():
-        token.touch(mode=0o600)
-        token.write_text(secrets.token_urlsafe(32) + "\n")
+        write_private(token, (secrets.token_urlsafe(32) + "\n").encode())
         written.append("expert-server token")
     for name in devices:
         if device_auth_key(out, name)[0].exists():

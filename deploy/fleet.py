@@ -10,19 +10,28 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
 import tomllib
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from geomoe.deploy.certs import EXPERT_TOKEN, check_device_name, device_auth_key, device_server_pair
 
 ROLES = ("supernode", "expert-server", "runtime", "superlink", "serverapp")
+SUPERLINK_ADDRESS = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")  # host:port SuperNodes dial
+DOCKER_SCHEMES = ("ssh", "unix")  # how the tool reaches a device's Docker engine (never plain TCP or HTTP)
+RESERVED_ENVIRONMENT = frozenset(  # what run_options sets from the fleet file; a device's `environment` may not
+    {"GEOMOE_DEVICE", "GEOMOE_LAT", "GEOMOE_LON", "GEOMOE_SUPERLINK", "GEOMOE_TLS", "GEOMOE_DATA"}
+)
 LABELLED = "/data/labelled"  # where a SuperNode container sees its device's labelled images
 IMAGE_UID = 10001  # the user deploy/Dockerfile runs as; it must own what goes into /data
 
@@ -73,11 +82,10 @@ def read_fleet_file(path: Path) -> Fleet:
             check_device_name(str(entry["name"]))
         except ValueError as error:
             raise ValueError(f"{path}: device {label}: {error}") from None
-        if str(entry["host"]).startswith("tcp://"):
-            raise ValueError(
-                f"{path}: device {label}: a tcp:// Docker host gives root on the device to anyone on its network "
-                "(no TLS here); use ssh://user@host or a unix:// socket"
-            )
+        try:
+            check_docker_host(str(entry["host"]))
+        except ValueError as error:
+            raise ValueError(f"{path}: device {label}: {error}") from None
         names.add(entry["name"])
         role = entry.get("role", "supernode")
         if role not in ROLES:
@@ -86,6 +94,10 @@ def read_fleet_file(path: Path) -> Fleet:
         if not (-90 <= lat <= 90 and -180 <= lon <= 180):
             raise ValueError(f"{path}: device {label}: lat/lon {lat}, {lon} out of range")
         environment = {str(k): str(v) for k, v in entry.get("environment", {}).items()}
+        reserved = sorted(set(environment) & RESERVED_ENVIRONMENT)
+        if reserved:
+            raise ValueError(f"{path}: device {label}: environment may not set {', '.join(reserved)}: the fleet tool "
+                             "sets it from the fleet file (tls, lat, lon, superlink, data)")  # fmt: skip
         command = [str(c) for c in entry.get("command", [])]
         labelled = str(entry.get("data", ""))
         if labelled and role != "supernode":
@@ -111,7 +123,10 @@ def read_fleet_file(path: Path) -> Fleet:
     if not isinstance(tls, bool):
         raise ValueError(f"{path}: tls must be true or false, got {tls!r}")
     certs = path.parent / str(data["certs"]) if "certs" in data else None
-    fleet = Fleet(str(data["image"]), str(data["superlink"]), devices, tls, certs)
+    superlink = str(data["superlink"])
+    if not SUPERLINK_ADDRESS.fullmatch(superlink):
+        raise ValueError(f"{path}: superlink {superlink!r} must be host:port (letters, digits, '.', '-', or [IPv6])")
+    fleet = Fleet(str(data["image"]), superlink, devices, tls, certs)
     needs_certs = tls or any(d.role == "expert-server" for d in devices)
     if needs_certs:
         if certs is None:
@@ -125,6 +140,21 @@ def read_fleet_file(path: Path) -> Fleet:
                         f"run `geomoe deploy certs --out {certs} --device {device.name}`"
                     )
     return fleet
+
+
+def check_docker_host(host: str) -> str:
+    """`host` if it is a Docker host the tool may dial: `ssh://[user@]host[:port]` or `unix:///path`, parsed (not
+    prefix-matched: docker-py turns `TCP://`, `http://`, ` tcp://` and a bare `host:port` into plain HTTP, which
+    gives root on the device to anyone on its network)."""
+    parsed = urllib.parse.urlsplit(host)
+    if host != host.strip() or parsed.scheme not in DOCKER_SCHEMES or any(c in host for c in "\r\n\t "):
+        raise ValueError(f"Docker host {host!r} must be ssh://user@host or unix:///path/to/docker.sock (plain tcp:// "
+                         "or http:// gives root on the device to anyone on its network)")  # fmt: skip
+    if parsed.scheme == "ssh" and not parsed.hostname:
+        raise ValueError(f"Docker host {host!r} names no machine")
+    if parsed.scheme == "unix" and (parsed.netloc or not parsed.path.startswith("/")):
+        raise ValueError(f"Docker host {host!r} must be unix:///absolute/path")
+    return host
 
 
 def container_name(device: Device) -> str:
@@ -323,6 +353,13 @@ def save_image(client: Any, image: str, archive: Path) -> None:
             f.write(chunk)
 
 
+def registration_config(fleet: Fleet) -> str:
+    """Flower's config.toml naming the fleet's SuperLink (TLS, trusting the fleet CA), written by a TOML writer:
+    no value of the fleet file can add a key (`insecure = true`) to it."""
+    connection = {"address": fleet.superlink, "root-certificates": str((fleet.certs / "ca.pem").resolve())}
+    return tomli_w.dumps({"superlink": {"default": "fleet", "fleet": connection}})
+
+
 def register(fleet: Fleet, device: Device) -> str:
     """Register the SuperNode's public key (with its name and location) on the fleet's SuperLink,
     which then admits that device and no unregistered one. Uses Flower's own `flwr supernode register`
@@ -333,10 +370,7 @@ def register(fleet: Fleet, device: Device) -> str:
         return f"skipped ({device.role})"
     public_key = device_auth_key(fleet.certs, device.name)[1]
     with tempfile.TemporaryDirectory() as flwr_home:
-        (Path(flwr_home) / "config.toml").write_text(
-            '[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\n'
-            f'address = "{fleet.superlink}"\nroot-certificates = "{(fleet.certs / "ca.pem").resolve()}"\n'
-        )
+        (Path(flwr_home) / "config.toml").write_text(registration_config(fleet))
         result = subprocess.run(
             [
                 str(Path(sys.executable).parent / "flwr"),

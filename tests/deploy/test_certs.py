@@ -1,13 +1,15 @@
 """The fleet CA and device keys: formats Flower and gRPC read, added devices keep the CA."""
 
 import stat
+import tomllib
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from geomoe.deploy.certs import ensure_fleet_certs
+from geomoe.deploy.certs import ensure_fleet_certs, issue, make_ca, write
+from geomoe.deploy.fleet import Fleet, registration_config
 
 
 def test_fleet_certs_once_then_devices_added(tmp_path):
@@ -48,3 +50,23 @@ def test_supernode_key_is_what_flower_reads(tmp_path):
     assert public.public_numbers() == private.public_key().public_numbers()
     assert stat.S_IMODE(private_path.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "devices" / "cam-07.key").stat().st_mode) == 0o600
+
+
+def test_a_stale_world_readable_key_file_is_rewritten_owner_only(tmp_path):
+    ca = make_ca()
+    stale = tmp_path / "server.key"
+    stale.write_bytes(b"old key")
+    stale.chmod(0o644)
+    write(issue(ca, "geomoe-server", ["127.0.0.1"]), tmp_path, "server")
+    assert stat.S_IMODE(stale.stat().st_mode) == 0o600
+    assert stale.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server.key", "server.pem"]  # no partial file left
+
+
+def test_the_registration_config_holds_only_the_fleets_superlink_whatever_its_values(tmp_path):
+    fleet = Fleet("geomoe:latest", '127.0.0.1:9092"\ninsecure = true\n#', [], True, tmp_path)
+    parsed = tomllib.loads(registration_config(fleet))
+    assert parsed["superlink"]["fleet"] == {
+        "address": '127.0.0.1:9092"\ninsecure = true\n#',  # a value, never a key
+        "root-certificates": str((tmp_path / "ca.pem").resolve()),
+    }
