@@ -24,7 +24,8 @@ from typing import Any
 
 import tomli_w
 
-from geomoe.deploy.certs import EXPERT_TOKEN, check_device_name, device_auth_key, device_server_pair
+from geomoe.deploy.certs import DEVICE_NAME, EXPERT_TOKEN, check_device_name, device_auth_key, device_server_pair
+from geomoe.wire.bounded import printable
 
 ROLES = ("supernode", "expert-server", "runtime", "superlink", "serverapp")
 SUPERLINK_ADDRESS = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")  # host:port SuperNodes dial
@@ -63,60 +64,31 @@ class Fleet:
 
 
 def read_fleet_file(path: Path) -> Fleet:
-    """Parse and check a fleet file; errors name the device and the field."""
+    """Parse and check a fleet file; errors name the file, the device and the field."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such fleet file")
-    data = tomllib.loads(path.read_text())
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a TOML file ({error})") from None
     for key in ("image", "superlink"):
         if key not in data:
             raise ValueError(f"{path}: missing top-level '{key}'")
+    entries = data.get("device", [])
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise ValueError(f"{path}: 'device' must be [[device]] tables")
     devices, names = [], set()
-    for index, entry in enumerate(data.get("device", [])):
-        label = entry.get("name", f"#{index}")
-        for key in ("name", "host", "lat", "lon"):
-            if key not in entry:
-                raise ValueError(f"{path}: device {label}: missing field '{key}'")
-        if entry["name"] in names:
+    for index, entry in enumerate(entries):
+        name = entry.get("name")
+        label = name if isinstance(name, str) and DEVICE_NAME.match(name) else repr(name) if name else f"#{index}"
+        try:
+            device = read_device(entry)
+        except ValueError as error:
+            raise ValueError(f"{path}: device {label}: {error}") from None
+        if device.name in names:
             raise ValueError(f"{path}: device {label}: name used twice")
-        try:
-            check_device_name(str(entry["name"]))
-        except ValueError as error:
-            raise ValueError(f"{path}: device {label}: {error}") from None
-        try:
-            check_docker_host(str(entry["host"]))
-        except ValueError as error:
-            raise ValueError(f"{path}: device {label}: {error}") from None
-        names.add(entry["name"])
-        role = entry.get("role", "supernode")
-        if role not in ROLES:
-            raise ValueError(f"{path}: device {label}: role {role!r} is not one of {ROLES}")
-        lat, lon = float(entry["lat"]), float(entry["lon"])
-        if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-            raise ValueError(f"{path}: device {label}: lat/lon {lat}, {lon} out of range")
-        environment = {str(k): str(v) for k, v in entry.get("environment", {}).items()}
-        reserved = sorted(set(environment) & RESERVED_ENVIRONMENT)
-        if reserved:
-            raise ValueError(f"{path}: device {label}: environment may not set {', '.join(reserved)}: the fleet tool "
-                             "sets it from the fleet file (tls, lat, lon, superlink, data)")  # fmt: skip
-        command = [str(c) for c in entry.get("command", [])]
-        labelled = str(entry.get("data", ""))
-        if labelled and role != "supernode":
-            raise ValueError(f"{path}: device {label}: 'data' is for supernodes (labelled images to train on)")
-        devices.append(
-            Device(
-                str(entry["name"]),
-                str(entry["host"]),
-                lat,
-                lon,
-                role,
-                float(entry.get("cpus", 0.0)),
-                str(entry.get("memory", "")),
-                environment,
-                command,
-                labelled,
-                str(entry.get("image", "")),
-            )
-        )
+        names.add(device.name)
+        devices.append(device)
     if not devices:
         raise ValueError(f"{path}: no [[device]] tables")
     tls = data.get("tls", True)
@@ -140,6 +112,54 @@ def read_fleet_file(path: Path) -> Fleet:
                         f"run `geomoe deploy certs --out {certs} --device {device.name}`"
                     )
     return fleet
+
+
+def read_device(entry: dict) -> Device:
+    """One [[device]] table as a Device; ValueError names the field that is missing or wrong."""
+    for key in ("name", "host", "lat", "lon"):
+        if key not in entry:
+            raise ValueError(f"missing field '{key}'")
+    name, host = check_device_name(_field(entry, "name", str)), check_docker_host(_field(entry, "host", str))
+    role = entry.get("role", "supernode")
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one of {ROLES}")
+    lat, lon = _field(entry, "lat", float), _field(entry, "lon", float)
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        raise ValueError(f"lat/lon {lat}, {lon} out of range")
+    environment = {str(k): str(v) for k, v in _field(entry, "environment", dict, {}).items()}
+    reserved = sorted(set(environment) & RESERVED_ENVIRONMENT)
+    if reserved:
+        raise ValueError(f"environment may not set {', '.join(reserved)}: the fleet tool sets it from the fleet file "
+                         "(tls, lat, lon, superlink, data)")  # fmt: skip
+    labelled = _field(entry, "data", str, "")
+    if labelled and role != "supernode":
+        raise ValueError("'data' is for supernodes (labelled images to train on)")
+    return Device(
+        name,
+        host,
+        lat,
+        lon,
+        role,
+        _field(entry, "cpus", float, 0.0),
+        _field(entry, "memory", str, ""),
+        environment,
+        [str(c) for c in _field(entry, "command", list, [])],
+        labelled,
+        _field(entry, "image", str, ""),
+    )
+
+
+FIELD_KINDS = {float: ((int, float), "a number"), str: ((str,), "a string"), dict: ((dict,), "a table"),
+               list: ((list,), "an array")}  # fmt: skip
+
+
+def _field(entry: dict, key: str, kind: type, default: Any = None) -> Any:
+    """`entry[key]` as `kind` (numbers for float; a TOML table for dict; an array for list), else ValueError."""
+    value = entry.get(key, default)
+    wanted, words = FIELD_KINDS[kind]
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        raise ValueError(f"field '{key}' must be {words}, got {printable(repr(value), 80)}")
+    return float(value) if kind is float else value
 
 
 def check_docker_host(host: str) -> str:

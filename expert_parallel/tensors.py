@@ -50,7 +50,7 @@ def from_proto(message: expert_pb2.Tensor, dim: int | None = None, max_elements:
     wide = np.float64 if message.dtype == "float64" else np.float32
     array = np.frombuffer(message.data, dtype=DTYPES[message.dtype]).reshape(shape).astype(wide)  # a writable copy
     if message.codec == "int8":
-        array = array * message.scale
+        array = np.asarray(array * message.scale, dtype=wide)  # stays an array for 0-d tensors too
     tensor = torch.from_numpy(array)
     if not torch.isfinite(tensor).all():
         raise ValueError("tensor contains NaN or Inf")

@@ -5,11 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import HealthCheck, settings
 
 from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet
 
 torch.set_num_threads(2)
+
+# The fuzzers (tests marked `fuzz`) run in the default tier on a fixed, derandomized set of examples, so that a run
+# passes or fails the same way every time; `pytest -m fuzz` runs them alone for much longer on fresh random examples
+# (failures found are kept in .hypothesis/ and replayed first next time).
+settings.register_profile(
+    "default", max_examples=40, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "fuzz", max_examples=2000, derandomize=False, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    settings.load_profile("fuzz" if config.getoption("markexpr", "") == "fuzz" else "default")
 
 
 @pytest.fixture

@@ -136,7 +136,10 @@ def test_a_camera_only_device_runs_its_own_image(tmp_path):
         (lambda t: t.replace("lat = -1.40", "lat = 100"), "device cam-07: lat/lon 100.0"),
         (lambda t: t.replace('name = "relay"', 'name = "cam-07"'), "name used twice"),
         (lambda t: t.replace('image = "geomoe:latest"\n', ""), "missing top-level 'image'"),
-        (lambda t: t.replace('name = "relay"', 'name = "../../etc"'), "device ../../etc: device name '../../etc' must"),
+        (
+            lambda t: t.replace('name = "relay"', 'name = "../../etc"'),
+            "device '../../etc': device name '../../etc' must",
+        ),
         (lambda t: t.replace('name = "relay"', 'name = "Relay 1"'), "device name 'Relay 1' must be"),
         (lambda t: t.replace('host = "ssh://pi@cam-07"', 'host = "tcp://10.0.0.7:2375"'), "must be ssh://"),
         (lambda t: t.replace('host = "ssh://pi@cam-07"', 'host = "TCP://10.0.0.7:2375"'), "must be ssh://"),

@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from geomoe.expert_parallel.host import MAX_STEP_NORM, ExpertHost
 from geomoe.expert_parallel.remote import PeerClient, PeerError
 from geomoe.expert_parallel.service import MAX_MESSAGE_BYTES, SESSION_KEY, ExpertServer, background_server
-from geomoe.expert_parallel.tensors import to_proto
+from geomoe.expert_parallel.tensors import from_proto, to_proto
 from geomoe.model.moe_layer import EXPERT_PARAMS
 from geomoe.protos import expert_pb2, expert_pb2_grpc
 
@@ -290,3 +291,10 @@ def test_another_caller_opening_many_sessions_cannot_evict_a_callers_gradients(s
     assert victim.step(0.1) > 0
     assert not torch.equal(host.layers[1].w1.detach()[0], before[0])  # expert 1 moved: its gradients were kept
     victim.close()
+
+
+def test_a_scalar_int8_tensor_decodes_to_a_tensor_not_a_crash():
+    """Found by the fuzzer: a 0-d int8 tensor came out of the scale as a numpy scalar, and the server answered
+    UNKNOWN."""
+    message = expert_pb2.Tensor(data=np.int8(5).tobytes(), dtype="int8", shape=[], codec="int8", scale=0.5)
+    assert from_proto(message).item() == 2.5
