@@ -214,7 +214,7 @@ class ReplyReader:
             ),  # fmt: skip
             skipped_images=_number(metrics, "skipped-images", 0, looked_at, default=0.0),
             unclipped=self._unclipped(metrics),
-            compute_seconds=_number(metrics, "compute-seconds", 0, 10**7, default=0.0),
+            compute_seconds=_number(metrics, "compute-seconds", 0, self.cfg.federation.round_timeout_s, default=0.0),
         )
 
     def _unclipped(self, metrics: MetricRecord) -> float:
