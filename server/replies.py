@@ -34,7 +34,7 @@ from geomoe.wire.run_config import RunConfig
 
 REPLY_ALLOWANCE = 64 * 1024  # bytes a reply may carry besides its update (metrics, routing counts)
 NORM_FLOOR = 1.0  # the update-norm bound never falls below max_update_norm times this (tensors sent near zero)
-ROW_NORM_FLOOR = 0.5  # nor does the bound of one expert's or one head row's update below max_update_norm times this
+ROW_NORM_FLOOR = 0.5  # nor does the bound of one expert's or head row's update below max_row_update_norm times this
 MAX_LOSS = 1e4  # a training loss above this is no loss a node can report (cross-entropy of a sane model is ~10)
 MAX_NAME_CHARS = 200  # a species name, a reason for skipping images, a cell
 MAX_SOURCE_CHARS = 500  # where a node's data comes from
@@ -263,7 +263,7 @@ class ReplyReader:
             if isinstance(error, RejectedReply):
                 raise
             raise RejectedReply(f"update does not decode: {error}") from None
-        check_update(update, sent, self.cfg.federation.max_update_norm)
+        check_update(update, sent, self.cfg.federation.max_update_norm, self.cfg.federation.max_row_update_norm)
         return update
 
     # --- routing ---------------------------------------------------------------------------------
@@ -300,11 +300,11 @@ class ReplyReader:
         )
 
 
-def check_update(update: dict[str, torch.Tensor], sent: SentSpec, max_norm: float) -> None:
+def check_update(update: dict[str, torch.Tensor], sent: SentSpec, max_norm: float, max_row_norm: float) -> None:
     """Raise RejectedReply unless `update` matches what was sent: same tensors, shapes, dtypes and row ids, all
     finite, its norm at most `max_norm` times that of the tensors sent (a floor of NORM_FLOOR), and each row (an
-    expert, a species' head row with its bias) at most `max_norm` times that row's norm sent (floor ROW_NORM_FLOOR):
-    the whole-update bound alone let one node spend it all on one head bias."""
+    expert, a species' head row with its bias) at most `max_row_norm` times that row's norm sent (floor
+    ROW_NORM_FLOOR): the whole-update bound alone let one node spend it all on one head bias."""
     unknown = sorted(set(update) - set(sent.shapes))
     if unknown:
         raise RejectedReply(f"unknown or unsent tensors: {printable(unknown[:3])}")
@@ -329,12 +329,12 @@ def check_update(update: dict[str, torch.Tensor], sent: SentSpec, max_norm: floa
                             f"({max_norm:g} x the norm sent, {sent.norm:.3g})")  # fmt: skip
     moved = row_norms(update, sent.ids)
     for group, norms in moved.items():
-        bounds = max_norm * sent.row_norms[group].clamp(min=ROW_NORM_FLOOR)
+        bounds = max_row_norm * sent.row_norms[group].clamp(min=ROW_NORM_FLOOR)
         over = (norms > bounds).nonzero().flatten().tolist()
         if over:
             row = over[0]
             raise RejectedReply(f"{group.removesuffix('.ids')} row {int(sent.ids[group][row])} moves by "
-                                f"{float(norms[row]):.3g}, over {float(bounds[row]):.3g} ({max_norm:g} x that row's "
+                                f"{float(norms[row]):.3g}, over {float(bounds[row]):.3g} ({max_row_norm:g} x that row's "
                                 f"norm sent, at least {ROW_NORM_FLOOR:g})")  # fmt: skip
 
 

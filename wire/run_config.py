@@ -52,8 +52,8 @@ class FederationConfig:
     min_nodes: int = 1  # wait for this many nodes before a round starts
     round_timeout_s: float = 600.0  # a round goes on without nodes that have not replied by then
     max_update_ratio: float = 1.5  # a reply larger than this times what was sent is rejected
-    max_update_norm: float = 1.0  # an update (and each expert / head row of it) whose L2 norm exceeds this times
-    # the norm of what was sent is rejected
+    max_update_norm: float = 1.0  # an update whose L2 norm exceeds this times the norm of what was sent is rejected
+    max_row_update_norm: float = 2.0  # ... and one moving any expert or head row by more than this times its norm
     max_examples_factor: float = 10.0  # a node's training examples weigh at most this times the other nodes' median
     upload_compression: str = "none"  # client -> server pipeline, e.g. "int8+zstd", "topk0.1+int8+zstd"
     download_compression: str = "none"  # server -> client pipeline for experts, head rows, shared tensors
@@ -86,6 +86,9 @@ class FederationConfig:
             raise ValueError(f"federation.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         if self.robust_min_holders < 1:
             raise ValueError(f"federation.robust_min_holders must be >= 1, got {self.robust_min_holders}")
+        if not 0 < self.max_row_update_norm < float("inf"):
+            raise ValueError(f"federation.max_row_update_norm must be a finite number > 0, got "
+                             f"{self.max_row_update_norm}")  # fmt: skip
         if not 1 <= self.max_examples_factor < float("inf"):
             raise ValueError(f"federation.max_examples_factor must be a finite number >= 1, got "
                              f"{self.max_examples_factor}")  # fmt: skip

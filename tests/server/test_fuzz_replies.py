@@ -123,7 +123,7 @@ def pack_compressed(content: RecordDict) -> None:
 
 @given(changes=st.lists(corruptions(), min_size=1, max_size=4), compressed=st.booleans())
 def test_no_train_reply_escapes_the_reader_or_moves_a_row_beyond_its_bound(changes, compressed):
-    strategy = make_strategy(max_update_norm=1.0)
+    strategy = make_strategy(max_update_norm=1.0, max_row_update_norm=2.0)
     strategy.reader.upload = "int8+zstd" if compressed else "none"
     messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, GRID)}
     sent = strategy.sent[101]

@@ -306,7 +306,7 @@ HOLE_CASES = [
 
 @pytest.mark.parametrize(("case", "pipeline", "change", "reason"), HOLE_CASES, ids=[c[0] for c in HOLE_CASES])
 def test_a_reply_that_used_to_end_or_distort_the_run_is_rejected_alone(case, pipeline, change, reason):
-    strategy = make_strategy(max_update_norm=1.0)
+    strategy = make_strategy(max_update_norm=1.0, max_row_update_norm=2.0)
     strategy.cfg.train.epochs = 1
     strategy.reader.upload = pipeline
     messages = train_messages(strategy)

@@ -39,6 +39,7 @@ def make_strategy(strategy: str = "expert", privacy: dict | None = None, cells=(
     cfg.federation.strategy = strategy
     cfg.federation.weighting = "examples"
     cfg.federation.max_update_norm = 1e6  # replies move every tensor by +1: exact expectations, not realistic norms
+    cfg.federation.max_row_update_norm = 1e6
     for key, value in federation.items():
         setattr(cfg.federation, key, value)
     cfg.privacy = PrivacyConfig(**(privacy or {}))
