@@ -334,8 +334,8 @@ def check_update(update: dict[str, torch.Tensor], sent: SentSpec, max_norm: floa
         if over:
             row = over[0]
             raise RejectedReply(f"{group.removesuffix('.ids')} row {int(sent.ids[group][row])} moves by "
-                                f"{float(norms[row]):.3g}, over {float(bounds[row]):.3g} ({max_row_norm:g} x that row's "
-                                f"norm sent, at least {ROW_NORM_FLOOR:g})")  # fmt: skip
+                                f"{float(norms[row]):.3g}, over {float(bounds[row]):.3g} ({max_row_norm:g} x that "
+                                f"row's norm sent, at least {ROW_NORM_FLOOR:g})")  # fmt: skip
 
 
 def _no_error(reply: Message) -> None:
