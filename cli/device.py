@@ -74,12 +74,15 @@ def build_ops(
     out: Path | None = typer.Option(None, help="Also copy the library here (set GEOMOE_OPS_LIBRARY to it)."),
 ) -> None:
     """Build geomoe's ONNX Runtime operator library (fused exports run on it) for this machine: needs a C++
-    compiler, and fetches ONNX Runtime's headers once."""
+    compiler, and fetches ONNX Runtime's headers once. The only step that builds it: loading a model never does."""
     import shutil
 
-    from geomoe.client.native_ops import ops_library
+    from geomoe.client.native_ops import OpsBuildError, build_ops
 
-    library = ops_library(native=not portable)
+    try:
+        library = build_ops(native=not portable)
+    except OpsBuildError as error:
+        raise click.ClickException(str(error)) from None
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(library, out)

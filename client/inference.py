@@ -49,22 +49,24 @@ def load_exported(path: Path, runtime: str | None = None, threads: int = 0) -> E
 
 def onnx_session(path: Path, threads: int) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session on the CPU with `threads` intra-op threads (0: one per core), with geomoe's operator
-    library registered where it is built; a fused export (`export_onnx(..., fused=True)`) needs it, and it is
-    built here for one where it is not (OpsBuildError says why it cannot be)."""
+    library registered where it is built. A fused export (`export_onnx(..., fused=True)`) needs it; where it is not
+    built, loading one is an error naming `geomoe device build-ops` (loading never compiles or fetches anything)."""
     import onnxruntime
 
-    from geomoe.client.native_ops import DOMAIN, ops_library
+    from geomoe.client.native_ops import DOMAIN, check_runtime_version, ops_library
 
     try:
-        library = ops_library(build=False)
-    except FileNotFoundError:
-        library = None
+        library = ops_library()
+    except FileNotFoundError as missing:
+        library, why = None, str(missing)
+    if library is not None:
+        check_runtime_version(onnxruntime.__version__)
     try:
         return _session(path, threads, library)
     except onnxruntime.capi.onnxruntime_pybind11_state.Fail as error:
         if library is not None or DOMAIN not in str(error):
             raise
-    return _session(path, threads, ops_library())
+    raise RuntimeError(f"{path} is a fused export: it runs on geomoe's operator library ({DOMAIN}), and {why}")
 
 
 def _session(path: Path, threads: int, library: Path | None) -> onnxruntime.InferenceSession:

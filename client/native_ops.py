@@ -5,11 +5,15 @@ standard operations; ONNX Runtime runs it once this library is registered with t
 compiled on the machine that uses it, from the source shipped in the package, against ONNX Runtime's C API
 headers:
 
-- the headers are the `libonnxruntime-dev` package of Debian trixie, fetched once (pinned by SHA-256) unless
-  `ORT_INCLUDE` names a folder holding them; the C API is stable, so 1.21's headers serve any runtime from 1.21 on;
+- the headers are the `libonnxruntime-dev` package of Debian trixie, fetched once (pinned by SHA-256) from the Debian
+  mirror this machine's apt configuration names (`GEOMOE_DEBIAN_MIRROR` names another) unless `ORT_INCLUDE` names a
+  folder holding them; the C API is stable, so 1.21's headers serve any runtime from 1.21 on (MIN_ORT);
 - the result is cached under `$XDG_CACHE_HOME/geomoe/ops` (default `~/.cache/...`), one file per source, flags and
   CPU, so rebuilding happens only when one of those changes;
 - `GEOMOE_OPS_LIBRARY` names a library built elsewhere (the camera image ships one), used as it is.
+
+Building is an explicit step (`geomoe device build-ops`, `build_library`, the image build): loading a model never
+compiles or fetches anything, and a fused export without the library is an error naming that command.
 
 `native=True` (the default) compiles for this CPU (`-march=native`); `native=False` for any CPU of the
 architecture (SSE2 on x86-64, NEON on arm64), as an image built under emulation for every Pi must be.
@@ -34,10 +38,13 @@ SOURCE = Path(__file__).parent / "ops" / "folded_moe.cc"
 DOMAIN = "ai.geomoe"  # the ONNX domain of the operators in the library
 LIBRARY_ENV = "GEOMOE_OPS_LIBRARY"
 INCLUDE_ENV = "ORT_INCLUDE"
-HEADERS_DEB = (
-    "https://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
+MIRROR_ENV = "GEOMOE_DEBIAN_MIRROR"
+HEADERS_DEB = (  # path in a Debian mirror, SHA-256 of the package
+    "pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
     "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08",
 )
+MIN_ORT = (1, 21)  # the operator uses ONNX Runtime's lite custom-op API of 1.21's headers
+APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 HEADERS = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_cxx_inline.h", "onnxruntime_float16.h",
            "onnxruntime_lite_custom_op.h")  # fmt: skip
 # -ffast-math lets the compiler vectorise the sums and exp; linking is done without it, or GCC's crtfastmath would
@@ -53,25 +60,45 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "geomoe" / "ops"
 
 
-def ops_library(native: bool = True, build: bool = True) -> Path:
-    """The library to register: `GEOMOE_OPS_LIBRARY` if set (it must exist), else the cached build for this
-    source, flags and CPU, built now if missing and `build`. Raises FileNotFoundError where there is none."""
+def ops_library(native: bool = True) -> Path:
+    """The library to register: `GEOMOE_OPS_LIBRARY` if set (it must exist), else the cached build for this source,
+    flags and CPU, if it still has the hash recorded when it was built. Never builds: FileNotFoundError names the
+    command that does."""
     named = os.environ.get(LIBRARY_ENV)
     if named:
         if not Path(named).is_file():
             raise FileNotFoundError(f"{LIBRARY_ENV}={named}: no such file")
         return Path(named)
-    flags = _flags(native)
-    path = cache_dir() / f"libgeomoe_ops-{_build_key(flags)}.so"
-    if path.is_file():
-        if _intact(path):
-            return path
-        if not build:
-            raise FileNotFoundError(f"{path} does not match the hash recorded when it was built: run "
-                                    "`geomoe device build-ops` to build it again")  # fmt: skip
-    if not build:
+    path = library_path(native)
+    if not path.is_file():
         raise FileNotFoundError(f"geomoe's operator library is not built ({path}): run `geomoe device build-ops`")
-    return build_library(path, flags)
+    if not _intact(path):
+        raise FileNotFoundError(f"{path} does not match the hash recorded when it was built: run "
+                                "`geomoe device build-ops` to build it again")  # fmt: skip
+    return path
+
+
+def library_path(native: bool = True) -> Path:
+    """Where the cached build for this source, flags and CPU lives."""
+    return cache_dir() / f"libgeomoe_ops-{_build_key(_flags(native))}.so"
+
+
+def build_ops(native: bool = True) -> Path:
+    """The explicit build step: the cached library for this source, flags and CPU, compiled now unless it is there
+    and intact. OpsBuildError says why it cannot be built here."""
+    path = library_path(native)
+    if path.is_file() and _intact(path):
+        return path
+    return build_library(path, _flags(native))
+
+
+def check_runtime_version(version: str) -> None:
+    """Raise RuntimeError unless ONNX Runtime `version` can run the operator (MIN_ORT and later)."""
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if numbers < MIN_ORT:
+        wanted = ".".join(map(str, MIN_ORT))
+        raise RuntimeError(f"geomoe's operator library needs ONNX Runtime {wanted} or later; this is {version}: "
+                           f"pip install 'onnxruntime>={wanted}'")  # fmt: skip
 
 
 def build_library(path: Path, flags: tuple[str, ...]) -> Path:
@@ -149,17 +176,51 @@ def _headers() -> Path:
     folder = cache_dir() / "include-1.21.0"
     if all((folder / name).is_file() and _intact(folder / name) for name in HEADERS):
         return folder
-    url, sha256 = HEADERS_DEB
+    pool_path, sha256 = HEADERS_DEB
+    url = f"{debian_mirror()}/{pool_path}"
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             package = response.read()
     except OSError as error:
-        message = f"could not fetch ONNX Runtime's headers from {url} ({error}); set {INCLUDE_ENV}"
+        message = f"could not fetch ONNX Runtime's headers from {url} ({error}); set {INCLUDE_ENV} or {MIRROR_ENV}"
         raise OpsBuildError(message) from error
     if hashlib.sha256(package).hexdigest() != sha256:
         raise OpsBuildError(f"{url} does not have the pinned SHA-256 {sha256}")
     _extract_headers(package, folder)
     return folder
+
+
+def debian_mirror() -> str:
+    """The Debian mirror to fetch from: `GEOMOE_DEBIAN_MIRROR`, else the first Debian archive this machine's apt
+    configuration names (one-line `deb URI suite ...` lists and deb822 `URIs:` sources), without a trailing '/'."""
+    named = os.environ.get(MIRROR_ENV)
+    if named:
+        return named.rstrip("/")
+    for uri in apt_uris(APT_SOURCES):
+        if uri.rstrip("/").endswith("/debian"):
+            return uri.rstrip("/")
+    raise OpsBuildError(f"no Debian mirror in this machine's apt configuration: set {MIRROR_ENV} to one (a URL ending "
+                        f"in /debian), or {INCLUDE_ENV} to a folder holding ONNX Runtime's C API headers")  # fmt: skip
+
+
+def apt_uris(sources: tuple[Path, ...]) -> list[str]:
+    """Archive URIs in apt source files and folders, in order."""
+    files = []
+    for source in sources:
+        files += sorted(source.glob("*.list")) + sorted(source.glob("*.sources")) if source.is_dir() else [source]
+    uris = []
+    for path in files:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            words = line.split("#", 1)[0].split()
+            if words[:1] == ["deb"]:
+                uris += [w for w in words[1:] if "://" in w][:1]
+            elif words[:1] == ["URIs:"]:
+                uris += words[1:]
+    return uris
 
 
 def _extract_headers(package: bytes, folder: Path) -> None:

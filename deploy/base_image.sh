@@ -2,17 +2,18 @@
 # Builds a Debian bookworm base image locally (debootstrap + docker load), for machines that reach
 # Debian's mirror but no image registry. Usage: deploy/base_image.sh [TAG] [ARCH]
 # The tag is passed to `docker build --build-arg BASE=TAG`. Does nothing if TAG already exists.
+# DEBIAN_MIRROR names a mirror; without it debootstrap uses its own default.
 set -euo pipefail
 TAG=${1:-geomoe-base:bookworm}
 ARCH=${2:-amd64}
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+MIRROR=(${DEBIAN_MIRROR:+"$DEBIAN_MIRROR"})
 if docker image inspect "$TAG" >/dev/null 2>&1; then
   echo "$TAG already present"
   exit 0
 fi
 ROOT=$(mktemp -d)
 trap 'rm -rf "$ROOT"' EXIT
-debootstrap --variant=minbase --arch="$ARCH" --include=ca-certificates,python3,python3-venv bookworm "$ROOT" "$MIRROR" >/dev/null
+debootstrap --variant=minbase --arch="$ARCH" --include=ca-certificates,python3,python3-venv bookworm "$ROOT" "${MIRROR[@]}" >/dev/null
 # What Debian's own slim images leave out: apt's package cache and lists (a build runs apt-get update
 # anyway), and documentation and translations, now and in every package installed later. Halves the base.
 rm -rf "$ROOT"/var/cache/apt/* "$ROOT"/var/lib/apt/lists/* "$ROOT"/usr/share/doc/* "$ROOT"/usr/share/man/* \

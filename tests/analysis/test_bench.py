@@ -69,7 +69,7 @@ def test_model_ratio_is_the_median_over_pairs_with_its_spread():
     assert ratios["p10"] < ratios["median"] < ratios["p90"]
 
 
-def test_bench_device_times_every_model_under_both_runtimes(tmp_path):
+def test_bench_device_times_every_model_under_both_runtimes(tmp_path, ops_built):
     """Small sizes, on one thread: the JSON has both runtimes per model, and the pruned model is the smallest;
     the process keeps its own thread count."""
     from geomoe.analysis.device_bench import bench_device

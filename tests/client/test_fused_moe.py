@@ -19,10 +19,10 @@ from geomoe.model.network import GeoMoENet
 from tests.model.test_folded_moe import trained_like_layer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built_library():
-    """Built once (or found in the cache) for this machine, as `onnx_session` would build it on first need."""
-    return ops_library()
+@pytest.fixture(autouse=True)
+def built_library(ops_built):
+    """Built once per session by the explicit step (or found in the cache) for this machine."""
+    return ops_built
 
 
 def fused_nodes(path) -> list[onnx.NodeProto]:
@@ -96,3 +96,13 @@ def test_a_named_library_that_is_not_there_is_said_so(monkeypatch, tmp_path):
     monkeypatch.setenv(LIBRARY_ENV, str(tmp_path / "missing.so"))
     with pytest.raises(FileNotFoundError, match="missing.so"):
         ops_library()
+
+
+def test_a_fused_export_without_the_library_is_one_error_naming_the_build_step(tmp_path, monkeypatch):
+    model = prune_model(GeoMoENet(ModelConfig(num_classes=4, num_experts=4)), {1: [0, 1], 3: [2], 5: [3], 7: [0]})
+    path = export_onnx(model, tmp_path / "fused.onnx", 64, fused=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))  # nothing built there, nothing to build
+    monkeypatch.delenv(LIBRARY_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="run `geomoe device build-ops`"):
+        load_exported(path)
+    assert not (tmp_path / "empty-cache").exists()  # loading compiled and fetched nothing
