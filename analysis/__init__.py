@@ -1,1 +1,1 @@
-"""Analysis of runs and of the system: benchmarks, communication cost, per-location models."""
+"""Analyses of a finished run: communication cost and link times, routing graph, affinity, pruning sweep."""

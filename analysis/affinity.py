@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geomoe.analysis.locations import BATCH, FinishedRun
 from geomoe.model.experts import global_centroids
 from geomoe.model.location import LocationSupervision, supervised_contrastive
+from geomoe.prune.finished_run import BATCH, FinishedRun
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

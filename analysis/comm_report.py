@@ -11,7 +11,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from geomoe.analysis.bench import accuracy_by_upload  # noqa: E402
 from geomoe.analysis.links import LinkProfile  # noqa: E402
 
 
@@ -88,3 +87,53 @@ def plot(reports: dict[str, dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def upload_per_client_round(report: dict) -> float:
+    """Mean bytes one client uploads in one round."""
+    values = [t["up"] for row in report["rounds"] for t in row["traffic"].values()]
+    return sum(values) / max(len(values), 1)
+
+
+def accuracy_by_upload(report: dict) -> list[tuple[float, float]]:
+    """(cumulative upload bytes per client, accuracy of the model after that much upload), round 0 first."""
+    points, total = [], 0.0
+    evaluations = report["evaluations"]
+    if "0" in evaluations:
+        points.append((0.0, evaluations["0"]["accuracy"]))
+    for row in report["rounds"]:
+        total += sum(t["up"] for t in row["traffic"].values()) / max(len(row["traffic"]), 1)
+        if str(row["round"]) in evaluations:
+            points.append((total, evaluations[str(row["round"])]["accuracy"]))
+    return points
+
+
+def accuracy_at_budget(points: list[tuple[float, float]], budget: float) -> float:
+    """Best accuracy reached with at most `budget` bytes uploaded per client."""
+    return max(acc for spent, acc in points if spent <= budget)
+
+
+def compare_strategies(reports: dict[str, dict]) -> dict:
+    """Upload ratios to full-model FedAvg (`reports["fedavg"]`) and, when run, to dense FedAvg of the same
+    trainable parts (`reports["fedavg-parts"]`: what slicing by location saves on its own), and accuracy at
+    equal upload, for every run."""
+    dense_points = accuracy_by_upload(reports["fedavg"])
+    budget = dense_points[1][0]  # what dense FedAvg uploads per client in its first round
+    dense_upload = upload_per_client_round(reports["fedavg"])
+    ratios = {}
+    if "fedavg-parts" in reports:
+        parts_upload = upload_per_client_round(reports["fedavg-parts"])
+        ratios["upload_ratio_to_fedavg_parts"] = {
+            name: upload_per_client_round(r) / parts_upload for name, r in reports.items()
+        }
+    return {
+        "upload_per_client_round": {name: upload_per_client_round(r) for name, r in reports.items()},
+        "upload_ratio_to_fedavg": {name: upload_per_client_round(r) / dense_upload for name, r in reports.items()},
+        **ratios,
+        "final_accuracy": {name: r["final_accuracy"] for name, r in reports.items()},
+        "equal_upload_budget_bytes": budget,
+        "accuracy_at_equal_upload": {
+            name: accuracy_at_budget(accuracy_by_upload(r), budget) for name, r in reports.items()
+        },
+        "curves": {name: accuracy_by_upload(r) for name, r in reports.items()},
+    }

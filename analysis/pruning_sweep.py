@@ -10,11 +10,11 @@ from pathlib import Path
 
 import matplotlib
 
-from geomoe.analysis.locations import BATCH, FinishedRun
 from geomoe.model.config import ABSENT_POLICIES
 from geomoe.model.experts import prune_model
 from geomoe.model.importance import KeepPolicy, keep_set
 from geomoe.model.training import evaluate
+from geomoe.prune.finished_run import BATCH, FinishedRun
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

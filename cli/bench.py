@@ -31,7 +31,7 @@ def model(
 ) -> None:
     """Forward+backward time of the MoE model over the dense one, on CPU and (if present) GPU: the median ratio
     over interleaved pairs, with its spread."""
-    from geomoe.analysis.bench import COMPILE_MODES, bench_devices, bench_model
+    from geomoe.bench.model import COMPILE_MODES, bench_devices, bench_model
     from geomoe.model.compute import PRECISIONS
 
     if precision not in PRECISIONS:
@@ -69,7 +69,7 @@ def device(
 ) -> None:
     """Dense vs MoE vs a cell's pruned MoE on the device: parameters, and latency under TorchScript and ONNX
     Runtime, the MoE models also fused (geomoe's ONNX Runtime operator, built here: needs a C++ compiler)."""
-    from geomoe.analysis.device_bench import bench_device
+    from geomoe.bench.device import bench_device
 
     with tempfile.TemporaryDirectory(prefix="geomoe-bench-device-") as folder:
         result = bench_device(Path(folder), image_size, repeats, classes, experts, keep, species, threads)
@@ -106,7 +106,7 @@ def data(
     repeats: int = typer.Option(3, help="Interleaved timed passes of each pipeline."),
 ) -> None:
     """Images/s per core: plain JPEG decoding vs DCT-scaled decoding vs the decoded cache."""
-    from geomoe.analysis.bench import bench_data
+    from geomoe.bench.data import bench_data
 
     try:
         width, height = (int(v) for v in source.split("x"))
@@ -131,7 +131,7 @@ def ep(
 ) -> None:
     """Latency per MoE layer and images/s: local vs experts split over 2 and 3 expert-server processes on
     127.0.0.1, timed in interleaved rounds."""
-    from geomoe.analysis.ep_bench import bench_expert_parallel
+    from geomoe.bench.expert_parallel import bench_expert_parallel
 
     result = bench_expert_parallel(batch_size, image_size, repeats)
     out.write_text(json.dumps(result, indent=2))

@@ -18,7 +18,7 @@ def comm(
     seed: int = typer.Option(0, help="Seed shared by all runs."),
 ) -> None:
     """Dense FedAvg, per-expert, and compressed per-expert on the same partitions, seed and initial model."""
-    from geomoe.analysis.bench import bench_comm
+    from geomoe.bench.comm import bench_comm
 
     result = bench_comm(out, rounds, compressed, seed, announce=console.print)
     table = Table(title="per-expert vs dense FedAvg")
@@ -46,7 +46,7 @@ def privacy(
     set_: list[str] = SET_OPTION,
 ) -> None:
     """Accuracy vs epsilon (client-level DP), and accuracy with 1 hostile node per aggregator, on one world."""
-    from geomoe.analysis.privacy_bench import bench_privacy, compares_aggregators
+    from geomoe.bench.privacy import bench_privacy, compares_aggregators
     from geomoe.wire.run_config import build_run_config
 
     try:
@@ -86,7 +86,7 @@ def scale(
     sampled: int = typer.Option(100, help="Cells sampled per round (at most)."),
 ) -> None:
     """Time per phase, the framework's share of a round and peak memory of all processes, per simulation size."""
-    from geomoe.analysis.scale_bench import bench_scale
+    from geomoe.bench.scale import bench_scale
 
     try:
         sizes = [int(c) for c in cells.split(",") if c]

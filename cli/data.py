@@ -26,9 +26,9 @@ def export(
     set_: list[str] = SET_OPTION,
 ) -> None:
     """Write the synthetic world in a published format (JPEGs + annotations), to run the real-data path."""
-    from geomoe.sim.export import export_world, location_at
-    from geomoe.sim.world import World
     from geomoe.wire.run_config import build_run_config
+    from geomoe.world.export import export_world, location_at
+    from geomoe.world.world import World
 
     cfg = build_run_config(config, {}, set_)
     locations = None
@@ -49,8 +49,8 @@ def prepare(
     set_: list[str] = SET_OPTION,
 ) -> None:
     """Load and partition the run's dataset once; write the world file clients load; a table of clients."""
-    from geomoe.sim.world import World
     from geomoe.wire.run_config import build_run_config
+    from geomoe.world.world import World
 
     cfg = build_run_config(config, {}, set_)
     with console.status(f"loading {cfg.world.dataset} and partitioning it"):
@@ -78,8 +78,8 @@ def partition(
     set_: list[str] = typer.Option([], "--set", help="Files of the dataset: --set world.files.annotations='[...]'."),
 ) -> None:
     """Partition a dataset into adaptive S2 cells and write a Hsu et al. split CSV."""
-    from geomoe.sim.partition import write_partition
     from geomoe.wire.run_config import build_run_config
+    from geomoe.world.partition import write_partition
 
     cfg = build_run_config(config, {"world.dataset": dataset, "world.n_max": nmax}, set_)
     data, _, rows = write_partition(cfg.world, out)
@@ -93,7 +93,7 @@ def partition(
         table.add_row(row.cell, level, str(row.examples), str(row.species), f"{row.top_share:.2f}")
     console.print(table)
     if plot is not None:
-        from geomoe.sim.maps import plot_cells
+        from geomoe.world.maps import plot_cells
 
         plot_cells(rows, data.lat, data.lon, plot)
         console.print(f"map: {plot}")

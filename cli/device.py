@@ -27,7 +27,7 @@ def run(
     threads: int = typer.Option(0, min=0, help="The model's threads (0: one per core); fewer leave cores free."),
 ) -> None:
     """Classify every new image of a folder with the location's model; resumes after power loss."""
-    from geomoe.client.device_runtime import DeviceConfig, DeviceRuntime
+    from geomoe.camera.runtime import DeviceConfig, DeviceRuntime
 
     if not watch.is_dir():
         raise click.BadParameter(f"{watch} is not a folder", param_hint="--watch")
@@ -53,7 +53,7 @@ def export(
     ),
 ) -> None:
     """Export a model for inference without the training stack."""
-    from geomoe.client.export import export_onnx, export_torchscript
+    from geomoe.camera.export import export_onnx, export_torchscript
     from geomoe.server.checkpoint import load_model
 
     if fmt not in EXPORT_FORMATS:
@@ -77,7 +77,7 @@ def build_ops(
     compiler, and fetches ONNX Runtime's headers once. The only step that builds it: loading a model never does."""
     import shutil
 
-    from geomoe.client.native_ops import OpsBuildError, build_ops
+    from geomoe.camera.native_ops import OpsBuildError, build_ops
 
     try:
         library = build_ops(native=not portable)
@@ -96,7 +96,7 @@ def install(
     model: Path = typer.Option(..., help="The model file the runtime uses; replaced atomically."),
 ) -> None:
     """Swap in a model update atomically: a crash leaves the old model or the new one, never half."""
-    from geomoe.client.device_runtime import install_model
+    from geomoe.camera.runtime import install_model
 
     if str(source) == "-":
         install_model(sys.stdin.buffer, model)

@@ -52,8 +52,8 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Assign experts to devices (own needs first, nearest peers next) and show bytes per image."""
-    from geomoe.analysis.locations import FinishedRun, fleet_plan
     from geomoe.expert_parallel.placement import read_fleet
+    from geomoe.prune.finished_run import FinishedRun, fleet_plan
 
     devices, rtt = read_fleet(fleet)
     placement = fleet_plan(FinishedRun.open(run), devices, rtt)

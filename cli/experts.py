@@ -24,8 +24,8 @@ def importance(
     per_expert: bool = typer.Option(False, help="Also measure each expert's accuracy drop (slow)."),
 ) -> None:
     """Keep set of a location from routing its validation images through the global model."""
-    from geomoe.analysis.locations import BATCH, FinishedRun
     from geomoe.model.importance import KeepPolicy, keep_set, per_expert_importance
+    from geomoe.prune.finished_run import BATCH, FinishedRun
 
     finished = FinishedRun.open(run)
     location = finished.location(cell)
@@ -53,7 +53,7 @@ def prune(
     head: str = typer.Option("local", help="local: keep the head rows of the location's species (+ other); all."),
 ) -> None:
     """Write a compact per-location model (pruned experts and head) that loads on its own."""
-    from geomoe.analysis.locations import FinishedRun, prune_for_location
+    from geomoe.prune.finished_run import FinishedRun, prune_for_location
     from geomoe.server.checkpoint import save_model
 
     pruned = prune_for_location(FinishedRun.open(run), cell, percentile, policy, head)

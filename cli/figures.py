@@ -24,8 +24,8 @@ def graph(
     out: Path = typer.Option(None, help="Folder for the PNG and JSON [default: RUN/figures]."),
 ) -> None:
     """Cross-layer patch-routing graph of a location: edges by share of patches, banded by percentile."""
-    from geomoe.analysis.locations import FinishedRun
     from geomoe.analysis.routing_graph import plot_routing_graph, routing_graph
+    from geomoe.prune.finished_run import FinishedRun
 
     finished = FinishedRun.open(run)
     result = routing_graph(finished.routing(finished.location(cell)), cell)
@@ -44,7 +44,7 @@ def affinity(
     """Affinity of species and of the last layer's experts to the run's cells (location embeddings)."""
     from geomoe.analysis.affinity import affinity as compute
     from geomoe.analysis.affinity import plot_affinity
-    from geomoe.analysis.locations import FinishedRun
+    from geomoe.prune.finished_run import FinishedRun
 
     result = compute(FinishedRun.open(run), epochs)
     stem = _out(run, out, "affinity")
@@ -60,9 +60,9 @@ def sweep(
     out: Path = typer.Option(None, help="Folder for the PNG and JSON [default: RUN/figures]."),
 ) -> None:
     """Experts dropped and test accuracy of a location for a range of percentile thresholds, both policies."""
-    from geomoe.analysis.locations import FinishedRun
     from geomoe.analysis.pruning_sweep import plot_sweep, pruning_sweep
     from geomoe.model.config import ABSENT_POLICIES
+    from geomoe.prune.finished_run import FinishedRun
 
     try:
         thresholds = tuple(float(p) for p in percentiles.split(","))

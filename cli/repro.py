@@ -24,8 +24,8 @@ def repro(
 ) -> None:
     """Pretrain, convert (64 experts, layers 1,3,5,7, d_e 2, bottleneck head), train federated, then per cell:
     dense vs MoE vs pruned MoE accuracy, parameters and FLOPs."""
-    from geomoe.analysis.repro import compare, paper_config, write_table
-    from geomoe.runner.simulation import simulate
+    from geomoe.bench.papers import compare, paper_config, write_table
+    from geomoe.sim.simulation import simulate
 
     cfg = paper_config(inat, train_split, test_split, out, set_)
     simulate(cfg)

@@ -33,7 +33,7 @@ def sim(
 ) -> None:
     """Simulate federated training on Flower's simulation runtime (the path `flwr run` takes), one virtual
     SuperNode per client."""
-    from geomoe.runner.simulation import ClientResources, simulate
+    from geomoe.sim.simulation import ClientResources, simulate
     from geomoe.wire.run_config import build_run_config, to_toml
 
     flags = {

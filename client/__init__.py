@@ -1,1 +1,1 @@
-"""The Flower ClientApp and the camera-trap device runtime (model export, atomic updates)."""
+"""The Flower training node: ClientApp, its Flower-free task code and the node's data."""

@@ -50,8 +50,8 @@ cat > "$WORK/check/measure.py" <<'PYEOF'
 import json, platform, resource, sys, time
 from pathlib import Path
 import numpy as np
-from geomoe.client.device_runtime import input_side
-from geomoe.client.inference import load_exported
+from geomoe.camera.runtime import input_side
+from geomoe.camera.inference import load_exported
 model = load_exported(Path(sys.argv[1]))
 side = input_side(model, None, Path(sys.argv[1]))  # the side the camera feeds it
 image = np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32)

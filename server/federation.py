@@ -29,10 +29,10 @@ from geomoe.server.checkpoint import atomic_write, load_model, save_model
 from geomoe.server.initial_model import initial_model
 from geomoe.server.progress import phase
 from geomoe.server.strategy import GeoExpertStrategy, ServerState, weighted_accuracy
-from geomoe.sim.world import World
 from geomoe.wire import messages as msg
 from geomoe.wire.bounded import finite_json
 from geomoe.wire.run_config import RunConfig
+from geomoe.world.world import World
 
 log = logging.getLogger("geomoe.server")
 CHECKPOINT = "checkpoint.pt"

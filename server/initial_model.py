@@ -20,8 +20,8 @@ from geomoe.model.superclasses import superclasses_of
 from geomoe.model.training import TrainConfig, evaluate, train_epochs
 from geomoe.server.checkpoint import load_model, save_model
 from geomoe.server.progress import phase, progress
-from geomoe.sim.world import World
 from geomoe.wire.run_config import RunConfig
+from geomoe.world.world import World
 
 CONVERSION_SAMPLE = 600  # images of the server's share used to initialise routers and experts
 

@@ -1,1 +1,1 @@
-"""Simulation: Hsu et al. adaptive partitions, the run's world (clients and splits) and its export."""
+"""The simulation: the world file first, then the ServerApp and ClientApps on Flower's simulation runtime."""

@@ -52,7 +52,7 @@ def task_identity():
 def ops_built():
     """geomoe's operator library, built by its explicit step (loading a fused export never builds it); the tests of
     fused exports skip, saying why, where it cannot be built (no C++ compiler, no headers)."""
-    from geomoe.client.native_ops import OpsBuildError, build_ops
+    from geomoe.camera.native_ops import OpsBuildError, build_ops
 
     try:
         return build_ops()

@@ -14,11 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["protos"],
     ["model", "data"],
+    ["world"],
     ["wire"],
-    ["sim", "expert_parallel"],
-    ["server", "client", "deploy"],
-    ["runner"],
+    ["expert_parallel"],
+    ["server", "client", "camera", "deploy"],
+    ["sim", "prune"],
     ["analysis"],
+    ["bench"],
     ["cli"],
 ]
 LAYER_OF = {package: k for k, layer in enumerate(LAYERS) for package in layer}

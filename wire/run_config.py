@@ -16,13 +16,13 @@ from typing import Any, Literal, get_args
 
 from pydantic import TypeAdapter, ValidationError
 
-from geomoe.data.world_config import WorldConfig
 from geomoe.model.config import ModelConfig
 from geomoe.model.conversion import ConversionConfig
 from geomoe.model.importance import KeepPolicy
 from geomoe.model.training import TrainConfig
 from geomoe.wire.compression import Pipeline
 from geomoe.wire.privacy import PrivacyConfig
+from geomoe.world.config import WorldConfig
 
 Strategy = Literal["expert", "fedavg"]
 Trainable = Literal["experts", "experts+head", "all"]

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 from geomoe.cli.main import app
 from geomoe.model.network import GeoMoENet
 from geomoe.server.checkpoint import save_model
-from geomoe.sim.world import World
 from geomoe.wire.run_config import build_run_config
+from geomoe.world.world import World
 
 SMALL = ["world.synthetic.num_observations=1200", "world.num_locations=3", "world.n_max=300",
          "conversion.num_experts=6", "conversion.moe_layers=[1, 3, 5]"]  # fmt: skip

@@ -167,8 +167,8 @@ def test_data_export_then_prepare_on_the_exported_files(tmp_path):
 
 
 def test_data_export_of_one_device_folder(tmp_path):
-    from geomoe.data.world_config import WorldConfig
-    from geomoe.sim.world import World
+    from geomoe.world.config import WorldConfig
+    from geomoe.world.world import World
 
     cfg = WorldConfig()
     cfg.synthetic.num_observations, cfg.n_max, cfg.num_locations = 800, 80, 2
@@ -237,7 +237,7 @@ def test_device_export_writes_a_model_that_classifies_and_says_only_that(tmp_pat
     written and nothing else."""
     import numpy as np
 
-    from geomoe.client.inference import load_exported
+    from geomoe.camera.inference import load_exported
     from geomoe.model.config import ModelConfig
     from geomoe.model.network import GeoMoENet
     from geomoe.server.checkpoint import save_model
@@ -258,8 +258,8 @@ def test_device_export_fused_writes_geomoes_operator_and_refuses_it_for_torchscr
     import numpy as np
     import onnx
 
-    from geomoe.client.inference import load_exported
-    from geomoe.client.native_ops import DOMAIN
+    from geomoe.camera.inference import load_exported
+    from geomoe.camera.native_ops import DOMAIN
     from geomoe.model.config import ModelConfig
     from geomoe.model.network import GeoMoENet
     from geomoe.server.checkpoint import save_model

@@ -4,8 +4,8 @@ import torch
 from geomoe.client.task import Received, build_model, locate
 from geomoe.model.experts import global_centroids, shared_state, take_expert_state
 from geomoe.model.network import GeoMoENet
-from geomoe.sim.world import World
 from geomoe.wire.run_config import RunConfig
+from geomoe.world.world import World
 
 
 @pytest.fixture(scope="module")

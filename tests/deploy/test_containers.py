@@ -23,8 +23,8 @@ import pytest
 
 from geomoe.deploy.certs import ensure_fleet_certs
 from geomoe.deploy.fleet import IMAGE_UID
-from geomoe.sim.world import World
 from geomoe.wire.run_config import to_toml
+from geomoe.world.world import World
 
 from ..integration.conftest import SMALL_RUN, free_port, small_config
 from .test_fleet import docker_client, image_build

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from geomoe.client.device_runtime import DeviceConfig, DeviceRuntime
+from geomoe.camera.runtime import DeviceConfig, DeviceRuntime
 from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet, prune_head
 
-from ..client.test_device_runtime import write_images
+from ..camera.test_runtime import write_images
 from .test_fleet import docker_client, image_build
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
@@ -29,7 +29,7 @@ TRAINING_STACK = ("torch", "timm", "torchvision", "cv2", "flwr")
 def camera_folder():
     """/data of the camera: an ONNX export and its frames, readable by the image's own (non-root) user."""
     pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
-    from geomoe.client.export import export_onnx
+    from geomoe.camera.export import export_onnx
 
     folder = Path(tempfile.mkdtemp(prefix="geomoe-camera-"))
     try:

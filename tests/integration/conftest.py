@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from geomoe.analysis.processes import marked_processes
+from geomoe.bench.processes import marked_processes
 from geomoe.wire.run_config import RunConfig
 
 SMALL_RUN = [

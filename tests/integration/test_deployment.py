@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from geomoe.data.cells import coarsened
-from geomoe.sim.export import export_world
-from geomoe.sim.world import World
 from geomoe.wire.privacy import PrivacyConfig
 from geomoe.wire.run_config import to_toml
+from geomoe.world.export import export_world
+from geomoe.world.world import World
 
 from .conftest import free_port, small_config, stop
 

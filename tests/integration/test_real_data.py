@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from geomoe.runner.simulation import simulate
-from geomoe.sim.export import export_world
+from geomoe.sim.simulation import simulate
 from geomoe.wire.privacy import PrivacyConfig
 from geomoe.wire.run_config import set_override
+from geomoe.world.export import export_world
 
 from .conftest import small_config
 

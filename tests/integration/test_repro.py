@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from geomoe.cli.main import app
-from geomoe.sim.export import export_world
+from geomoe.world.export import export_world
 
 from .conftest import SMALL_RUN, small_config
 

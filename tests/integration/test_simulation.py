@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from geomoe.analysis.hostile import HOSTILE_APPS
-from geomoe.analysis.processes import marked_processes
-from geomoe.runner.simulation import simulate
+from geomoe.bench.hostile import HOSTILE_APPS
+from geomoe.bench.processes import marked_processes
+from geomoe.sim.simulation import simulate
 
 from .conftest import SMALL_RUN, free_port, small_config, stop
 

@@ -66,7 +66,7 @@ def test_folded_layer_runs_in_onnx_runtime_as_in_torch(tmp_path, patches):
     """A single patch is what the last transformer block has at 64 px (the synthetic default)."""
     ort = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
     pytest.importorskip("onnxscript", reason="the export extra (onnxscript) is not installed")
-    from geomoe.client.export import write_onnx
+    from geomoe.camera.export import write_onnx
 
     folded = FoldedMoE(trained_like_layer("patch", "remove", 4))
     x = torch.randn(1, 12, 5, patches, generator=torch.Generator().manual_seed(2))

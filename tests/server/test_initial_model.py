@@ -5,8 +5,8 @@ import torch
 
 from geomoe.model.compute import model_device
 from geomoe.server.initial_model import initial_model
-from geomoe.sim.world import World
 from geomoe.wire.run_config import build_run_config
+from geomoe.world.world import World
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -2,8 +2,8 @@ import numpy as np
 from rich.console import Console
 
 from geomoe.server.federation import evaluation_sample, summary_table
-from geomoe.sim.world import World
 from geomoe.wire.run_config import RunConfig
+from geomoe.world.world import World
 
 
 def report(unknown: list[int]) -> dict:

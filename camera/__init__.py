@@ -1,0 +1,1 @@
+"""The camera: classifying a folder of frames with an exported model, and the export it runs."""

@@ -1,0 +1,1 @@
+"""A finished run cut down for one location (keep set, pruned model) and the experts a fleet needs."""

@@ -1,1 +1,0 @@
-"""Runs the federated job: `geomoe sim` on Flower's simulation runtime."""
