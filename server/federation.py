@@ -28,7 +28,8 @@ from geomoe.model.training import evaluate
 from geomoe.server.checkpoint import atomic_write, load_model, save_model
 from geomoe.server.initial_model import initial_model
 from geomoe.server.progress import phase
-from geomoe.server.strategy import GeoExpertStrategy, ServerState, weighted_accuracy
+from geomoe.server.state import ServerState
+from geomoe.server.strategy import GeoExpertStrategy, weighted_accuracy
 from geomoe.wire import messages as msg
 from geomoe.wire.bounded import finite_json
 from geomoe.wire.run_config import RunConfig
@@ -169,7 +170,7 @@ class Federation:
     def set_up_nodes(self) -> dict[int, dict[str, int]]:
         """Wait for the first nodes and query them; at least one must answer."""
         traffic = self.query_new(self.wait_for_nodes(), self.state.completed_round)
-        if not self.strategy.nodes:
+        if not self.strategy.roster.nodes:
             raise RuntimeError("no node answered the query")
         return traffic
 
@@ -187,7 +188,7 @@ class Federation:
         self.strategy.register(server_round, replies)
         self.charge_shared_base(traffic)
         if self.cfg.world.clients == "locations":
-            for node, t in self.route_new([n for n in nodes if n in self.strategy.nodes], server_round).items():
+            for node, t in self.route_new([n for n in nodes if n in self.strategy.roster.nodes], server_round).items():
                 traffic[node] = merge_traffic(traffic.get(node), t)
         return traffic
 
@@ -195,7 +196,7 @@ class Federation:
         """Virtual nodes read the base from the server's file instead of being sent it (memory: one copy per
         process, not one per node); their set-up traffic still counts it, once per run, as a device's would."""
         for node_id, entry in traffic.items():
-            node = self.strategy.nodes.get(node_id)
+            node = self.strategy.roster.nodes.get(node_id)
             if node is not None and node.base_from_file and node_id not in self.base_counted:
                 self.base_counted.add(node_id)
                 entry["down"] += self.base_bytes
@@ -203,8 +204,8 @@ class Federation:
 
     def route_new(self, nodes: list[int], server_round: int) -> dict[int, dict]:
         """Nodes of locations without a keep set route the full model on their validation images."""
-        needs_keep = [n for n in nodes if self.strategy.nodes[n].location not in self.state.keep]
-        if not needs_keep or self.strategy.dense:
+        needs_keep = [n for n in nodes if self.strategy.roster.nodes[n].location not in self.state.keep]
+        if not needs_keep or self.strategy.slicer.dense:
             return {}
         traffic: dict[int, dict] = {}
         with phase(f"routing query: {len(needs_keep)} nodes route the full model", self.console):
@@ -228,7 +229,7 @@ class Federation:
         for server_round in range(self.state.completed_round + 1, fed.rounds + 1):
             started = time.monotonic()
             clock = PhaseClock()
-            new_nodes = sorted(set(self.grid.get_node_ids()) - set(self.strategy.nodes))
+            new_nodes = sorted(set(self.grid.get_node_ids()) - set(self.strategy.roster.nodes))
             joined = self._by_cell(self.query_new(new_nodes, server_round))
             if not self.within_budget(server_round):
                 break
@@ -261,14 +262,14 @@ class Federation:
                 "replies": int(train_metrics["replies"]) if train_metrics else 0,
                 "traffic": self._by_cell(traffic),
                 "experts_held": {
-                    self.strategy.nodes[n].name: sum(
-                        len(v) for v in self.strategy.keep_for(self.strategy.nodes[n]).values()
+                    self.strategy.roster.nodes[n].name: sum(
+                        len(v) for v in self.strategy.slicer.keep_for(self.strategy.roster.nodes[n]).values()
                     )
                     for n in traffic
-                    if n in self.strategy.nodes
+                    if n in self.strategy.roster.nodes
                 },
-                "rejected": [r for r in self.strategy.rejections if r["round"] == server_round],
-                "sampled": [self.strategy.nodes[n].name for n in sampled],
+                "rejected": self.strategy.rejections.of_round(server_round),
+                "sampled": [self.strategy.roster.nodes[n].name for n in sampled],
                 "unknown_species_images": int(train_metrics["unknown_species_images"]) if train_metrics else 0,
                 "skipped_images": int(train_metrics["skipped_images"]) if train_metrics else 0,
             }
@@ -321,7 +322,7 @@ class Federation:
             return float(evaluate(model, self.world.loader(indices, 256))["accuracy"])
 
     def _by_cell(self, traffic: dict[int, dict[str, int]]) -> dict[str, dict[str, int]]:
-        return {self.strategy.nodes[n].name if n in self.strategy.nodes else str(n): t for n, t in traffic.items()}
+        return {self.strategy.roster.name(n): t for n, t in traffic.items()}
 
     def checkpoint(self) -> None:
         save_model(
@@ -361,14 +362,14 @@ class Federation:
                     "source": n.source,
                     "unknown_species": n.unknown_species,
                     "skipped": n.skipped,
-                    "keep": self.strategy.keep_for(n) if self.strategy.dense or n.location in self.state.keep else None,
+                    "keep": self.strategy.slicer.keep_for(n) if self.strategy.slicer.keep_known(n) else None,
                 }
-                for n in sorted(self.strategy.nodes.values(), key=lambda n: n.location)
+                for n in sorted(self.strategy.roster.nodes.values(), key=lambda n: n.location)
             ],
             "rounds": self.state.rounds,
             "evaluations": {str(k): evaluations[k] for k in sorted(evaluations)},
             "final_accuracy": evaluations.get(self.state.completed_round, {}).get("accuracy"),
-            "rejected": self.strategy.rejections,
+            "rejected": self.strategy.rejections.rows,
             "privacy": {
                 "epsilon": self.strategy.epsilon(),
                 "delta": self.cfg.privacy.delta,

@@ -26,6 +26,7 @@ import dp_accounting
 import torch
 from dp_accounting import rdp
 
+from geomoe.server.state import ServerState
 from geomoe.wire.privacy import PrivacyConfig
 
 
@@ -104,3 +105,29 @@ def next_clip(
     noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * count_stddev(cfg, expected_nodes)
     share = (unclipped + noise) / max(expected_nodes, 1e-12)
     return clip * math.exp(-cfg.clip_lr * (share - cfg.target_quantile))
+
+
+def run_epsilon(cfg: PrivacyConfig, state: ServerState, next_round_rate: float | None = None) -> float | None:
+    """The run's epsilon at `cfg.delta` so far (or, given `next_round_rate`, after one more round sampling at that
+    rate): the client-level guarantee of the sampled Gaussian rounds, or under local noise the guarantee of the
+    device that sent most updates. None without a noised run."""
+    if not cfg.accounted:
+        return None
+    if cfg.noise == "local":
+        most = max(state.rounds_taken.values(), default=0) + int(next_round_rate is not None)
+        return local_epsilon(cfg.noise_multiplier, most, cfg.delta)
+    rounds = [RoundMechanism(**m) for m in state.mechanisms]
+    if next_round_rate is not None:
+        rounds.append(RoundMechanism(next_round_rate, cfg.noise_multiplier))
+    return epsilon(rounds, cfg.delta)
+
+
+def over_budget(cfg: PrivacyConfig, state: ServerState, server_round: int, next_round_rate: float) -> str | None:
+    """Why the round would exceed `cfg.epsilon_budget` sampling at `next_round_rate`, or None."""
+    if not (cfg.accounted and cfg.epsilon_budget):
+        return None
+    projected = run_epsilon(cfg, state, next_round_rate)
+    if projected <= cfg.epsilon_budget:
+        return None
+    budget = cfg.epsilon_budget
+    return f"round {server_round} would bring epsilon to {projected:.3g}, over privacy.epsilon_budget={budget:g}"

@@ -135,7 +135,7 @@ def test_no_train_reply_escapes_the_reader_or_moves_a_row_beyond_its_bound(chang
         corrupt(reply.content, change)
     _, metrics = strategy.aggregate_train(1, [reply])
     replies = int(metrics["replies"]) if metrics else 0
-    assert replies + len(strategy.rejections) == 1
+    assert replies + len(strategy.rejections.rows) == 1
     after = strategy.model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     if replies:  # what was aggregated stays inside the bounds the reader promises
@@ -143,7 +143,7 @@ def test_no_train_reply_escapes_the_reader_or_moves_a_row_beyond_its_bound(chang
                     if after[k].is_floating_point())  # fmt: skip
         assert moved**0.5 <= 1.0 * max(sent.norm, NORM_FLOOR) * (1 + 1e-4)
     else:
-        assert strategy.rejections[0]["reason"] and "\n" not in strategy.rejections[0]["reason"]
+        assert strategy.rejections.rows[0]["reason"] and "\n" not in strategy.rejections.rows[0]["reason"]
 
 
 info_values = st.one_of(values, st.recursive(
@@ -158,18 +158,18 @@ INFO_KEYS = ["location", "cell", "has-base", "base-from-file", "species", "train
 @given(st.dictionaries(st.one_of(st.sampled_from(INFO_KEYS), st.text(max_size=8)), info_values, max_size=6))
 def test_no_query_reply_escapes_the_reader_and_a_registered_node_is_within_bounds(changes):
     strategy = make_strategy()
-    strategy.nodes = {}
+    strategy.roster.nodes = {}
     [query] = strategy.configure_query([101], with_model=False)
     try:
         reply = query_reply(query, **changes)
     except (TypeError, ValueError):  # Flower refuses the value itself
         return
     strategy.register(0, [reply])
-    if 101 in strategy.nodes:
-        node = strategy.nodes[101]
+    if 101 in strategy.roster.nodes:
+        node = strategy.roster.nodes[101]
         assert all(0 <= s < strategy.cfg.model.num_classes for s in node.species)
         assert 0 <= node.train_examples <= 10**9 and 0 <= node.test_examples <= 10**9
         for text in [node.cell, node.source, *node.unknown_species, *node.skipped]:
             assert text.isprintable() and len(text) <= 500
     else:
-        assert len(strategy.rejections) == 1 and "\n" not in strategy.rejections[0]["reason"]
+        assert len(strategy.rejections.rows) == 1 and "\n" not in strategy.rejections.rows[0]["reason"]

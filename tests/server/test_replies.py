@@ -112,8 +112,8 @@ def test_a_bad_train_reply_is_rejected_and_the_rest_applied(case, pipeline, chan
     if pipeline != "none":
         compressed(pipeline)(good.content)
     strategy.aggregate_train(1, [bad, good])
-    assert [r["node"] for r in strategy.rejections] == [101], strategy.rejections
-    assert reason in strategy.rejections[0]["reason"]
+    assert [r["node"] for r in strategy.rejections.rows] == [101], strategy.rejections.rows
+    assert reason in strategy.rejections.rows[0]["reason"]
     after = strategy.model.moe_layers()[5].w1.detach()
     assert torch.isfinite(after).all()
     if Pipeline.parse(pipeline).lossy:
@@ -134,12 +134,12 @@ def test_a_node_replying_twice_has_neither_reply_counted():
             reply_to(messages[202], examples=150),
         ],
     )
-    assert metrics["replies"] == 1 and "second reply" in strategy.rejections[0]["reason"]
+    assert metrics["replies"] == 1 and "second reply" in strategy.rejections.rows[0]["reason"]
 
 
 def test_the_base_is_sent_again_until_a_reply_shows_it_arrived():
     strategy = make_strategy()
-    strategy.nodes[101].has_base = False
+    strategy.roster.nodes[101].has_base = False
     first = train_messages(strategy)
     assert msg.BASE in first[101].content and msg.BASE not in first[202].content
     strategy.aggregate_train(1, [Message(Error(code=1, reason="timed out"), reply_to=first[101])])
@@ -179,16 +179,16 @@ QUERY_CASES = [
 @pytest.mark.parametrize(("case", "changes", "reason"), QUERY_CASES, ids=[c[0] for c in QUERY_CASES])
 def test_a_bad_query_reply_is_not_registered(case, changes, reason, caplog):
     strategy = make_strategy()
-    strategy.nodes = {}
+    strategy.roster.nodes = {}
     [query] = strategy.configure_query([101], with_model=False)
     strategy.register(0, [query_reply(query, **changes)])
-    assert strategy.nodes == {}
+    assert strategy.roster.nodes == {}
     assert reason in caplog.text
 
 
 def test_a_query_reply_with_nan_routing_sets_no_keep_set(caplog):
     strategy = make_strategy()
-    strategy.nodes, strategy.state.keep = {}, {}
+    strategy.roster.nodes, strategy.state.keep = {}, {}
     [query] = strategy.configure_query([101], with_model=True)
     reply = query_reply(query)
     routing = {f"counts.{layer}": torch.ones(4) for layer in (1, 3, 5, 7)}
@@ -196,16 +196,16 @@ def test_a_query_reply_with_nan_routing_sets_no_keep_set(caplog):
     routing["counts.3"][0] = math.nan
     reply.content[msg.TOKENS] = msg.to_record(routing)
     strategy.register(0, [reply])
-    assert strategy.nodes == {} and strategy.state.keep == {}
+    assert strategy.roster.nodes == {} and strategy.state.keep == {}
     assert "counts.3: counts must be finite" in caplog.text
 
 
 def test_a_good_query_reply_is_registered():
     strategy = make_strategy()
-    strategy.nodes = {}
+    strategy.roster.nodes = {}
     [query] = strategy.configure_query([101], with_model=False)
     strategy.register(0, [query_reply(query, skipped='{"unreadable": 2}')])
-    node = strategy.nodes[101]
+    node = strategy.roster.nodes[101]
     assert (node.location, node.cell, node.species, node.train_examples, node.skipped) == (
         0,
         "0/",
@@ -316,20 +316,20 @@ def test_a_reply_that_used_to_end_or_distort_the_run_is_rejected_alone(case, pip
     if pipeline != "none":
         compressed(pipeline)(good.content)
     _, metrics = strategy.aggregate_train(1, [bad, good])
-    assert [r["node"] for r in strategy.rejections] == [101], strategy.rejections
-    assert reason in strategy.rejections[0]["reason"]
+    assert [r["node"] for r in strategy.rejections.rows] == [101], strategy.rejections.rows
+    assert reason in strategy.rejections.rows[0]["reason"]
     assert metrics["replies"] == 1
     assert all(torch.isfinite(v).all() for v in strategy.model.state_dict().values() if v.is_floating_point())
 
 
 def test_a_node_declaring_a_billion_examples_weighs_at_most_ten_times_the_median_of_the_others():
     strategy = make_strategy()
-    strategy.nodes[101].train_examples = 10**9
-    assert strategy.examples_cap(101) == 10 * 150  # node 202 declared 150
-    assert strategy.examples_cap(202) == 150  # an honest node keeps its own count
+    strategy.roster.nodes[101].train_examples = 10**9
+    assert strategy.roster.examples_cap(101) == 10 * 150  # node 202 declared 150
+    assert strategy.roster.examples_cap(202) == 150  # an honest node keeps its own count
     messages = train_messages(strategy)
     strategy.aggregate_train(1, [reply_to(messages[101], examples=1e9), reply_to(messages[202], examples=150)])
-    assert "examples=1e+09 lies outside [0, 1500]" in strategy.rejections[0]["reason"]
+    assert "examples=1e+09 lies outside [0, 1500]" in strategy.rejections.rows[0]["reason"]
 
 
 def test_an_evaluation_reply_counts_at_most_the_test_examples_its_node_declared():
@@ -339,7 +339,7 @@ def test_an_evaluation_reply_counts_at_most_the_test_examples_its_node_declared(
     inflated = Message(RecordDict({msg.METRICS: MetricRecord({"accuracy": 1.0, "examples": 1e9})}), reply_to=asked[202])
     metrics = strategy.aggregate_evaluate(1, [honest, inflated])
     assert metrics["accuracy"] == 0.5 and metrics["examples"] == 20.0
-    assert "examples=1e+09 lies outside [0, 60]" in strategy.rejections[0]["reason"]
+    assert "examples=1e+09 lies outside [0, 60]" in strategy.rejections.rows[0]["reason"]
 
 
 QUERY_HOLES = [
@@ -358,14 +358,14 @@ QUERY_HOLES = [
 @pytest.mark.parametrize(("case", "changes", "reason"), QUERY_HOLES, ids=[c[0] for c in QUERY_HOLES])
 def test_a_query_reply_that_used_to_end_the_run_or_forge_its_log_is_refused(case, changes, reason, caplog):
     strategy = make_strategy()
-    strategy.nodes = {}
+    strategy.roster.nodes = {}
     [query] = strategy.configure_query([101], with_model=False)
     reply = query_reply(query, **changes)
     if case == "an unasked record":
         reply.content["extra"] = ArrayRecord({f"copy{i}": Array(np.zeros(1000, np.float32)) for i in range(50)})
     strategy.register(0, [reply])
-    assert strategy.nodes == {}
-    assert reason in strategy.rejections[0]["reason"] and strategy.rejections[0]["kind"] == "query"
+    assert strategy.roster.nodes == {}
+    assert reason in strategy.rejections.rows[0]["reason"] and strategy.rejections.rows[0]["kind"] == "query"
     assert "\x1b" not in caplog.text and caplog.text.count("\n") == len(caplog.records)  # one line per record
     assert len(caplog.text) < 2000
 
@@ -383,7 +383,7 @@ def test_any_exception_while_reading_one_reply_is_that_replys_rejection(monkeypa
     monkeypatch.setattr(strategy.reader, "train", broken)
     _, metrics = strategy.aggregate_train(1, [reply_to(messages[101]), reply_to(messages[202])])
     assert metrics["replies"] == 1
-    assert "could not be read (MemoryError" in strategy.rejections[0]["reason"]
+    assert "could not be read (MemoryError" in strategy.rejections.rows[0]["reason"]
 
 
 def test_a_report_with_an_infinite_number_is_written_as_strict_json():

@@ -7,7 +7,8 @@ from flwr.app import Error, Message, MetricRecord, RecordDict
 from geomoe.model.experts import shared_state
 from geomoe.model.network import GeoMoENet
 from geomoe.server.replies import QueryReply
-from geomoe.server.strategy import GeoExpertStrategy, ServerState
+from geomoe.server.state import ServerState
+from geomoe.server.strategy import GeoExpertStrategy
 from geomoe.wire import messages as msg
 from geomoe.wire.privacy import PrivacyConfig
 from geomoe.wire.run_config import RunConfig
@@ -48,7 +49,9 @@ def make_strategy(strategy: str = "expert", privacy: dict | None = None, cells=(
     model = GeoMoENet(cfg.model)
     keep = {0: {1: [0, 1], 3: [2], 5: [3], 7: [0]}, 1: {1: [1, 2], 3: [2], 5: [0], 7: [1]}}
     s = GeoExpertStrategy(cfg, model, shared_state(model), ServerState(keep=keep), world={msg.CELLS: list(cells)})
-    s.nodes = {101: QueryReply(0, "0/", True, [1, 2], 50, 20), 202: QueryReply(1, "4/", True, [2, 5], 150, 60)}
+    s.roster.nodes.update(
+        {101: QueryReply(0, "0/", True, [1, 2], 50, 20), 202: QueryReply(1, "4/", True, [2, 5], 150, 60)}
+    )
     return s
 
 
@@ -104,7 +107,7 @@ def test_experts_average_over_their_holders_only():
     head = strategy.model.head.fc.weight.detach()
     assert torch.allclose(head[[1, 2, 5]], before["head.fc.weight"][[1, 2, 5]] + 1)
     assert torch.equal(head[0], before["head.fc.weight"][0])
-    assert not strategy.rejections
+    assert not strategy.rejections.rows
 
 
 @pytest.mark.parametrize(
@@ -121,8 +124,8 @@ def test_a_bad_reply_is_rejected_and_the_round_goes_on(change, reason):
     before = strategy.model.moe_layers()[5].w1.detach().clone()
     messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, GRID)}
     strategy.aggregate_train(1, [reply_to(messages[101], change), reply_to(messages[202])])
-    assert len(strategy.rejections) == 1 and reason in strategy.rejections[0]["reason"]
-    assert strategy.rejections[0]["node"] == 101
+    assert len(strategy.rejections.rows) == 1 and reason in strategy.rejections.rows[0]["reason"]
+    assert strategy.rejections.rows[0]["node"] == 101
     after = strategy.model.moe_layers()[5].w1.detach()
     assert torch.allclose(after[0], before[0] + 1)  # node 202's expert 0 of layer 5 was still applied
     assert torch.equal(after[3], before[3])  # node 101's was not
@@ -133,7 +136,7 @@ def test_error_replies_and_missing_nodes_do_not_stall_the_round():
     messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, GRID)}
     failed = Message(Error(code=1, reason="out of memory"), reply_to=messages[101])
     arrays, metrics = strategy.aggregate_train(1, [failed])
-    assert arrays is None and "out of memory" in strategy.rejections[0]["reason"]
+    assert arrays is None and "out of memory" in strategy.rejections.rows[0]["reason"]
     _, metrics = strategy.aggregate_train(1, [reply_to(messages[202])])
     assert metrics["replies"] == 1
 

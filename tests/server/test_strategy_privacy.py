@@ -142,34 +142,34 @@ def test_a_dp_reply_must_vote_zero_or_one():
     strategy = make_strategy(privacy={"clip_norm": 1.0})
     messages = sent_to(strategy)
     strategy.aggregate_train(1, [reply_to(messages[101], unclipped=0.5), reply_to(messages[202])])
-    reasons = [r["reason"] for r in strategy.rejections]
+    reasons = [r["reason"] for r in strategy.rejections.rows]
     assert any("unclipped must be 0 or 1" in r for r in reasons) and any("unclipped" in r for r in reasons)
 
 
 def test_an_update_far_above_the_rounds_median_norm_is_left_out():
     strategy = make_strategy(outlier_factor=3.0)
-    strategy.nodes[303] = QueryReply(0, "0/", True, [1], 80)
+    strategy.roster.nodes[303] = QueryReply(0, "0/", True, [1], 80)
     grid = ListedNodes([101, 202, 303])
     messages = sent_to(strategy, grid=grid)
     replies = [reply_to(messages[101], scaled(100.0)), reply_to(messages[202]), reply_to(messages[303])]
     strategy.aggregate_train(1, replies)
-    assert [r["node"] for r in strategy.rejections] == [101]
-    assert "over" in strategy.rejections[0]["reason"] and "outlier_factor" in strategy.rejections[0]["reason"]
+    assert [r["node"] for r in strategy.rejections.rows] == [101]
+    assert "over" in strategy.rejections.rows[0]["reason"] and "outlier_factor" in strategy.rejections.rows[0]["reason"]
 
 
 def test_a_coarse_location_level_registers_nodes_by_their_coarse_cell():
     """Cells 2/0123 and 2/0130 share the level-2 cell 2/01: both nodes report it and the reader takes it."""
     strategy = make_strategy(cells=("2/0123", "2/0130"), location_level=2)
-    strategy.nodes = {}
+    strategy.roster.nodes = {}
     queries = strategy.configure_query([101, 202], with_model=False)
     from .test_replies import query_reply
 
     strategy.register(0, [query_reply(queries[0], cell="2/01"), query_reply(queries[1], cell="2/01")])
-    assert [n.cell for n in strategy.nodes.values()] == ["2/01", "2/01"]
-    assert sorted(n.name for n in strategy.nodes.values()) == ["2/01", "2/01~202"]  # reports keep them apart
-    strategy.nodes = {}
+    assert [n.cell for n in strategy.roster.nodes.values()] == ["2/01", "2/01"]
+    assert sorted(n.name for n in strategy.roster.nodes.values()) == ["2/01", "2/01~202"]  # reports keep them apart
+    strategy.roster.nodes = {}
     strategy.register(0, [query_reply(queries[0], cell="2/0123")])  # the fine cell is not what this run reports
-    assert strategy.nodes == {}
+    assert strategy.roster.nodes == {}
 
 
 def test_update_norm_counts_every_float_tensor_and_no_ids():
