@@ -81,11 +81,10 @@ def reuse_freed_memory() -> bool:
     `KEPT_FREE_BYTES` free before the heap shrinks); True where that took effect, False where libc is not glibc.
 
     Why: a CPU training step at 224 px allocates and frees activations of tens to hundreds of MB. glibc serves each
-    from a fresh mmap and unmaps it on free, so every step faults all its activations in again. At batch 32 on 2
-    threads that was 10-12 million page faults in 12 steps, with the kernel's share at 40% of the time. Kept, the
-    same 12 steps fault 0.7 million times, and a step takes 1.2-1.4 s instead of 2.3-3.0 s. The cost is 14-24%
-    more peak memory (3.4-3.7 GB, was 3.0). At 64 px, where blocks are small, nothing changes. It is set once per
-    process, because the setting belongs to the process, not to a model."""
+    from a fresh mmap and unmaps it on free, so every step faults all its activations in again and the kernel's
+    share of a step grows large. Keeping freed blocks trades some peak memory for far fewer page faults (the figures:
+    docs, Scale and speed, "Freed memory kept for reuse"). At 64 px, where blocks are small, nothing changes. It is
+    set once per process, because the setting belongs to the process, not to a model."""
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt

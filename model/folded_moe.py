@@ -11,11 +11,11 @@ everything that depends on parameters alone is done once here:
 - each expert's output shift (its second-layer bias and correction) rides on the mask: a (E * H, C) matrix whose
   first row per expert holds it, so one product with the (B, 1, N, E * H) mask gives every patch's. (An extra hidden
   unit per expert held constant would carry it with no operation of its own, but takes 16 units to 24, which ONNX
-  Runtime's blocked convolutions pad to 32 on AVX-512: the first layer took 13% longer. A 1x1 convolution of the mask
+  Runtime's blocked convolutions pad to 32 on AVX-512, which made the first layer slower. A 1x1 convolution of the mask
   was as fast, but torch.export cannot export one on a single patch.)
 
 The routing runs with patches on the second-to-last axis and experts last, as the training layer's does: ONNX
-Runtime's softmax over a middle axis transposes internally (29 us a layer against 5). Every decision (the argmax
+Runtime's softmax over a middle axis transposes internally. Every decision (the argmax
 over held experts' gates, its tie-breaking, the removal of patches whose best expert is absent) is the training
 layer's; outputs agree to float rounding. On one camera image (ONNX Runtime, one thread) a folded layer takes 0.43-0.58
 of the dense MLP branch's time where the training layer took 0.55-0.72: 23 exported operations where it had 34.
