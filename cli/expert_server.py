@@ -47,16 +47,20 @@ def serve(
 
 @app.command("plan")
 def plan(
-    fleet: Path = typer.Option(..., help="Fleet TOML: [[device]] name, lat, lon, memory_kb, address; [rtt_ms]."),
+    fleet: Path = typer.Option(
+        ...,
+        help="The fleet file (geomoe deploy's): each [[device]] with expert_memory_kb (and expert_address); [rtt_ms].",
+    ),
     run: Path = typer.Option(..., help="Run folder whose checkpoint.pt and locations give each device's needs."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Assign experts to devices (own needs first, nearest peers next) and show bytes per image."""
-    from geomoe.expert_parallel.placement import read_fleet
+    from geomoe.deploy.fleet import placement_devices, read_fleet_file
     from geomoe.prune.finished_run import FinishedRun, fleet_plan
 
-    devices, rtt = read_fleet(fleet)
-    placement = fleet_plan(FinishedRun.open(run), devices, rtt)
+    fleet_file = read_fleet_file(fleet, certificates=False)
+    devices = placement_devices(fleet_file, fleet)
+    placement = fleet_plan(FinishedRun.open(run), devices, fleet_file.rtt_ms)
     if as_json:
         print(json.dumps(asdict(placement), indent=2))
         return

@@ -25,6 +25,7 @@ from typing import Any
 import tomli_w
 
 from geomoe.deploy.certs import DEVICE_NAME, EXPERT_TOKEN, check_device_name, device_auth_key, device_server_pair
+from geomoe.expert_parallel.placement import FleetDevice
 from geomoe.wire.bounded import printable
 
 ROLES = ("supernode", "expert-server", "runtime", "superlink", "serverapp")
@@ -52,6 +53,8 @@ class Device:
     command: list[str] = field(default_factory=list)  # overrides the role's command (custom entrypoints, diagnostics)
     data: str = ""  # supernode: folder of labelled images on the device, mounted read-only at /data/labelled
     image: str = ""  # this device's image, if not the fleet's (a camera-only Pi: the runtime-only image)
+    expert_memory_kb: int | None = None  # memory it gives experts of its neighbours (expert-parallel placement)
+    expert_address: str | None = None  # host:port its expert server listens on, where peers call it
 
 
 @dataclass
@@ -61,10 +64,20 @@ class Fleet:
     devices: list[Device]
     tls: bool = True  # SuperLink serves TLS and admits only registered SuperNode keys; off only if the file says so
     certs: Path | None = None  # `geomoe deploy certs` folder; its files go into each volume
+    rtt_ms: dict[tuple[str, str], float] = field(default_factory=dict)  # measured round trips between devices
 
 
-def read_fleet_file(path: Path) -> Fleet:
-    """Parse and check a fleet file; errors name the file, the device and the field."""
+def placement_devices(fleet: Fleet, path: Path) -> list[FleetDevice]:
+    """The fleet's devices as expert placement sees them; each needs `expert_memory_kb`."""
+    missing = [device.name for device in fleet.devices if device.expert_memory_kb is None]
+    if missing:
+        raise ValueError(f"{path}: device {missing[0]}: expert_memory_kb is needed to plan expert placement")
+    return [FleetDevice(d.name, d.lat, d.lon, d.expert_memory_kb, d.expert_address) for d in fleet.devices]
+
+
+def read_fleet_file(path: Path, certificates: bool = True) -> Fleet:
+    """Parse and check a fleet file; errors name the file, the device and the field. With `certificates` (every
+    action on devices) the certificate files each device needs must be present; a plan needs only the schema."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such fleet file")
     try:
@@ -98,9 +111,9 @@ def read_fleet_file(path: Path) -> Fleet:
     superlink = str(data["superlink"])
     if not SUPERLINK_ADDRESS.fullmatch(superlink):
         raise ValueError(f"{path}: superlink {superlink!r} must be host:port (letters, digits, '.', '-', or [IPv6])")
-    fleet = Fleet(str(data["image"]), superlink, devices, tls, certs)
+    fleet = Fleet(str(data["image"]), superlink, devices, tls, certs, _round_trips(data, path, names))
     needs_certs = tls or any(d.role == "expert-server" for d in devices)
-    if needs_certs:
+    if needs_certs and certificates:
         if certs is None:
             why = "tls = true (the default; say tls = false to run without)" if tls else "an expert-server (its token)"
             raise ValueError(f"{path}: {why} needs 'certs', the folder `geomoe deploy certs` wrote")
@@ -146,15 +159,36 @@ def read_device(entry: dict) -> Device:
         [str(c) for c in _field(entry, "command", list, [])],
         labelled,
         _field(entry, "image", str, ""),
+        _field(entry, "expert_memory_kb", int, None, optional=True),
+        _field(entry, "expert_address", str, None, optional=True),
     )
 
 
-FIELD_KINDS = {float: ((int, float), "a number"), str: ((str,), "a string"), dict: ((dict,), "a table"),
-               list: ((list,), "an array")}  # fmt: skip
+def _round_trips(data: dict, path: Path, names: set[str]) -> dict[tuple[str, str], float]:
+    """The `[rtt_ms]` table: "a,b" = milliseconds between two devices of the fleet."""
+    table = data.get("rtt_ms", {})
+    if not isinstance(table, dict):
+        raise ValueError(f'{path}: rtt_ms must be a table of "a,b" = milliseconds')
+    rtt = {}
+    for pair, ms in table.items():
+        a, _, b = (part.strip() for part in pair.partition(","))
+        if a not in names or b not in names:
+            raise ValueError(f"{path}: rtt_ms entry {printable(repr(pair), 80)} names a device not in the fleet")
+        if isinstance(ms, bool) or not isinstance(ms, int | float) or not 0 <= ms < 1e6:
+            raise ValueError(f"{path}: rtt_ms entry {pair!r} must be milliseconds, got {printable(repr(ms), 80)}")
+        rtt[(a, b)] = float(ms)
+    return rtt
 
 
-def _field(entry: dict, key: str, kind: type, default: Any = None) -> Any:
-    """`entry[key]` as `kind` (numbers for float; a TOML table for dict; an array for list), else ValueError."""
+FIELD_KINDS = {float: ((int, float), "a number"), int: ((int,), "a whole number"), str: ((str,), "a string"),
+               dict: ((dict,), "a table"), list: ((list,), "an array")}  # fmt: skip
+
+
+def _field(entry: dict, key: str, kind: type, default: Any = None, optional: bool = False) -> Any:
+    """`entry[key]` as `kind` (numbers for float; a TOML table for dict; an array for list), else ValueError;
+    an `optional` field left out is `default`."""
+    if optional and key not in entry:
+        return default
     value = entry.get(key, default)
     wanted, words = FIELD_KINDS[kind]
     if isinstance(value, bool) or not isinstance(value, wanted):

@@ -9,9 +9,7 @@ holds, whom it asks for what, and the bytes per image that asking costs.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 BYTES_PER_VALUE = 4  # float32 tokens on the wire (fp16 halves it)
 
@@ -25,7 +23,7 @@ class DeviceNeeds:
     lon: float
     budget_bytes: int  # memory for experts
     patches_per_image: dict[int, dict[int, float]]  # layer -> expert -> patches per image
-    address: str = ""  # where its expert server listens
+    address: str | None = None  # where its expert server listens
 
 
 @dataclass
@@ -93,41 +91,10 @@ def plan_placement(
 
 @dataclass
 class FleetDevice:
-    """A device of a fleet file."""
+    """A device as placement sees it (deploy's fleet file describes them: `expert_memory_kb`, `expert_address`)."""
 
     name: str
     lat: float
     lon: float
-    memory_kb: int
-    address: str = ""
-
-
-def read_fleet(path: Path) -> tuple[list[FleetDevice], dict[tuple[str, str], float]]:
-    """`[[device]]` tables (name, lat, lon, memory_kb, address) and `[rtt_ms]` entries "a,b" = ms."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such fleet file")
-    data = tomllib.loads(path.read_text())
-    devices = []
-    for index, entry in enumerate(data.get("device", [])):
-        missing = [k for k in ("name", "lat", "lon", "memory_kb") if k not in entry]
-        if missing:
-            raise ValueError(f"{path}: device {index} is missing {missing}")
-        devices.append(
-            FleetDevice(
-                str(entry["name"]),
-                float(entry["lat"]),
-                float(entry["lon"]),
-                int(entry["memory_kb"]),
-                str(entry.get("address", "")),
-            )
-        )
-    if not devices:
-        raise ValueError(f"{path}: no [[device]] tables")
-    names = {d.name for d in devices}
-    rtt = {}
-    for pair, ms in data.get("rtt_ms", {}).items():
-        a, _, b = pair.partition(",")
-        if a.strip() not in names or b.strip() not in names:
-            raise ValueError(f"{path}: rtt_ms entry {pair!r} names a device not in the fleet")
-        rtt[(a.strip(), b.strip())] = float(ms)
-    return devices, rtt
+    memory_kb: int  # memory it gives experts
+    address: str | None = None  # host:port of its expert server

@@ -278,3 +278,30 @@ def test_device_export_fused_writes_geomoes_operator_and_refuses_it_for_torchscr
     assert sum(node.domain == DOMAIN for node in nodes) == 4
     exported = load_exported(tmp_path / "m.onnx")
     assert exported.predict(np.zeros((2, 3, 64, 64), np.float32)).shape == (2, len(exported.class_ids))
+
+
+def test_expert_placement_is_planned_from_the_deploy_fleet_file(tmp_path):
+    from geomoe.model.network import GeoMoENet
+    from geomoe.server.checkpoint import save_model
+    from geomoe.wire.run_config import build_run_config
+    from geomoe.world.world import World
+
+    cfg = build_run_config(None, {"out": str(tmp_path / "run")}, ["world.num_locations=2", "conversion.num_experts=4"])
+    torch.manual_seed(0)
+    save_model(GeoMoENet(cfg.model), tmp_path / "run" / "checkpoint.pt", run_config=cfg.to_json())
+    near = World(cfg.world).locations
+    devices = "".join(
+        f'[[device]]\nname = "cam-{k}"\nhost = "ssh://pi@cam-{k}"\nlat = {loc.lat}\nlon = {loc.lon}\n'
+        f"expert_memory_kb = 4096\n"
+        for k, loc in enumerate(near)
+    )
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'image = "geomoe"\nsuperlink = "127.0.0.1:9092"\n{devices}[rtt_ms]\n"cam-0,cam-1" = 20\n')
+    result = CliRunner().invoke(app, ["expert-server", "plan", "--fleet", str(fleet), "--run", str(tmp_path / "run"),
+                                      "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert set(plan["holds"]) == {"cam-0", "cam-1"}
+    fleet.write_text(fleet.read_text().replace("expert_memory_kb = 4096\n", "", 1))
+    result = geomoe("expert-server", "plan", "--fleet", str(fleet), "--run", str(tmp_path / "run"))
+    assert result.returncode != 0 and "device cam-0: expert_memory_kb is needed" in result.stderr

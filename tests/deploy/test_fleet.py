@@ -19,6 +19,7 @@ from geomoe.deploy.fleet import (
     for_each,
     load_image,
     logs,
+    placement_devices,
     read_fleet_file,
     run_options,
     save_image,
@@ -165,6 +166,9 @@ def test_a_camera_only_device_runs_its_own_image(tmp_path):
         (lambda t: t.replace("tls = false\n", "").replace('certs = "certs"\n', ""), r"tls = true \(the default"),
         (lambda t: t.replace("tls = false", 'tls = "no"'), "tls must be true or false"),
         (lambda t: t.replace('certs = "certs"\n', ""), r"an expert-server \(its token\) needs 'certs'"),
+        (lambda t: t.replace("cpus = 2", "expert_memory_kb = 1.5"), "field 'expert_memory_kb' must be a whole number"),
+        (lambda t: t + '[rtt_ms]\n"cam-07,cam-99" = 3\n', "rtt_ms entry 'cam-07,cam-99' names a device not in"),
+        (lambda t: t + '[rtt_ms]\n"cam-07,relay" = "fast"\n', "rtt_ms entry 'cam-07,relay' must be milliseconds"),
     ],
 )
 def test_bad_fleet_files_name_device_and_field(tmp_path, change, message):
@@ -292,3 +296,20 @@ def test_entrypoint_roles():
     assert one_core[one_core.index("--threads") + 1] == "1"
     with pytest.raises(SystemExit, match="unknown role"):
         command("camera", env)
+
+
+def test_one_fleet_file_also_describes_expert_placement(tmp_path):
+    text = FLEET.replace("cpus = 2", "expert_memory_kb = 64") + '[rtt_ms]\n"cam-07,relay" = 12.5\n'
+    path = tmp_path / "fleet.toml"
+    path.write_text(text.replace("tls = false", "tls = true"))  # a plan needs no certificates
+    fleet = read_fleet_file(path, certificates=False)
+    assert fleet.rtt_ms == {("cam-07", "relay"): 12.5}
+    with pytest.raises(ValueError, match="device relay: expert_memory_kb is needed to plan expert placement"):
+        placement_devices(fleet, path)
+    path.write_text(text.replace('role = "expert-server"', 'role = "expert-server"\nexpert_memory_kb = 32\n'
+                                 'expert_address = "127.0.0.1:50052"'))  # fmt: skip
+    devices = placement_devices(read_fleet_file(path, certificates=False), path)
+    assert [(d.name, d.memory_kb, d.address) for d in devices] == [
+        ("cam-07", 64, None),
+        ("relay", 32, "127.0.0.1:50052"),
+    ]

@@ -1,6 +1,4 @@
-import pytest
-
-from geomoe.expert_parallel.placement import DeviceNeeds, plan_placement, read_fleet
+from geomoe.expert_parallel.placement import DeviceNeeds, plan_placement
 
 LAYER = {1: 100}  # bytes per expert of layer 1
 
@@ -28,17 +26,3 @@ def test_an_expert_nobody_holds_goes_to_the_nearest_peer_with_room():
 def test_unreachable_or_full_peers_leave_experts_unserved():
     plan = plan_placement([needs("a", 0, {0: 5}), needs("b", 100, {})], {}, LAYER, {1: 4}, {1: 64})
     assert plan.unserved["a"] == {1: [0]}
-
-
-def test_fleet_file(tmp_path):
-    path = tmp_path / "fleet.toml"
-    path.write_text(
-        '[[device]]\nname = "cam-01"\nlat = 1.0\nlon = 2.0\nmemory_kb = 64\n'
-        '[[device]]\nname = "cam-02"\nlat = 1.1\nlon = 2.1\nmemory_kb = 32\naddress = "127.0.0.1:50052"\n'
-        '[rtt_ms]\n"cam-01,cam-02" = 12.5\n'
-    )
-    devices, rtt = read_fleet(path)
-    assert [d.name for d in devices] == ["cam-01", "cam-02"] and rtt == {("cam-01", "cam-02"): 12.5}
-    path.write_text('[[device]]\nname = "cam-01"\nlat = 1.0\n')
-    with pytest.raises(ValueError, match="device 0 is missing \\['lon', 'memory_kb'\\]"):
-        read_fleet(path)
