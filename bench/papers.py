@@ -24,9 +24,9 @@ from geomoe.wire.run_config import RunConfig, build_run_config
 PAPER_SETTINGS = [
     'world.dataset="hsu"',
     "world.n_max=10000",
-    "conversion.num_experts=64",
-    "conversion.moe_layers=[1, 3, 5, 7]",
-    "conversion.expert_hidden=2",
+    "model.num_experts=64",
+    "model.moe_layers=[1, 3, 5, 7]",
+    "model.expert_hidden=2",
     'model.head="bottleneck"',
     "model.gate_rank=8",
 ]
@@ -61,7 +61,7 @@ def model_row(name: str, model, loader_accuracy: float, image_size: int) -> dict
 def compare(run_dir: Path, cells: list[str] | None = None, percentile: float = PERCENTILE) -> dict:
     """Per cell of a finished run: dense, global MoE and pruned MoE on the cell's test images."""
     run = FinishedRun.open(run_dir)
-    cache = Path(run.cfg.cache) if run.cfg.cache else run_dir / "cache"
+    cache = run.cfg.cache_dir
     dense, _ = load_model(dense_model_path(run.cfg, cache))
     size = run.cfg.world.input_size()
     chosen = cells or [location.cell for location in run.world.locations]

@@ -22,7 +22,9 @@ def info(
     image_size: int = typer.Option(256, help="Image side for FLOP counting."),
     keep: int = typer.Option(4, help="Experts per layer kept in the pruned example."),
     head: str = typer.Option("linear", help="linear, or bottleneck (256-1024-256-classes, the papers' iNat head)."),
-    gate_rank: int = typer.Option(0, help="Low-rank gate rank (8 in the geographic paper); 0: cosine router."),
+    gate_rank: int | None = typer.Option(
+        None, help="Low-rank gate rank (8 in the geographic paper); unset: cosine router."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Parameters and FLOPs of the dense, MoE and a pruned model."""

@@ -42,7 +42,7 @@ def sim(
         "out": out,
         "world.num_locations": cells,
         "train.epochs": local_epochs,
-        "conversion.num_experts": experts,
+        "model.num_experts": experts,
         "world.dataset": dataset,
         "seed": seed,
     }

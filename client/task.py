@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -80,7 +80,7 @@ def download_limit(model_cfg: ModelConfig) -> int:
 
 @functools.cache
 def _state_bytes(model_json: str) -> int:
-    cfg = ModelConfig.from_dict({**json.loads(model_json), "pretrained": False, "pretrained_file": ""})
+    cfg = ModelConfig.from_dict({**json.loads(model_json), "pretrained": False, "pretrained_file": None})
     return sum(v.numel() * v.element_size() for v in GeoMoENet(cfg).state_dict().values())
 
 
@@ -88,7 +88,9 @@ def build_model(model_cfg: ModelConfig, base: dict[str, torch.Tensor], received:
     """The compact model: base shared state + received experts, router rows, head rows, shared tensors."""
     keep = keep_of(received.experts)
     # Weights come from the server (base + what was sent): never load pretrained ones on the node.
-    cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "expert_ids": keep, "pretrained": False, "pretrained_file": ""})
+    cfg = ModelConfig.from_dict(
+        {**model_cfg.to_dict(), "expert_ids": keep, "pretrained": False, "pretrained_file": None}
+    )
     model = GeoMoENet(cfg)
     expected = set(shared_state(model))
     if set(base) != expected:
@@ -135,16 +137,16 @@ def train_and_delta(
     the location loss on) the node's location projections after this round, to keep for the next one.
     `superclasses` (class -> super-class, per-image routing) turns on the super-class router loss."""
     seed = training_seed(cfg.seed, server_round, index)
-    train_cfg = replace(cfg.train, seed=seed)
-    use_location = train_cfg.location_weight > 0
-    loader = local.loader("train", train_cfg.batch_size, shuffle=True, seed=seed, with_location=use_location)
+    use_location = cfg.train.location_weight > 0
+    loader = local.loader("train", cfg.train.batch_size, shuffle=True, seed=seed, with_location=use_location)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     backbone_trained = any(n.startswith("backbone.") for n in received.shared)
     location = location_supervision(model, cfg.seed, projections) if use_location else None
     metrics = train_epochs(
         model,
         loader,
-        train_cfg,
+        cfg.train,
+        seed,
         trainable_names(model, received),
         location=location,
         freeze_norm_stats=not backbone_trained,

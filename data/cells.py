@@ -88,11 +88,11 @@ def neighbours(path: str) -> list[str]:
     return [path_from_cell(c) for c in cell_from_path(path).get_edge_neighbors()]
 
 
-def coarsened(cells: list[str], level: int) -> tuple[list[str], list[int]]:
+def coarsened(cells: list[str], level: int | None) -> tuple[list[str], list[int]]:
     """The distinct cells at S2 `level` that hold `cells` (in order of first appearance), and for each cell the
-    index of its coarse cell. A cell already at or above `level` stays itself; level -1 changes nothing. Lets a
+    index of its coarse cell. A cell already at or above `level` stays itself; level None changes nothing. Lets a
     sensitive site report only a coarse region (federation.location_level)."""
-    if level < 0:
+    if level is None:
         return list(cells), list(range(len(cells)))
     coarse: list[str] = []
     index: list[int] = []

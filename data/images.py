@@ -45,7 +45,7 @@ class ImageConfig:
     crop_scale: float = 0.5  # smallest area share a random crop keeps
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # MobileViTV2 takes [0, 1] pixels (timm, the paper)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)  # use ImageNet's mean/std for backbones trained so
-    cache: str = ""  # folder of decoded uint8 caches (memory-mapped); "" = decode every time
+    cache: str | None = None  # folder of decoded uint8 caches (memory-mapped); None: decode every time
 
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTATIONS:
@@ -177,7 +177,7 @@ class ImageFiles(torch.utils.data.Dataset):
         seed: int = 0,
     ) -> None:
         self.root, self.files, self.labels, self.cfg, self.train = Path(root), list(files), labels, cfg, train
-        self.cache = DecodedCache(Path(cfg.cache), self.root, self.files, cfg.size) if cfg.cache else None
+        self.cache = DecodedCache(Path(cfg.cache), self.root, self.files, cfg.size) if cfg.cache is not None else None
         self.augment = augmenter(cfg, torch.Generator().manual_seed(seed)) if train and cfg.augment != "none" else None
         self.skipped: Counter[str] = Counter()
 

@@ -31,7 +31,7 @@ class SyntheticConfig:
     image_size: int = 64  # side of a generated image, pixels
     sprite_fraction: float = 0.4  # side of the foreground sprite over the image side
     noise: float = 0.08  # pixel noise std
-    seed: int = 0  # everything follows from this
+    seed: int = 0  # which synthetic dataset: part of its identity, like a real dataset's name
 
 
 def _unit_vectors(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:

@@ -25,12 +25,12 @@ class ModelConfig:
     num_classes: int = 32  # output species (plus nothing: "other" is added by head pruning)
     backbone: str = "mobilevitv2_050"  # timm model name of the dense backbone
     pretrained: bool = False  # load timm's ImageNet weights (needs them cached locally)
-    pretrained_file: str = ""  # backbone weights from a local file in timm's format (.pth, .bin, .safetensors)
+    pretrained_file: str | None = None  # backbone weights from a local file in timm's format (.pth, .bin, .safetensors)
     moe_layers: tuple[int, ...] = (1, 3, 5, 7)  # transformer layers 0..8 whose MLP becomes experts
     num_experts: int = 16  # experts per MoE layer in the global model
     expert_hidden: int = 2  # hidden units d_e of one expert MLP
     routing: Routing = "patch"  # "patch": one expert per patch (Mensah et al.); "image": one per image (Mobile V-MoE)
-    gate_rank: int = 0  # 0: cosine router in feature space; r > 0: low-rank (r) cosine gate (the 2025 paper: 8)
+    gate_rank: int | None = None  # None: cosine router in feature space; r: low-rank (r) cosine gate (2025 paper: 8)
     gate_temperature: float = 0.01  # softmax temperature of the cosine router (learned from here)
     gamma_init: float = 0.9  # weight of the output correction X_corr at init
     absent_policy: AbsentPolicy = "best_present"  # a patch whose best expert is absent: "best_present" or "remove"
@@ -52,8 +52,8 @@ class ModelConfig:
             raise ValueError(f"head {self.head!r} is not one of {HEADS}")
         if self.num_experts < 1 or self.expert_hidden < 1:
             raise ValueError("num_experts and expert_hidden must be positive")
-        if self.gate_rank < 0:
-            raise ValueError(f"gate_rank must be 0 (full-width router) or positive: {self.gate_rank}")
+        if self.gate_rank is not None and self.gate_rank < 1:
+            raise ValueError(f"gate_rank must be None (full-width router) or positive: {self.gate_rank}")
         self.head_classes = sorted(int(c) for c in self.head_classes)
         if any(not 0 <= c < self.num_classes for c in self.head_classes):
             raise ValueError(f"head_classes must lie in 0..{self.num_classes - 1}")

@@ -28,16 +28,12 @@ class ConversionConfig:
 
     __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
 
-    moe_layers: tuple[int, ...] = (1, 3, 5, 7)  # transformer layers to convert
-    num_experts: int = 16  # experts per layer (E)
-    expert_hidden: int = 2  # hidden units kept per expert (d_e)
     top_k: int = 128  # representative patches per class (K)
     refine_steps: int = 5  # refinement steps of Algorithm 1 (T; 100 for imbalanced data)
     scales: tuple[int, ...] = (48, 64, 80)  # image sides the sample is resized to (paper: 160..320 for 256 px)
     clustering: Clustering = "ward"  # "ward" (paper) or "kmeans"
     min_images_per_class: int = 0  # resample rare classes up to this many images (10 for iWildcam)
     batch_size: int = 64  # images per forward pass while collecting
-    seed: int = 0  # resampling and k-means
 
     def __post_init__(self) -> None:
         if self.clustering not in CLUSTERINGS:
@@ -69,25 +65,25 @@ def resample_classes(labels: np.ndarray, minimum: int, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def collect_patches(
-    dense: GeoMoENet, images: torch.Tensor, labels: torch.Tensor, cfg: ConversionConfig
+    dense: GeoMoENet, images: torch.Tensor, labels: torch.Tensor, cfg: ConversionConfig, layers: tuple[int, ...]
 ) -> dict[int, LayerSample]:
-    """Pre-MLP patches of every layer in `cfg.moe_layers`, over all scales."""
+    """Pre-MLP patches of every layer in `layers`, over all scales."""
     dense.eval()
     device = model_device(dense)
-    tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in cfg.moe_layers}
-    patch_labels: dict[int, list[torch.Tensor]] = {layer: [] for layer in cfg.moe_layers}
+    tokens: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    patch_labels: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for side in cfg.scales:
         for start in range(0, len(images), cfg.batch_size):
             batch = images[start : start + cfg.batch_size].to(device)
             if batch.shape[-1] != side:
                 batch = F.interpolate(batch, size=(side, side), mode="bilinear", align_corners=False)
             _, pre_mlp = dense.forward_with_pre_mlp(batch)
-            for layer in cfg.moe_layers:
+            for layer in layers:
                 x = pre_mlp[layer]  # (B, C, P, N)
                 B, C, P, N = x.shape
                 tokens[layer].append(x.permute(0, 3, 2, 1).reshape(B * N, P, C).cpu())  # [B, C, P, N] --> [B*N, P, C]
                 patch_labels[layer].append(labels[start : start + cfg.batch_size].repeat_interleave(N))
-    return {layer: LayerSample(torch.cat(tokens[layer]), torch.cat(patch_labels[layer])) for layer in cfg.moe_layers}
+    return {layer: LayerSample(torch.cat(tokens[layer]), torch.cat(patch_labels[layer])) for layer in layers}
 
 
 def representative_patches(embeddings: torch.Tensor, k: int, steps: int) -> torch.Tensor:
@@ -123,37 +119,31 @@ def convert_to_moe(
     images: torch.Tensor,
     labels: torch.Tensor,
     cfg: ConversionConfig,
+    target: ModelConfig,
+    seed: int,
     device: torch.device = torch.device("cpu"),
 ) -> GeoMoENet:
-    """A MoE model initialised from `dense` (a CPU model) on sample `images` (N, 3, H, W) with `labels` (N,).
-    The sample's forward passes run on `device`; clustering and MoEfication on the CPU."""
+    """A MoE model of shape `target` (its MoE layers, experts and d_e) initialised from `dense` (a CPU model) on
+    sample `images` (N, 3, H, W) with `labels` (N,); `seed` seeds resampling and k-means. The sample's forward
+    passes run on `device`; clustering and MoEfication on the CPU."""
     if cfg.min_images_per_class:
-        keep = torch.from_numpy(resample_classes(labels.numpy(), cfg.min_images_per_class, cfg.seed))
+        keep = torch.from_numpy(resample_classes(labels.numpy(), cfg.min_images_per_class, seed))
         images, labels = images[keep], labels[keep]
     with on_device(device, dense):
-        samples = collect_patches(dense, images, labels, cfg)
-    moe_cfg = ModelConfig.from_dict(
-        {
-            **dense.cfg.to_dict(),
-            "moe_layers": list(cfg.moe_layers),
-            "num_experts": cfg.num_experts,
-            "expert_hidden": cfg.expert_hidden,
-            "expert_ids": {},
-        }
-    )
-    moe = GeoMoENet(moe_cfg)
+        samples = collect_patches(dense, images, labels, cfg, target.moe_layers)
+    moe = GeoMoENet(ModelConfig.from_dict({**target.to_dict(), "num_classes": dense.cfg.num_classes, "expert_ids": {}}))
     missing, unexpected = moe.load_state_dict(dense.state_dict(), strict=False)
     leftover = [k for k in unexpected if not any(f".{s}." in k for s in ("norm2", "mlp"))]
     if leftover or any(".mlp." not in k for k in missing):
         raise RuntimeError(f"dense and MoE models disagree beyond the MLPs: {leftover or missing}")
     dense_layers = transformer_layers(dense.backbone)
     for layer, module in moe.moe_layers().items():
-        init_layer(module, dense_layers[layer], samples[layer], cfg)
+        init_layer(module, dense_layers[layer], samples[layer], cfg, seed)
     return moe
 
 
 @torch.no_grad()
-def init_layer(module, dense_block, sample: LayerSample, cfg: ConversionConfig) -> None:
+def init_layer(module, dense_block, sample: LayerSample, cfg: ConversionConfig, seed: int) -> None:
     """Router and experts of one MoE layer from the dense block's norm2 + mlp."""
     embeddings = sample.embeddings
     chosen = torch.cat(
@@ -168,7 +158,7 @@ def init_layer(module, dense_block, sample: LayerSample, cfg: ConversionConfig) 
     module.scale_min.copy_(lo)
     module.scale_max.copy_(hi)
     scaled = module.scale(embeddings[chosen]).numpy()
-    centroids, assignment = cluster_centroids(scaled, module.num_held, cfg.clustering, cfg.seed)
+    centroids, assignment = cluster_centroids(scaled, module.num_held, cfg.clustering, seed)
     module.centroids.copy_(torch.from_numpy(centroids))
     if module.gate_proj is not None:
         module.gate_proj.copy_(low_rank_gate(module.centroids, module.gate_proj.shape[1]))

@@ -27,7 +27,7 @@ class KeepPolicy:
     __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
 
     percentile: float = 90.0  # edge weight percentile an expert must reach on some edge
-    max_per_layer: int = 0  # 0: no cap; else keep at most this many experts per layer (heaviest first)
+    max_per_layer: int | None = None  # None: no cap; else keep at most this many experts per layer (heaviest first)
     always_keep: dict[int, list[int]] = field(default_factory=dict)  # layer -> ids kept regardless
 
 
@@ -101,7 +101,7 @@ def keep_set(stats: RoutingStats, policy: KeepPolicy) -> KeepSet:
     for layer in layers:
         counts = stats.expert_counts[layer]
         ids = [int(i) for i in np.flatnonzero(important[layer])] or [int(counts.argmax())]
-        if policy.max_per_layer:
+        if policy.max_per_layer is not None:
             ids = sorted(ids, key=lambda i: -counts[i])[: policy.max_per_layer]
         keep[layer] = sorted(set(ids) | set(policy.always_keep.get(layer, [])))
     return keep

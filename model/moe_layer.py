@@ -62,7 +62,7 @@ class MoEMlp(nn.Module):
         expert_ids: list[int],
         num_global_experts: int,
         expert_hidden: int = 2,
-        gate_rank: int = 0,
+        gate_rank: int | None = None,
         gate_temperature: float = 0.01,
         gamma_init: float = 0.9,
         absent_policy: str = "best_present",
@@ -71,7 +71,7 @@ class MoEMlp(nn.Module):
     ) -> None:
         super().__init__()
         num_held, hidden = len(expert_ids), expert_hidden
-        if gate_rank > dim:
+        if gate_rank is not None and gate_rank > dim:
             raise ValueError(f"gate_rank {gate_rank} exceeds the width {dim} of the layer it projects")
         self.dim, self.expert_hidden, self.eps = dim, hidden, eps
         self.num_global_experts = num_global_experts
@@ -98,7 +98,9 @@ class MoEMlp(nn.Module):
         self.register_buffer("scale_max", torch.ones(dim))
         self.log_temperature = nn.Parameter(torch.tensor(math.log(gate_temperature)))
         # Low-rank gate (C, r): orthonormal columns, fitted to the centroids at conversion (low_rank_gate).
-        self.gate_proj = nn.Parameter(torch.linalg.qr(torch.randn(dim, gate_rank))[0]) if gate_rank else None
+        self.gate_proj = (
+            nn.Parameter(torch.linalg.qr(torch.randn(dim, gate_rank))[0]) if gate_rank is not None else None
+        )
         self.last_choice: torch.Tensor | None = None  # (B, N) global id per patch, -1 where removed
         self.last_logits: torch.Tensor | None = None  # (B, E_held) per-image router logits (routing="image")
         self.remote = None  # expert-parallel dispatch to peers (geomoe.expert_parallel), None: local only

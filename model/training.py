@@ -48,7 +48,6 @@ class TrainConfig:
     device: str = "auto"  # where this process trains and evaluates: auto (CUDA when visible) | cpu | cuda | cuda:N
     precision: Precision = "fp32"  # "bf16": training steps under bf16 autocast (GPUs with bf16; slower on most CPUs)
     reuse_cpu_memory: bool = True  # CPU: malloc keeps freed activations for the next step (compute.reuse_freed_memory)
-    seed: int = 0  # data order and dropout
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -74,13 +73,14 @@ def train_epochs(
     model: GeoMoENet,
     loader: DataLoader,
     cfg: TrainConfig,
+    seed: int,
     trainable: set[str] | None = None,
     location: LocationSupervision | None = None,
     freeze_norm_stats: bool = False,
     superclasses: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Train in place on `cfg.device` (the model, and `location`, come back where they were); returns mean loss and
-    examples seen. `loader` yields (images, labels[, lonlat]).
+    examples seen. `loader` yields (images, labels[, lonlat]); `seed` seeds dropout (the loader has its own order).
 
     With `freeze_norm_stats`, BatchNorm running statistics stay fixed, so a frozen backbone stays
     exactly the global one.
@@ -89,7 +89,7 @@ def train_epochs(
     if device.type == "cpu" and cfg.reuse_cpu_memory:
         reuse_freed_memory()
     with on_device(device, model, location):
-        return _train_on(device, model, loader, cfg, trainable, location, freeze_norm_stats, superclasses)
+        return _train_on(device, model, loader, cfg, seed, trainable, location, freeze_norm_stats, superclasses)
 
 
 def _train_on(
@@ -97,12 +97,13 @@ def _train_on(
     model: GeoMoENet,
     loader: DataLoader,
     cfg: TrainConfig,
+    seed: int,
     trainable: set[str] | None,
     location: LocationSupervision | None,
     freeze_norm_stats: bool,
     superclasses: torch.Tensor | None,
 ) -> dict[str, float]:
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     params = parameter_groups(model, cfg, trainable)
     if location is not None and cfg.location_weight > 0:
         params.append(

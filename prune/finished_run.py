@@ -34,7 +34,7 @@ class FinishedRun:
     def open(cls, run_dir: Path) -> FinishedRun:
         model, extra = load_model(run_dir / "checkpoint.pt")
         cfg = RunConfig.from_json(extra["run_config"])
-        world, _, _ = World.cached(cfg.world, Path(cfg.cache) if cfg.cache else Path(cfg.out) / "cache")
+        world, _, _ = World.cached(cfg.world, cfg.cache_dir)
         return cls(model, cfg, world)
 
     def location(self, cell: str) -> Location:

@@ -66,10 +66,10 @@ def read_once(
     return read_ok
 
 
-def outliers(updates: dict[int, TrainReply], factor: float) -> dict[int, str]:
+def outliers(updates: dict[int, TrainReply], factor: float | None) -> dict[int, str]:
     """Nodes whose update norm exceeds `factor` times the round's median, with the reason (none when factor is
-    unset)."""
-    if not factor or not updates:
+    None)."""
+    if factor is None or not updates:
         return {}
     norms = {node_id: update_norm(reply.update) for node_id, reply in updates.items()}
     bound = factor * statistics.median(norms.values())

@@ -101,15 +101,15 @@ class Federation:
     """Runs one federated training job against a Flower Grid."""
 
     def __init__(self, grid: Grid, cfg: RunConfig, resume: bool = False, console: Console | None = None):
-        self.grid, self.cfg = grid, cfg
+        self.grid = grid
         self.out = Path(cfg.out)
         self.console = console or Console(stderr=True)
-        cache_dir = Path(cfg.cache) if cfg.cache else self.out / "cache"
+        cache_dir = cfg.cache_dir
         started = time.monotonic()
         with phase("loading the world (dataset, partition, clients)", self.console):
             self.world, world_file, world_sha = World.cached(cfg.world, cache_dir)
         seconds = {"world": time.monotonic() - started}
-        cfg.model.num_classes = self.world.num_classes
+        self.cfg = cfg = cfg.with_classes(self.world.num_classes)
         checkpoint = self.out / CHECKPOINT
         if resume and checkpoint.is_file():
             model, extra = load_model(checkpoint)

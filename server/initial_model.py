@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +71,20 @@ def initial_model(cfg: RunConfig, world: World, cache_dir: Path) -> tuple[GeoMoE
             train_epochs(
                 dense,
                 world.loader(train, cfg.train.batch_size, shuffle=True, seed=cfg.seed + epoch, train=True),
-                replace(train_cfg, seed=cfg.seed + epoch),
+                train_cfg,
+                cfg.seed + epoch,
             )
             display.advance(task)
     images, labels = world.tensors(train[:CONVERSION_SAMPLE])
-    with phase(f"converting to {cfg.conversion.num_experts} experts per layer (router init, clustering, MoEfication)"):
-        moe = convert_to_moe(dense, images, labels, cfg.conversion, device)
+    with phase(f"converting to {cfg.model.num_experts} experts per layer (router init, clustering, MoEfication)"):
+        moe = convert_to_moe(dense, images, labels, cfg.conversion, cfg.model, cfg.seed, device)
     with on_device(device, dense, moe):
         metrics: dict[str, Any] = {
             "dense_accuracy": float(evaluate(dense, world.loader(held_out, 128))["accuracy"]),
             "converted_accuracy": float(evaluate(moe, world.loader(held_out, 128))["accuracy"]),
         }
         if cfg.model.routing == "image":  # one super-class per expert: the router loss sends its images there
-            count = cfg.conversion.num_experts
+            count = cfg.model.num_experts
             groups = superclasses_of(dense, world.loader(held_out, 128), world.num_classes, count)
             metrics["superclasses"] = groups.tolist()
     save_model(dense, dense_model_path(cfg, cache_dir), metrics=metrics)

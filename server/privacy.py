@@ -75,7 +75,7 @@ def local_epsilon(noise_multiplier: float, rounds_taken: int, delta: float) -> f
 def count_stddev(cfg: PrivacyConfig, expected_nodes: float) -> float:
     """sigma_b: noise on the count of unclipped nodes (Andrew et al. suggest expected nodes / 20; never below z,
     so the update keeps most of the noise budget)."""
-    if cfg.clip_count_stddev > 0:
+    if cfg.clip_count_stddev is not None:
         return cfg.clip_count_stddev
     return max(expected_nodes / 20, cfg.noise_multiplier)
 
@@ -124,7 +124,7 @@ def run_epsilon(cfg: PrivacyConfig, state: ServerState, next_round_rate: float |
 
 def over_budget(cfg: PrivacyConfig, state: ServerState, server_round: int, next_round_rate: float) -> str | None:
     """Why the round would exceed `cfg.epsilon_budget` sampling at `next_round_rate`, or None."""
-    if not (cfg.accounted and cfg.epsilon_budget):
+    if not cfg.accounted or cfg.epsilon_budget is None:
         return None
     projected = run_epsilon(cfg, state, next_round_rate)
     if projected <= cfg.epsilon_budget:

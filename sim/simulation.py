@@ -193,13 +193,13 @@ def simulate(
                          "for one forever); use 0, or --ray-address for a cluster with GPUs")  # fmt: skip
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    world, _, _ = World.cached(cfg.world, Path(cfg.cache) if cfg.cache else out / "cache")  # before Ray starts
+    world, _, _ = World.cached(cfg.world, cfg.cache_dir)  # before Ray starts
     flower = out / "flower"
     app = flower / "app"
     app.mkdir(parents=True, exist_ok=True)
     (app / "pyproject.toml").write_text(APP_MANIFEST.format(server_app=SERVER_APP, client_app=client_app))
     config_file = flower / "run.toml"
-    cache = Path(cfg.cache).resolve() if cfg.cache else out / "cache"
+    cache = cfg.cache_dir.resolve()
     config_file.write_text(to_toml(replace(cfg, out=str(out), cache=str(cache))))
     (out / REPORT).unlink(missing_ok=True)
     env = {

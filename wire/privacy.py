@@ -32,15 +32,15 @@ class PrivacyConfig:
     adaptive_clip: bool = False  # move C towards a quantile of the update norms (Andrew et al. 2021; central only)
     target_quantile: float = 0.5  # that quantile: the share of nodes whose update should fit unclipped
     clip_lr: float = 0.2  # geometric step of C per round towards the quantile
-    clip_count_stddev: float = 0.0  # noise on the count of unclipped nodes; 0 = expected nodes per round / 20
+    clip_count_stddev: float | None = None  # noise on the count of unclipped nodes; None: expected nodes a round / 20
     delta: float = 1e-5  # the delta of the reported (epsilon, delta) guarantee
-    epsilon_budget: float = 0.0  # epsilon the run may spend; 0 = no budget
+    epsilon_budget: float | None = None  # epsilon the run may spend; None: no budget
     on_budget: BudgetAction = "stop"  # a round that would exceed the budget: stop training, or warn and go on
 
     def __post_init__(self) -> None:
         for name in ("clip_norm", "noise_multiplier", "clip_lr", "clip_count_stddev", "epsilon_budget"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
+            if value is not None and (not math.isfinite(value) or value < 0):
                 raise ValueError(f"privacy.{name} must be a finite number >= 0, got {value}")
         if self.noise not in NOISE_SIDES:
             raise ValueError(f"privacy.noise={self.noise!r} is not one of {NOISE_SIDES}")

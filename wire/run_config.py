@@ -48,7 +48,7 @@ class FederationConfig:
     server_lr: float = 1.0  # step on the aggregated pseudo-gradient (use ~0.01 with fedadam/fedyogi)
     keep: KeepPolicy = field(default_factory=KeepPolicy)  # how each location's experts are chosen
     fraction_train: float = 1.0  # share of nodes sampled per round
-    clients_per_round: int = 0  # nodes sampled per round (Hsu et al.'s K); 0 = fraction_train of them
+    clients_per_round: int | None = None  # nodes sampled per round (Hsu et al.'s K); None: fraction_train of them
     min_nodes: int = 1  # wait for this many nodes before a round starts
     round_timeout_s: float = 600.0  # a round goes on without nodes that have not replied by then
     max_update_ratio: float = 1.5  # a reply larger than this times what was sent is rejected
@@ -62,8 +62,8 @@ class FederationConfig:
     aggregator: Aggregator = "mean"  # per expert / head row over its holders: mean | median | trimmed_mean
     trim_fraction: float = 0.2  # trimmed_mean: share of holders dropped at each end, per coordinate
     robust_min_holders: int = 3  # median/trimmed_mean: rows with fewer holders take a norm-bounded mean
-    outlier_factor: float = 0.0  # leave out a reply whose update norm exceeds this times the round's median; 0 = off
-    location_level: int = -1  # S2 level of the cell a node reports (coarser for sensitive sites); -1 = partition's
+    outlier_factor: float | None = None  # leave out a reply whose update norm is over this times the round's median
+    location_level: int | None = None  # S2 level of the cell a node reports (coarser for sensitive sites); None: as cut
     server_eval_images: int = 5000  # the server scores the global model each round on at most this many test images
 
     def __post_init__(self) -> None:
@@ -76,8 +76,8 @@ class FederationConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"federation.{name}={getattr(self, name)!r} is not one of {allowed}")
-        if self.clients_per_round < 0:
-            raise ValueError(f"federation.clients_per_round must be >= 0, got {self.clients_per_round}")
+        if self.clients_per_round is not None and self.clients_per_round < 1:
+            raise ValueError(f"federation.clients_per_round must be >= 1, got {self.clients_per_round}")
         if self.server_eval_images < 0:
             raise ValueError(f"federation.server_eval_images must be >= 0 (0: all), got {self.server_eval_images}")
         if self.rounds < 1:
@@ -92,11 +92,10 @@ class FederationConfig:
         if not 1 <= self.max_examples_factor < float("inf"):
             raise ValueError(f"federation.max_examples_factor must be a finite number >= 1, got "
                              f"{self.max_examples_factor}")  # fmt: skip
-        if not 0 <= self.outlier_factor < float("inf"):
-            raise ValueError(f"federation.outlier_factor must be a finite number >= 0, got {self.outlier_factor}")
-        if not -1 <= self.location_level <= 30:
-            raise ValueError(f"federation.location_level must be -1 (the partition's cells) or an S2 level 0..30, "
-                             f"got {self.location_level}")  # fmt: skip
+        if self.outlier_factor is not None and not 0 < self.outlier_factor < float("inf"):
+            raise ValueError(f"federation.outlier_factor must be a finite number > 0, got {self.outlier_factor}")
+        if self.location_level is not None and not 0 <= self.location_level <= 30:
+            raise ValueError(f"federation.location_level must be an S2 level 0..30, got {self.location_level}")
         for name in ("upload_compression", "download_compression"):
             try:
                 Pipeline.parse(getattr(self, name))
@@ -118,17 +117,15 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     out: str = "runs/sim"  # output folder: report.json, checkpoint.pt
-    cache: str = ""  # folder for the pretrained + converted initial model; "" = {out}/cache
-    seed: int = 0  # seeds model init, data order and sampling
+    cache: str | None = None  # folder for the world file and the initial model; None: {out}/cache
+    seed: int = 0  # the run: model init, conversion, data order, dropout and sampling (every other seed of a run)
 
     def __post_init__(self) -> None:
-        # The classifier and the MoE layout follow the data and the conversion settings. A file-backed
-        # dataset's class count is known once it is loaded: the server sets it (`with_classes`).
+        # The classifier follows the data: the synthetic world's species count is known from the config, so it is
+        # set as the config is built (the one derived field; users cannot set it, see NOT_SETTABLE). A file-backed
+        # dataset's count is known once it is loaded: the server makes a new config with it (`with_classes`).
         if self.world.dataset == "synthetic":
             self.model.num_classes = self.world.synthetic.num_species
-        self.model.moe_layers = tuple(self.conversion.moe_layers)
-        self.model.num_experts = self.conversion.num_experts
-        self.model.expert_hidden = self.conversion.expert_hidden
         if self.privacy.enabled and self.federation.trainable == "all":
             raise ValueError(
                 'privacy.clip_norm > 0 needs federation.trainable "experts" or "experts+head": with "all" the '
@@ -139,6 +136,17 @@ class RunConfig:
                 f'privacy.clip_norm > 0 needs federation.aggregator = "mean" (the noise is calibrated to a sum), '
                 f"got {self.federation.aggregator!r}"
             )
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where the world file and the pretrained, converted initial model are kept."""
+        return Path(self.cache) if self.cache is not None else Path(self.out) / "cache"
+
+    def with_classes(self, num_classes: int) -> RunConfig:
+        """This config for a world of `num_classes` species (a new config; this one is left as it is)."""
+        if self.world.dataset == "synthetic" and num_classes != self.model.num_classes:
+            raise ValueError(f"the synthetic world has {self.model.num_classes} species, not {num_classes}")
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, num_classes=num_classes))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -155,9 +163,6 @@ _ADAPTER = TypeAdapter(RunConfig)
 # describe a pruned per-location model. The user-facing paths (config file, --set, Flower run config) refuse
 # them, saying why, and --print-config leaves them out, so no setting is silently overwritten.
 NOT_SETTABLE = {
-    "model.num_experts": "follows conversion.num_experts; set that instead",
-    "model.moe_layers": "follows conversion.moe_layers; set that instead",
-    "model.expert_hidden": "follows conversion.expert_hidden; set that instead",
     "model.num_classes": "follows the dataset (world.synthetic.num_species, or the classes of a file-backed dataset)",
     "model.expert_ids": "describes a pruned model; a run's global model holds every expert (`geomoe prune` prunes)",
     "model.head_classes": "describes a pruned head; a run's global head has every class (`geomoe prune` prunes)",
@@ -249,7 +254,8 @@ def from_flat(values: dict[str, Any]) -> RunConfig:
     """RunConfig from Flower's flat run config: `config` (a TOML file) as the base, dotted keys on top."""
     values = dict(values)
     path = str(values.pop("config", ""))
-    flags = {key.replace("-", "_"): value for key, value in values.items()}
+    # A Flower run config cannot say None: an empty string there leaves the key at its default.
+    flags = {key.replace("-", "_"): None if value == "" else value for key, value in values.items()}
     return build_run_config(Path(path) if path else None, flags, [])
 
 
@@ -263,7 +269,7 @@ def to_toml(cfg: RunConfig) -> str:
         lines.extend(
             f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}"
             for k, v in data.items()
-            if not isinstance(v, dict)
+            if not isinstance(v, dict) and v is not None  # TOML has no null: a key left out is None
         )
         for key, value in data.items():
             if isinstance(value, dict) and value and all(isinstance(k, str) and not k.isdigit() for k in value):
@@ -273,7 +279,7 @@ def to_toml(cfg: RunConfig) -> str:
                 lines.append(f"{key} = {{ {entries} }}")
 
     data = user_dict(cfg)
-    lines.extend(f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict))
+    lines.extend(f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None)
     for section in ("world", "model", "conversion", "train", "federation", "privacy"):
         lines.append("")
         table(section, data[section])

@@ -13,7 +13,7 @@ from geomoe.wire.run_config import build_run_config
 from geomoe.world.world import World
 
 SMALL = ["world.synthetic.num_observations=1200", "world.num_locations=3", "world.n_max=300",
-         "conversion.num_experts=6", "conversion.moe_layers=[1, 3, 5]"]  # fmt: skip
+         "model.num_experts=6", "model.moe_layers=[1, 3, 5]"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -223,13 +223,13 @@ def test_model_info_with_the_papers_head_reproduces_the_dense_count():
     assert 2.94e6 <= info["dense"]["parameters"] < 2.95e6  # MobileViTV2, 5089 classes: 2.94 M in the paper's Table 3
 
 
-def test_an_override_that_would_be_overwritten_is_refused():
-    result = geomoe("sim", "--set", "model.num_experts=8", "--print-config")
+def test_an_override_that_would_be_overwritten_is_refused_and_the_model_shape_is_set_once():
+    result = geomoe("sim", "--set", "model.num_classes=8", "--print-config")
     assert result.returncode == 1
-    assert "model.num_experts follows conversion.num_experts; set that instead" in result.stderr
-    honoured = geomoe("sim", "--set", "conversion.num_experts=8", "--print-config")
-    assert "num_experts = 8" in honoured.stdout.split("[conversion]")[1].split("[train]")[0]
-    assert "num_experts" not in honoured.stdout.split("[model]")[1].split("[conversion]")[0]
+    assert "model.num_classes follows the dataset" in result.stderr
+    honoured = geomoe("sim", "--set", "model.num_experts=8", "--print-config")
+    assert "num_experts = 8" in honoured.stdout.split("[model]")[1].split("[conversion]")[0]
+    assert "num_experts" not in honoured.stdout.split("[conversion]")[1].split("[train]")[0]
 
 
 def test_device_export_writes_a_model_that_classifies_and_says_only_that(tmp_path):
@@ -286,7 +286,7 @@ def test_expert_placement_is_planned_from_the_deploy_fleet_file(tmp_path):
     from geomoe.wire.run_config import build_run_config
     from geomoe.world.world import World
 
-    cfg = build_run_config(None, {"out": str(tmp_path / "run")}, ["world.num_locations=2", "conversion.num_experts=4"])
+    cfg = build_run_config(None, {"out": str(tmp_path / "run")}, ["world.num_locations=2", "model.num_experts=4"])
     torch.manual_seed(0)
     save_model(GeoMoENet(cfg.model), tmp_path / "run" / "checkpoint.pt", run_config=cfg.to_json())
     near = World(cfg.world).locations

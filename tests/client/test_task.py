@@ -106,7 +106,7 @@ def test_location_projections_carry_over_from_round_to_round():
     from geomoe.wire.run_config import build_run_config
 
     cfg = build_run_config(
-        None, {}, ["world.synthetic.num_observations=600", "world.num_locations=2", "conversion.num_experts=4",
+        None, {}, ["world.synthetic.num_observations=600", "world.num_locations=2", "model.num_experts=4",
                    "train.location_weight=0.5", "train.batch_size=16"],
     )  # fmt: skip
     world = World(cfg.world)
@@ -142,7 +142,7 @@ def test_a_node_trains_on_its_gpu_and_sends_cpu_deltas_like_the_cpu_ones():
     from geomoe.client.task import train_and_delta
     from geomoe.wire.run_config import build_run_config
 
-    settings = ["world.synthetic.num_observations=600", "world.num_locations=2", "conversion.num_experts=4",
+    settings = ["world.synthetic.num_observations=600", "world.num_locations=2", "model.num_experts=4",
                 "train.location_weight=0.5", "train.batch_size=16"]  # fmt: skip
     world = World(build_run_config(None, {}, settings).world)
     loc = world.locations[0]

@@ -68,6 +68,6 @@ def test_cells_coarsen_to_a_level_and_keep_their_index():
 
     cells, index = coarsened(["2/0123", "2/0130", "4/", "3/2"], 2)
     assert cells == ["2/01", "4/", "3/2"] and index == [0, 0, 1, 2]  # cells at or above the level stay
-    assert coarsened(["2/0123"], -1) == (["2/0123"], [0])
+    assert coarsened(["2/0123"], None) == (["2/0123"], [0])
     with pytest.raises(ValueError, match="location_level=2 needs S2 cells; client 'cluster-4'"):
         coarsened(["cluster-4"], 2)

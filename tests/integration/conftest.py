@@ -19,7 +19,7 @@ SMALL_RUN = [
     "world.num_locations=3",
     "world.n_max=300",
     "federation.pretrain_epochs=3",
-    "conversion.num_experts=8",
+    "model.num_experts=8",
 ]
 
 

@@ -38,7 +38,7 @@ def test_per_image_routing_learns_with_one_hostile_node_outvoted_by_the_median(t
     cfg.federation.max_row_update_norm = 20.0  # the default refuses an x10 update outright: here the median must act
     report = simulate(cfg, client_app=HOSTILE_APPS["scaled"])
     groups = report["setup"]["superclasses"]
-    assert len(groups) == cfg.model.num_classes and set(groups) <= set(range(cfg.conversion.num_experts))
+    assert len(groups) == cfg.model.num_classes and set(groups) <= set(range(cfg.model.num_experts))
     assert [row["replies"] for row in report["rounds"]] == [3, 3]
     assert all(len(location["cell"]) <= len("0/1") for location in report["locations"])
     assert report["evaluations"]["2"]["accuracy"] > report["evaluations"]["0"]["accuracy"]

@@ -70,7 +70,7 @@ def test_precision_is_checked_where_the_run_config_is_built():
 def test_bf16_autocast_trains_and_keeps_fp32_parameters():
     model = small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    metrics = train_epochs(model, batches(), TrainConfig(device="cpu", precision="bf16", lr_moe=0.05))
+    metrics = train_epochs(model, batches(), TrainConfig(device="cpu", precision="bf16", lr_moe=0.05), seed=0)
     assert np.isfinite(metrics["train_loss"]) and metrics["examples"] == 24
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if k.endswith("w1"))
@@ -118,7 +118,7 @@ def test_kept_freed_memory_is_reused_without_faulting_it_in_again():
 def test_cpu_training_keeps_freed_memory_unless_told_not_to(monkeypatch, reuse):
     asked = []
     monkeypatch.setattr("geomoe.model.training.reuse_freed_memory", lambda: asked.append(True))
-    train_epochs(small_model(), batches(count=1), TrainConfig(device="cpu", reuse_cpu_memory=reuse))
+    train_epochs(small_model(), batches(count=1), TrainConfig(device="cpu", reuse_cpu_memory=reuse), seed=0)
     assert asked == ([True] if reuse else [])
 
 
@@ -142,8 +142,8 @@ def test_training_on_cuda_hands_the_model_back_on_the_cpu(exact_fp32):
     """Whole runs are compared loosely: Adam turns the last bits of near-zero gradients into whole steps."""
     cfg = TrainConfig(epochs=2, lr_moe=0.01, lr_head=0.01, lr_rest=0.01)
     on_cpu, on_gpu = small_model(), small_model()
-    cpu_metrics = train_epochs(on_cpu, batches(), TrainConfig(**{**cfg.__dict__, "device": "cpu"}))
-    gpu_metrics = train_epochs(on_gpu, batches(), TrainConfig(**{**cfg.__dict__, "device": "cuda"}))
+    cpu_metrics = train_epochs(on_cpu, batches(), TrainConfig(**{**cfg.__dict__, "device": "cpu"}), seed=0)
+    gpu_metrics = train_epochs(on_gpu, batches(), TrainConfig(**{**cfg.__dict__, "device": "cuda"}), seed=0)
     assert gpu_metrics["train_loss"] == pytest.approx(cpu_metrics["train_loss"], rel=2e-2)
     assert all(t.device.type == "cpu" for t in on_gpu.state_dict().values())
 
@@ -151,9 +151,11 @@ def test_training_on_cuda_hands_the_model_back_on_the_cpu(exact_fp32):
 @needs_gpu
 def test_bf16_training_on_cuda_lowers_the_loss():
     model, data = small_model(), batches(count=1, size=16)
-    first = train_epochs(model, data, TrainConfig(device="cuda", precision="bf16", lr_moe=0.01, lr_head=0.01))
+    first = train_epochs(model, data, TrainConfig(device="cuda", precision="bf16", lr_moe=0.01, lr_head=0.01), seed=0)
     for _ in range(8):
-        last = train_epochs(model, data, TrainConfig(device="cuda", precision="bf16", lr_moe=0.01, lr_head=0.01))
+        last = train_epochs(
+            model, data, TrainConfig(device="cuda", precision="bf16", lr_moe=0.01, lr_head=0.01), seed=0
+        )
     assert last["train_loss"] < 0.7 * first["train_loss"]
 
 
@@ -166,12 +168,13 @@ def test_evaluation_and_conversion_on_cuda_match_the_cpu(exact_fp32):
     assert on_gpu["accuracy"] == on_cpu["accuracy"] and on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=1e-4)
     dense = GeoMoENet(ModelConfig(num_classes=4, moe_layers=()))
     images, labels = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
-    cfg = ConversionConfig(moe_layers=(1, 3), num_experts=4, top_k=16, scales=(64,))
-    cpu_sample = collect_patches(dense, images, labels, cfg)
+    cfg = ConversionConfig(top_k=16, scales=(64,))
+    target = ModelConfig(num_classes=4, moe_layers=(1, 3), num_experts=4)
+    cpu_sample = collect_patches(dense, images, labels, cfg, target.moe_layers)
     with on_device(torch.device("cuda"), dense):
-        gpu_sample = collect_patches(dense, images, labels, cfg)
+        gpu_sample = collect_patches(dense, images, labels, cfg, target.moe_layers)
     for layer, sample in cpu_sample.items():
         assert gpu_sample[layer].tokens.device.type == "cpu"
         torch.testing.assert_close(gpu_sample[layer].tokens, sample.tokens, rtol=1e-3, atol=1e-4)
-    moe = convert_to_moe(dense, images, labels, cfg, torch.device("cuda"))
+    moe = convert_to_moe(dense, images, labels, cfg, target, 0, torch.device("cuda"))
     assert compute.model_device(moe) == compute.model_device(dense) == torch.device("cpu")

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -43,7 +45,7 @@ def trained_dense():
         shuffle=True,
         generator=torch.Generator().manual_seed(0),
     )
-    train_epochs(dense, loader, TrainConfig(epochs=4, lr_rest=2e-3, lr_head=2e-3))
+    train_epochs(dense, loader, TrainConfig(epochs=4, lr_rest=2e-3, lr_head=2e-3), seed=0)
     images = torch.stack([data[i][0] for i in train[:400]])
     labels = torch.from_numpy(data.labels[train[:400]])
     test_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, test.tolist()), batch_size=200)
@@ -53,7 +55,8 @@ def trained_dense():
 @pytest.mark.parametrize("clustering", ["ward", "kmeans"])
 def test_conversion_gives_nonempty_experts_and_keeps_accuracy(trained_dense, clustering):
     dense, images, labels, test_loader = trained_dense
-    moe = convert_to_moe(dense, images, labels, ConversionConfig(num_experts=8, clustering=clustering))
+    eight = ModelConfig(num_classes=12, num_experts=8)
+    moe = convert_to_moe(dense, images, labels, ConversionConfig(clustering=clustering), eight, seed=0)
     dense_accuracy = evaluate(dense, test_loader)["accuracy"]
     moe_accuracy = evaluate(moe, test_loader)["accuracy"]
     assert dense_accuracy > 0.4, "the dense model must have learnt something for the comparison to mean anything"
@@ -71,16 +74,16 @@ def test_a_low_rank_gate_is_fitted_to_the_centroids(trained_dense):
     full-width cosine router sends it to (a random projection to 8 of 64+ dimensions routes a third of them
     elsewhere); at rank 4 the model still classifies as the full-width conversion does."""
     dense, images, labels, test_loader = trained_dense
-    full_rank = ConversionConfig(num_experts=8)
-    samples = collect_patches(dense, images, labels, full_rank)
+    conversion, eight = ConversionConfig(), ModelConfig(num_classes=12, num_experts=8)
+    samples = collect_patches(dense, images, labels, conversion, eight.moe_layers)
     for rank in (8, 4):
         low_rank = GeoMoENet(ModelConfig(num_classes=12, moe_layers=(), gate_rank=rank))
         low_rank.load_state_dict(dense.state_dict())
-        moe = convert_to_moe(low_rank, images, labels, full_rank)
+        moe = convert_to_moe(low_rank, images, labels, conversion, replace(eight, gate_rank=rank), seed=0)
         if rank == 8:
             for layer, module in moe.moe_layers().items():
                 embeddings = samples[layer].embeddings
                 full_width = (unit(module.scale(embeddings)) @ unit(module.centroids).T).argmax(dim=-1)
                 assert torch.equal(module.route(embeddings[None]).choice[0], full_width), layer
-    full_accuracy = evaluate(convert_to_moe(dense, images, labels, full_rank), test_loader)["accuracy"]
+    full_accuracy = evaluate(convert_to_moe(dense, images, labels, conversion, eight, seed=0), test_loader)["accuracy"]
     assert evaluate(moe, test_loader)["accuracy"] >= full_accuracy - 0.05

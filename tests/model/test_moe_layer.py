@@ -131,8 +131,8 @@ def test_routing_is_a_softmax_over_every_experts_cosine_similarity_and_the_best_
     torch.testing.assert_close(full.route(patch_embedding).gate, probs.max(dim=-1).values)
 
 
-def test_a_gate_rank_wider_than_the_layer_or_below_zero_is_refused():
+def test_a_gate_rank_wider_than_the_layer_or_below_one_is_refused():
     with pytest.raises(ValueError, match="gate_rank 9 exceeds the width 8"):
         make_layer(gate_rank=9)
-    with pytest.raises(ValueError, match="gate_rank must be 0"):
-        ModelConfig(gate_rank=-1)
+    with pytest.raises(ValueError, match="gate_rank must be None"):
+        ModelConfig(gate_rank=0)

@@ -13,7 +13,7 @@ def distance_moved(prox_mu: float) -> float:
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
     batches = [(torch.rand(8, 3, 64, 64), torch.randint(0, 4, (8,))) for _ in range(3)]
     cfg = TrainConfig(epochs=2, lr_moe=0.05, lr_head=0.05, lr_rest=0.05, prox_mu=prox_mu)
-    train_epochs(model, batches, cfg, trainable={"head.fc.weight", "head.fc.bias"})
+    train_epochs(model, batches, cfg, 0, trainable={"head.fc.weight", "head.fc.bias"})
     moved = [(p.detach() - start[k]).pow(2).sum() for k, p in model.named_parameters() if k.startswith("head.fc.")]
     return float(torch.stack(moved).sum().sqrt())
 

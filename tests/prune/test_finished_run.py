@@ -10,7 +10,7 @@ from geomoe.wire.run_config import build_run_config
 from geomoe.world.world import World
 
 SMALL = ["world.synthetic.num_observations=3000", "world.num_locations=3", "world.n_max=300",
-         "conversion.num_experts=4", "conversion.moe_layers=[1, 3]"]  # fmt: skip
+         "model.num_experts=4", "model.moe_layers=[1, 3]"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from geomoe.world.world import World
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_pretraining_and_conversion_run_on_the_gpu_and_hand_back_a_cpu_model(tmp_path):
     cfg = build_run_config(
-        None, {}, ["world.synthetic.num_observations=1500", "world.num_locations=3", "conversion.num_experts=4",
+        None, {}, ["world.synthetic.num_observations=1500", "world.num_locations=3", "model.num_experts=4",
                    "federation.pretrain_epochs=2", 'train.device="cuda"', 'train.precision="bf16"',
                    'model.routing="image"'],
     )  # fmt: skip

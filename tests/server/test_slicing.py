@@ -12,7 +12,7 @@ KEEP = {0: {1: [0, 1], 3: [2], 5: [3], 7: [0]}}
 
 
 def slicer(strategy: str = "expert", trainable: str = "experts+head") -> Slicer:
-    cfg = from_dict({"conversion": {"num_experts": 4}, "federation": {"strategy": strategy, "trainable": trainable}})
+    cfg = from_dict({"model": {"num_experts": 4}, "federation": {"strategy": strategy, "trainable": trainable}})
     torch.manual_seed(0)
     return Slicer(cfg, GeoMoENet(cfg.model), KEEP)
 

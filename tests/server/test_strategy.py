@@ -36,7 +36,7 @@ def make_strategy(strategy: str = "expert", privacy: dict | None = None, cells=(
     """Nodes 101 (location 0) and 202 (location 1) registered, each with its keep set; `privacy` and `federation`
     set fields of those config tables."""
     cfg = RunConfig()
-    cfg.conversion.num_experts = 4
+    cfg.model.num_experts = 4
     cfg.federation.strategy = strategy
     cfg.federation.weighting = "examples"
     cfg.federation.max_update_norm = 1e6  # replies move every tensor by +1: exact expectations, not realistic norms
@@ -89,7 +89,7 @@ def test_each_node_gets_only_its_experts_and_species_rows():
 def test_the_run_config_travels_once_with_the_query_not_with_every_round():
     strategy = make_strategy()
     [query] = strategy.configure_query([101], with_model=False)
-    assert RunConfig.from_json(str(query.content[msg.CONFIG]["run"])).conversion.num_experts == 4
+    assert RunConfig.from_json(str(query.content[msg.CONFIG]["run"])).model.num_experts == 4
     train = strategy.configure_train(1, None, None, GRID)[0]
     assert set(train.content[msg.CONFIG]) == {"round", "location"}
 

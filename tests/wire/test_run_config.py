@@ -28,6 +28,17 @@ VALID_CHANGES = {
     "federation.keep.always_keep": {"1": [0, 2]},
     "world.files.annotations": ["train2017.json", "val2017.json"],
     "world.files.locations": ["train2017_locations.json", "val2017_locations.json"],
+    # unset (None) by default
+    "cache": "elsewhere",
+    "model.pretrained_file": "weights.safetensors",
+    "model.gate_rank": 8,
+    "world.images.cache": "decoded",
+    "federation.clients_per_round": 5,
+    "federation.outlier_factor": 3.0,
+    "federation.location_level": 4,
+    "federation.keep.max_per_layer": 3,
+    "privacy.clip_count_stddev": 0.5,
+    "privacy.epsilon_budget": 3.0,
 }
 
 # Settings that only make sense with another one set first: (key, value) applied before the change.
@@ -87,8 +98,9 @@ def read(cfg: RunConfig, key: str) -> object:
 
 def test_every_setting_is_printed_and_keys_a_run_does_not_take_are_not():
     printed = to_toml(RunConfig())
-    for key in PRINTED:
-        assert f"{key.split('.')[-1]} = " in printed
+    for key, value in PRINTED.items():
+        assert (f"{key.split('.')[-1]} = " in printed) == (value is not None)  # TOML has no null: None is left out
+    assert "null" not in printed
     assert not set(NOT_SETTABLE) & set(PRINTED)
     assert len(PRINTED) > 60
 
@@ -145,7 +157,7 @@ def test_an_unknown_key_in_any_table_is_refused(table, tmp_path):
         ("model.pretrained", '"yes"', "valid boolean"),
         ("world.split", '[0.6, "a", 0.2]', "world.split.1: Input should be a valid number, got 'a'"),
         ("world.files.annotations", "[1]", "world.files.annotations.0: Input should be a valid string"),
-        ("conversion.moe_layers", '["1"]', "conversion.moe_layers.0: Input should be a valid integer"),
+        ("model.moe_layers", '["1"]', "model.moe_layers.0: Input should be a valid integer"),
         ("federation.keep.always_keep", '{"1": ["x"]}', "federation.keep.always_keep.1.0"),
         ("federation.strategy", '"fedprox"', "federation.strategy: Input should be 'expert' or 'fedavg'"),
         ("privacy.noise_multiplier", "1.0", "privacy.noise_multiplier needs privacy.clip_norm > 0"),
@@ -154,7 +166,9 @@ def test_an_unknown_key_in_any_table_is_refused(table, tmp_path):
         ("privacy.noise", '"both"', "privacy.noise: Input should be 'central' or 'local'"),
         ("federation.aggregator", '"krum"', "federation.aggregator: Input should be"),
         ("federation.trim_fraction", "0.5", "federation.trim_fraction must be in"),
-        ("federation.location_level", "31", "federation.location_level must be -1"),
+        ("federation.location_level", "31", "federation.location_level must be an S2 level 0..30"),
+        ("federation.clients_per_round", "0", "federation.clients_per_round must be >= 1"),
+        ("model.gate_rank", "0", "gate_rank must be None"),
         ("model.head", '"mlp"', "model.head: Input should be 'linear' or 'bottleneck'"),
         ("world.images.augment", '"rotate"', "world.images.augment"),
         ("out", "3", "out: Input should be a valid string, got 3"),
@@ -190,8 +204,10 @@ def test_file_then_flags_then_overrides(tmp_path):
 
 
 def test_derived_model_fields_follow_their_settings_and_travel_to_clients():
-    cfg = build_run_config(None, {}, ["conversion.num_experts=8", "world.synthetic.num_species=10"])
+    cfg = build_run_config(None, {}, ["model.num_experts=8", "world.synthetic.num_species=10"])
     assert (cfg.model.num_experts, cfg.model.num_classes) == (8, 10)
-    cfg = set_override(cfg, "world.dataset", '"inat2017"')
-    cfg.model.num_classes = 5089  # the server sets a file-backed dataset's class count once it has loaded it
-    assert RunConfig.from_json(cfg.to_json()).model.num_classes == 5089
+    with pytest.raises(ValueError, match="the synthetic world has 10 species, not 5089"):
+        cfg.with_classes(5089)
+    files = set_override(cfg, "world.dataset", '"inat2017"')
+    loaded = files.with_classes(5089)  # what the server makes once it has loaded a file-backed dataset
+    assert files.model.num_classes != 5089 and RunConfig.from_json(loaded.to_json()).model.num_classes == 5089
