@@ -37,7 +37,7 @@ class WorldConfig:
     min_examples: int = 60  # a client cell needs at least this many examples
     server_fraction: float = 0.3  # share of all examples kept by the server for pretraining
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train / val / test per client
-    seed: int = 0  # the world's splits (server, train, val, test): kept apart from the run's seed so runs compare on one world
+    seed: int = 0  # the world's splits (server, train, val, test); apart from the run's seed: runs compare on one world
 
     def __post_init__(self) -> None:
         if self.clients not in CLIENT_MODES:
