@@ -37,7 +37,8 @@ def _fleet_action(fleet_file: Path, only: str | None, action_for: Callable, need
     """Run `action_for(fleet)` on each chosen device; a table of outcomes; exit 1 if any failed."""
     import docker
 
-    from geomoe.deploy.fleet import for_each, read_fleet_file
+    from geomoe.deploy.fleet import for_each
+    from geomoe.deploy.fleet_file import read_fleet_file
 
     fleet = read_fleet_file(fleet_file)
     devices = [d for d in fleet.devices if only in (None, d.name)]

@@ -55,7 +55,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Assign experts to devices (own needs first, nearest peers next) and show bytes per image."""
-    from geomoe.deploy.fleet import placement_devices, read_fleet_file
+    from geomoe.deploy.fleet_file import placement_devices, read_fleet_file
     from geomoe.prune.finished_run import FinishedRun, fleet_plan
 
     fleet_file = read_fleet_file(fleet, certificates=False)

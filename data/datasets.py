@@ -6,6 +6,9 @@ on the images), `iwildcam` (WILDS metadata.csv + the camera GPS file; camera clu
 `hsu` (Hsu et al.'s iNaturalist-Geo split CSVs as published: `user_id` is the client, `test.csv` the
 test set; file names and coordinates from the iNat 2017 JSON) and `folder` (a labelled folder of one's own,
 e.g. the server's data in a deployment: a manifest with `lat,lon` or a Camtrap DP package).
+
+Longer than 300 lines because the registry is the list of readers of the published formats, one short function
+each, read side by side (their parsers of the files themselves live in inat.py, hsu.py, wilds.py).
 """
 
 from __future__ import annotations

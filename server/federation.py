@@ -3,6 +3,9 @@
 Flower's `Strategy.start` cannot resume or checkpoint and sends the same arrays to everyone, so
 the loop lives here and calls the strategy's hooks. After every round the global model and the
 server state are written atomically; `resume` continues from the last completed round.
+
+Longer than 300 lines because the round loop is kept whole in one place (as nanoGPT keeps its training loop):
+set-up, rounds, evaluation, traffic, checkpoint and report read in the order they happen.
 """
 
 from __future__ import annotations

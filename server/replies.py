@@ -6,6 +6,9 @@ exactly the ones sent (names, shapes, dtypes, row ids), finite and of bounded no
 sizes are checked before anything is decoded; counts that weigh an update are finite, non-negative and no larger
 than the node's declared examples can produce; a location must be one of the run's, with its own cell. Anything
 else raises RejectedReply with the reason; the caller logs it and goes on without that reply.
+
+Longer than 300 lines because it is the server's whole trust boundary: one parser per boundary (DESIGN.md), so
+that a reviewer reads every check a node's bytes meet in one file.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ ClientApps on Ray; the ServerApp writes `OUT/report.json`. The world (dataset, p
 written to its world file first, so bad data fails fast and the number of clients is known. Everything Flower
 and Ray print goes to `OUT/flower/`, shown only with `verbose`; the run's own progress is streamed from it.
 Set `ray_address` to run the clients on an existing Ray cluster.
+
+Longer than 300 lines because the processes it starts (SuperLink, `flwr run`, Ray) and their teardown belong
+together: whatever starts one must be seen to stop it.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ LAYERS = [
 ]
 LAYER_OF = {package: k for k, layer in enumerate(LAYERS) for package in layer}
 CLI_MODULE_LINES = 200
+MODULE_LINES = 300  # longer modules say why in their docstring ("Longer than 300 lines because ...")
 
 
 def folders() -> dict[str, Path]:
@@ -94,6 +95,18 @@ def test_the_readme_diagram_shows_the_folders_in_their_layers():
     rows = [re.findall(r"\b([a-z_]+)/", line) for line in diagram.splitlines()]
     shown = [row for row in rows if row]
     assert list(reversed(shown)) == LAYERS  # the diagram reads top (CLI) to bottom (protos)
+
+
+def test_a_module_over_300_lines_says_why_in_its_docstring():
+    unexplained = []
+    for folder in folders().values():
+        for path in folder.rglob("*.py"):
+            if "_pb2" in path.name or len(path.read_text().splitlines()) <= MODULE_LINES:
+                continue
+            docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+            if f"Longer than {MODULE_LINES} lines because" not in " ".join(docstring.split()):
+                unexplained.append(str(path.relative_to(ROOT)))
+    assert not unexplained, f"over {MODULE_LINES} lines with no reason in the docstring: {unexplained}"
 
 
 def test_cli_modules_are_thin():

@@ -10,6 +10,9 @@ shapes and the pipeline alone, so the description is only names, shapes and dtyp
 knows how many bytes to expect before it decompresses anything. Lossy uploads use error feedback:
 what compression lost this round is added to the next round's update (Seide et al. 2014;
 Karimireddy et al. 2019).
+
+Longer than 300 lines because the packing and its reading are one format: the writer and the bounded reader
+stay side by side, so that a change to one is seen against the other.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from geomoe.deploy.certs import ensure_fleet_certs, issue, make_ca, write
-from geomoe.deploy.fleet import Fleet, registration_config
+from geomoe.deploy.fleet import registration_config
+from geomoe.deploy.fleet_file import Fleet
 
 
 def test_fleet_certs_once_then_devices_added(tmp_path):

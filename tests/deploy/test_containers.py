@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from geomoe.deploy.certs import ensure_fleet_certs
-from geomoe.deploy.fleet import IMAGE_UID
+from geomoe.deploy.fleet_file import IMAGE_UID
 from geomoe.wire.run_config import to_toml
 from geomoe.world.world import World
 

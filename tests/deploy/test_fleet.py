@@ -10,23 +10,19 @@ import pytest
 
 from geomoe.deploy.certs import ensure_fleet_certs
 from geomoe.deploy.fleet import (
-    Device,
-    Fleet,
     certificate_archive,
-    certificate_files,
     command_for,
     down,
     for_each,
     load_image,
     logs,
-    placement_devices,
-    read_fleet_file,
     run_options,
     save_image,
     status,
     up,
     update,
 )
+from geomoe.deploy.fleet_file import Device, Fleet, certificate_files, placement_devices, read_fleet_file
 
 FLEET = """image = "geomoe:latest"
 superlink = "127.0.0.1:9092"

@@ -12,14 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from geomoe.deploy.certs import DEVICE_NAME, RESERVED_NAMES
-from geomoe.deploy.fleet import (
-    DOCKER_SCHEMES,
-    RESERVED_ENVIRONMENT,
-    SUPERLINK_ADDRESS,
-    read_fleet_file,
-    registration_config,
-    run_options,
-)
+from geomoe.deploy.fleet import registration_config, run_options
+from geomoe.deploy.fleet_file import DOCKER_SCHEMES, RESERVED_ENVIRONMENT, SUPERLINK_ADDRESS, read_fleet_file
 
 pytestmark = pytest.mark.fuzz
 anything = st.one_of(
