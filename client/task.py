@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from geomoe.client.data import LocalData
-from geomoe.data.cells import cell_at, parse_cell
+from geomoe.data.cells import cell_holding
 from geomoe.model.compute import on_device, resolve_device
 from geomoe.model.config import ModelConfig
 from geomoe.model.experts import KeepSet, merge_expert_state, shared_state, take_expert_state
@@ -47,13 +47,9 @@ def locate(cells: list[str], node_config: dict, local: LocalData | None = None) 
             raise ValueError(f"partition-id {index} has no location (the run has {len(cells)})")
         return index
     lat, lon = coordinates(node_config, local)
-    point = cell_at(lat, lon, 30)
-    for index, cell in enumerate(cells):
-        try:
-            if parse_cell(cell).contains(point):
-                return index
-        except ValueError:
-            continue  # a client id that is not an S2 cell (a camera cluster) holds no coordinates
+    index = cell_holding(cells, lat, lon)
+    if index is not None:
+        return index
     shown = ", ".join(cells[:20]) + (f" and {len(cells) - 20} more" if len(cells) > 20 else "")
     raise ValueError(f"lat={lat} lon={lon} lies in none of the run's cells ({shown})")
 

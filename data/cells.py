@@ -56,6 +56,19 @@ def path_at(lat: float, lon: float, level: int) -> str:
     return path_from_cell(cell_at(lat, lon, level))
 
 
+def cell_holding(cells: list[str], lat: float, lon: float) -> int | None:
+    """Index of the cell of `cells` that holds (lat, lon), or None; entries that are not S2 cells (a camera
+    cluster's id) hold no coordinates."""
+    point = cell_at(lat, lon, 30)
+    for index, cell in enumerate(cells):
+        try:
+            if parse_cell(cell).contains(point):
+                return index
+        except ValueError:
+            continue
+    return None
+
+
 def leaf_ids(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     """Leaf CellIds (uint64) of many points, so that parents at any level are cheap bit operations."""
     return np.array(

@@ -100,6 +100,18 @@ class PhaseClock:
         self._last = now
 
 
+def registered_locations(grid: Grid) -> dict[int, tuple[float, float]]:
+    """SuperNodes the SuperLink lists with a registered location (`flwr supernode register --location`, which
+    `geomoe deploy register` runs from the fleet file): node id -> (lat, lon). The server takes such a node's cell
+    from here rather than from what the node says."""
+    found = {}
+    for info in grid.get_nodes():
+        if info.HasField("location"):
+            lat, lon = (float(part) for part in info.location.split(","))  # Flower checked "<lat>,<lon>"
+            found[info.node_id] = (lat, lon)
+    return found
+
+
 class Federation:
     """Runs one federated training job against a Flower Grid."""
 
@@ -188,7 +200,7 @@ class Federation:
             return {}
         with phase(f"querying {len(nodes)} nodes", self.console):
             replies, traffic = self.exchange(self.strategy.configure_query(nodes, with_model=False), "query")
-        self.strategy.register(server_round, replies)
+        self.strategy.register(server_round, replies, registered_locations(self.grid))
         self.charge_shared_base(traffic)
         if self.cfg.world.clients == "locations":
             for node, t in self.route_new([n for n in nodes if n in self.strategy.roster.nodes], server_round).items():
@@ -217,7 +229,7 @@ class Federation:
                 replies, batch_traffic = self.exchange(
                     self.strategy.configure_query(batch, with_model=True), "routing query"
                 )
-                self.strategy.register(server_round, replies)
+                self.strategy.register(server_round, replies, registered_locations(self.grid))
                 traffic |= batch_traffic
         return traffic
 

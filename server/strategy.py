@@ -18,13 +18,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from geomoe.data.cells import coarsened
+from geomoe.data.cells import cell_holding, coarsened
 from geomoe.model.counting import tokens_per_image
 from geomoe.model.importance import keep_set
 from geomoe.model.network import GeoMoENet
 from geomoe.server.acceptance import Rejections, outliers, read_once
 from geomoe.server.privacy import over_budget, run_epsilon
-from geomoe.server.replies import Evaluation, QueryReply, ReplyReader, SentSpec, TrainReply, spec_of
+from geomoe.server.replies import Evaluation, QueryReply, RejectedReply, ReplyReader, SentSpec, TrainReply, spec_of
 from geomoe.server.roster import Roster
 from geomoe.server.sampling import Sampler
 from geomoe.server.slicing import NodeSlice, Slicer
@@ -51,9 +51,10 @@ class GeoExpertStrategy(Strategy):
         self.slicer = Slicer(cfg, model, state.keep)
         self.updater = ModelUpdater(self.slicer, state)
         self.rejections = Rejections()
-        cells = list(world.get(msg.CELLS, []))
+        self.cells = list(world.get(msg.CELLS, []))  # the run's client cells
+        self.reported, self.coarse = coarsened(self.cells, self.fed.location_level)  # what nodes report, per cell
         tokens = tokens_per_image(model, cfg.world.input_size())
-        self.reader = ReplyReader(cfg, coarsened(cells, self.fed.location_level)[0], tokens)
+        self.reader = ReplyReader(cfg, self.reported, tokens)
         if self.privacy.enabled and not state.clip_norm:
             state.clip_norm = self.privacy.clip_norm
         self.sent: dict[int, SentSpec] = {}  # node -> what its training message held
@@ -212,13 +213,33 @@ class GeoExpertStrategy(Strategy):
             messages.append(Message(content, dst_node_id=node_id, message_type="query"))
         return messages
 
-    def register(self, server_round: int, replies: Iterable[Message]) -> None:
-        """Record each node's location and, from its routing statistics, its location's keep set. A query reply
-        that cannot be read leaves its node unregistered (asked again next round), never the run ended."""
-        replies = list(replies)
+    def placed(self, node_id: int, node: QueryReply, registered: tuple[float, float] | None) -> QueryReply:
+        """`node` in the cell that holds the location its SuperNode was registered with, where it was registered
+        with one: an administrator's word counts over the node's own."""
+        if registered is None:
+            return node
+        index = cell_holding(self.cells, *registered)
+        if index is None:
+            raise RejectedReply("the location its SuperNode was registered with lies in none of the run's cells")
+        location = self.coarse[index]
+        if location != node.location:
+            cell = self.reported[location]
+            log.warning("node %s says it is in %s but was registered in %s: the registered location counts",
+                        node_id, node.cell, cell)  # fmt: skip
+            node.location, node.cell, node.name = location, cell, cell
+        return node
+
+    def register(
+        self, server_round: int, replies: Iterable[Message], registered: dict[int, tuple[float, float]] | None = None
+    ) -> None:
+        """Record each node's location and, from its routing statistics, its location's keep set. A node in
+        `registered` (node id -> the (lat, lon) it was registered with on the SuperLink) is placed by that, not by
+        what it says. A query reply that cannot be read leaves its node unregistered (asked again next round),
+        never the run ended."""
+        replies, registered = list(replies), registered or {}
         parsed = read_once(
             server_round, replies, [r.metadata.src_node_id for r in replies],
-            lambda _, reply: self.reader.query(reply), self.rejections, "query",
+            lambda n, reply: self.placed(n, self.reader.query(reply), registered.get(n)), self.rejections, "query",
         )  # fmt: skip
         for node_id, node in parsed.items():
             if node.routing is not None and node.location not in self.state.keep:

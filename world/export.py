@@ -182,12 +182,11 @@ def _folders(world: World, generator: SyntheticGeoSpecies, out: Path, progress: 
 
 def location_at(world: World, lat: float, lon: float) -> int:
     """Index of the world's location whose cell holds (lat, lon); a clear error if none does."""
-    from geomoe.data.cells import cell_at, parse_cell
+    from geomoe.data.cells import cell_holding
 
-    point = cell_at(lat, lon, 30)
-    for k, location in enumerate(world.locations):
-        if parse_cell(location.cell).contains(point):
-            return k
+    index = cell_holding([location.cell for location in world.locations], lat, lon)
+    if index is not None:
+        return index
     raise ValueError(f"lat={lat} lon={lon} lies in none of the world's locations")
 
 

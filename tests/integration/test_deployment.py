@@ -184,3 +184,53 @@ def test_devices_on_a_superlink_train_on_their_own_folders_and_one_that_drops_ou
     assert {"0", str(len(rounds))} <= set(evaluations)
     assert all(0.0 <= e["server_accuracy"] <= 1.0 for e in evaluations.values())
     assert_no_coordinates(server_side_text(tmp_path, cfg, output), locations)
+
+
+def test_a_supernode_registered_with_a_location_is_placed_by_it_on_a_tls_superlink(tmp_path, model_cache):
+    """SuperNode authentication as a fleet runs it: TLS, the node's key registered on the SuperLink with a location
+    (`flwr supernode register --location`, through `geomoe deploy register`). The node's own coordinates say L1;
+    it was registered in L2's cell, and the server places it there."""
+    from geomoe.deploy.certs import device_auth_key, ensure_fleet_certs
+    from geomoe.deploy.fleet import register
+    from geomoe.deploy.fleet_file import Device, Fleet
+
+    cfg = small_config(tmp_path / "run", model_cache, rounds=1)
+    locations = World(cfg.world).locations
+    certs = tmp_path / "certs"
+    ensure_fleet_certs(certs, ["127.0.0.1"], ["cam-0"])
+    link_port, node_port = free_port(), free_port()
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link_port}"\n'
+        f'root-certificates = "{certs / "ca.pem"}"\n'
+    )
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home)}
+    tls = ["--ssl-ca-certfile", str(certs / "ca.pem"), "--ssl-certfile", str(certs / "server.pem"),
+           "--ssl-keyfile", str(certs / "server.key")]  # fmt: skip
+    link_command = [str(BIN / "flower-superlink"), *tls, "--enable-supernode-auth", "--port", str(link_port),
+                    "--disable-runtime-dependency-installation"]  # fmt: skip
+    processes = []
+    try:
+        link = start(link_command, tmp_path / "superlink.log", env)
+        processes.append(link)
+        wait_for_port(link_port, link, tmp_path / "superlink.log")
+        registered_at = locations[1]
+        device = Device("cam-0", "unix:///var/run/docker.sock", registered_at.lat, registered_at.lon)
+        register(Fleet("geomoe", f"127.0.0.1:{link_port}", [device], True, certs), device)
+        says = locations[0]
+        node_command = [str(BIN / "flower-supernode"), "--root-certificates", str(certs / "ca.pem"),
+                        "--auth-supernode-private-key", str(device_auth_key(certs, "cam-0")[0]),
+                        "--superlink", f"127.0.0.1:{link_port}", "--port", str(node_port),
+                        "--node-config", f"lat={says.lat} lon={says.lon}"]  # fmt: skip
+        node = start(node_command, tmp_path / "supernode.log", {**env, "OMP_NUM_THREADS": "1"})
+        processes.append(node)
+        run = subprocess.run(flwr_command("test", cfg, tmp_path, rounds=1), env=env, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+    finally:
+        for process in reversed(processes):
+            stop(process)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    report = json.loads((Path(cfg.out) / "report.json").read_text())
+    assert [loc["cell"] for loc in report["locations"]] == [registered_at.cell]
+    assert f"says it is in {says.cell} but was registered in {registered_at.cell}" in run.stdout + run.stderr

@@ -390,3 +390,25 @@ def test_a_report_with_an_infinite_number_is_written_as_strict_json():
     report = {"train_loss": math.inf, "rounds": [{"loss": math.nan, "ok": 1.5}]}
     text = json.dumps(finite_json(report), allow_nan=False)
     assert json.loads(text) == {"train_loss": None, "rounds": [{"loss": None, "ok": 1.5}]}
+
+
+def test_a_node_registered_with_a_location_is_placed_by_it_not_by_what_it_says(caplog):
+    strategy = make_strategy()
+    strategy.roster.nodes = {}
+    [query] = strategy.configure_query([101], with_model=False)
+    strategy.register(0, [query_reply(query)], registered={101: (0.0, -90.0)})  # registered in face 4
+    node = strategy.roster.nodes[101]
+    assert (node.location, node.cell, node.name) == (1, "4/", "4/")
+    assert "node 101 says it is in 0/ but was registered in 4/" in caplog.text
+    [query] = strategy.configure_query([202], with_model=False)
+    strategy.register(0, [query_reply(query)], registered={202: (0.0, 0.0)})  # registered where it says it is
+    assert (strategy.roster.nodes[202].location, strategy.roster.nodes[202].cell) == (0, "0/")
+
+
+def test_a_node_registered_outside_every_cell_of_the_run_is_refused():
+    strategy = make_strategy()
+    strategy.roster.nodes = {}
+    [query] = strategy.configure_query([101], with_model=False)
+    strategy.register(0, [query_reply(query)], registered={101: (89.0, 0.0)})  # face 2: not a cell of this run
+    assert strategy.roster.nodes == {}
+    assert "registered with lies in none of the run's cells" in strategy.rejections.rows[0]["reason"]
