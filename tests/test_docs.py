@@ -64,3 +64,47 @@ def test_the_configuration_reference_lists_every_key_with_its_comment():
         for key in vars(getattr(cfg, section)):
             assert f"`{section}.{key}`" in page, f"{section}.{key}"
     assert "| `federation.rounds` | `int` |" in page and "| `seed` | `int` | `0` |" in page
+
+
+def guide_commands() -> list[tuple[str, list[str]]]:
+    """Every `geomoe ...` command in the guides' and README's code blocks, as (page, arguments)."""
+    import re
+    import shlex
+
+    found = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", page.read_text(), flags=re.DOTALL):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                for start, word in enumerate(words):
+                    if word in ("geomoe", ".venv/bin/geomoe"):
+                        found.append((page.name, words[start + 1 :]))
+                        break
+    return found
+
+
+def test_every_command_in_the_guides_names_a_real_command_option_and_setting():
+    """A renamed command, option or setting fails here, not in a user's shell."""
+    import click
+    import typer
+
+    from geomoe.cli.main import app
+    from geomoe.wire.run_config import set_override
+
+    commands = guide_commands()
+    assert len(commands) > 30
+    root = typer.main.get_command(app)
+    for page, words in commands:
+        command, rest = root, list(words)
+        while isinstance(command, click.Group) and rest and rest[0] in command.commands:
+            command = command.commands[rest.pop(0)]
+        assert not isinstance(command, click.Group), f"{page}: geomoe {' '.join(words)}: no such command"
+        options = {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
+        cfg = RunConfig()
+        for k, word in enumerate(rest):
+            name = word.split("=", 1)[0]
+            if name.startswith("--"):
+                assert name in options, f"{page}: geomoe {' '.join(words)}: {name} is not an option of it"
+            if name == "--set":
+                key, _, value = rest[k + 1].partition("=")
+                cfg = set_override(cfg, key, value)  # raises naming an unknown or mistyped setting
