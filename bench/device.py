@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from geomoe.bench.model import pair_ratios
-from geomoe.camera.export import export_onnx, export_torchscript, write_onnx
+from geomoe.camera.export import export_onnx, export_torchscript, labels_for, write_onnx
 from geomoe.camera.fused_moe import FusedMoE
 from geomoe.camera.inference import RUNTIMES, load_exported, onnx_session
 from geomoe.model.config import ModelConfig
@@ -149,11 +149,13 @@ def _timed(models: dict[str, GeoMoENet], folder: Path, image_size: int, repeats:
     latencies and ratios to dense."""
     loaded = {}
     for name, model in models.items():
-        torchscript = export_torchscript(model, folder / f"{name}.pt", image_size)
+        labels = labels_for(model, [f"class {k}" for k in range(model.cfg.num_classes)])  # a bench model has no run
+        torchscript = export_torchscript(model, folder / f"{name}.pt", image_size, labels)
         loaded[(name, "torchscript")] = load_exported(torchscript, threads=threads)
-        loaded[(name, "onnx")] = load_exported(export_onnx(model, folder / f"{name}.onnx", image_size), threads=threads)
+        onnx = export_onnx(model, folder / f"{name}.onnx", image_size, labels)
+        loaded[(name, "onnx")] = load_exported(onnx, threads=threads)
         if name in FUSED_MODELS:
-            fused = export_onnx(model, folder / f"{name}-fused.onnx", image_size, fused=True)
+            fused = export_onnx(model, folder / f"{name}-fused.onnx", image_size, labels, fused=True)
             loaded[(name, FUSED)] = load_exported(fused, threads=threads)
     image = np.random.default_rng(0).random((1, 3, image_size, image_size), dtype=np.float32)
     calls = {key: (lambda model=model: model.predict(image)) for key, model in loaded.items()}

@@ -1,7 +1,8 @@
 """Export a (pruned) model for inference without the training stack: TorchScript or ONNX.
 
-The export carries the head's global class ids (a TorchScript extra file, ONNX metadata), so a device maps
-outputs to species with nothing but torch (TorchScript) or onnxruntime (ONNX).
+The export carries the head's global class ids and the run's species names with the model's name and version (a
+TorchScript extra file, ONNX metadata), so a device names what it sees with nothing but torch (TorchScript) or
+onnxruntime (ONNX).
 """
 
 from __future__ import annotations
@@ -19,14 +20,29 @@ import torch
 if TYPE_CHECKING:  # the camera runtime loads exports with torch alone: no timm, no training stack
     from geomoe.model.network import GeoMoENet
 
-from geomoe.camera.inference import CLASS_IDS
+from geomoe.camera.inference import CLASS_IDS, LABELS, Labels
 from geomoe.model.folded_moe import fold_for_inference
 
 CLASS_IDS_FILE = "class_ids.json"  # extra files inside a TorchScript export
 IMAGE_SIZE_FILE = "image_size.json"  # the side it was traced at: a traced MobileViT runs only that
+LABELS_FILE = "labels.json"
 
 
-def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
+def labels_for(model: GeoMoENet, species: list[str]) -> Labels:
+    """The labels of an export of `model` in a run of `species`: its version is a digest of its weights, so two
+    exports of one model share it and any retrained model differs."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if len(species) != model.cfg.num_classes:
+        raise ValueError(f"{len(species)} species names for a model of {model.cfg.num_classes} classes")
+    return Labels(list(species), f"geomoe {model.cfg.backbone}-moe {digest.hexdigest()[:12]}")
+
+
+def export_torchscript(model: GeoMoENet, path: Path, image_size: int, labels: Labels) -> Path:
     """Frozen TorchScript of the model with its MoE layers folded (`fold_for_inference`), for `image_size` px
     images: Debian's torch on a Pi runs it without timm. The tracer's warnings are about what it bakes in as
     constants (the image size, the experts this model holds), which are fixed for this export; torch's deprecation
@@ -36,7 +52,11 @@ def export_torchscript(model: GeoMoENet, path: Path, image_size: int) -> Path:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.freeze(torch.jit.trace(fold_for_inference(model), example, check_trace=False))
-        extra = {CLASS_IDS_FILE: json.dumps(model.head.class_ids.tolist()), IMAGE_SIZE_FILE: json.dumps(image_size)}
+        extra = {
+            CLASS_IDS_FILE: json.dumps(model.head.class_ids.tolist()),
+            IMAGE_SIZE_FILE: json.dumps(image_size),
+            LABELS_FILE: labels.to_json(),
+        }
         torch.jit.save(traced, str(path), _extra_files=extra)
     return path
 
@@ -81,12 +101,12 @@ def write_onnx(
     return path
 
 
-def export_onnx(model: GeoMoENet, path: Path, image_size: int, fused: bool = False) -> Path:
+def export_onnx(model: GeoMoENet, path: Path, image_size: int, labels: Labels, fused: bool = False) -> Path:
     """ONNX of the model with its MoE layers folded, for `image_size` px images with a dynamic batch axis, carrying
     the head's class ids. `fused`: each MoE layer as one node of geomoe's own operator (`camera/fused_moe.py`),
     which ONNX Runtime runs with geomoe's operator library; otherwise standard operations only."""
     example = torch.zeros(1, 3, image_size, image_size)
-    class_ids = {CLASS_IDS: json.dumps(model.head.class_ids.tolist())}
+    class_ids = {CLASS_IDS: json.dumps(model.head.class_ids.tolist()), LABELS: labels.to_json()}
     if fused:
         from geomoe.camera.fused_moe import fuse_for_export
 
@@ -94,13 +114,13 @@ def export_onnx(model: GeoMoENet, path: Path, image_size: int, fused: bool = Fal
     return write_onnx(fold_for_inference(model), example, path, "images", "logits", class_ids)
 
 
-def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, list[int], int | None]:
-    """The exported module, the global class id of each output and the image side it was traced at (None for an
-    export from before geomoe recorded it). Torch's TorchScript deprecation, as on export, is not the camera's
-    concern."""
-    extra = {CLASS_IDS_FILE: "", IMAGE_SIZE_FILE: ""}
+def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, list[int], int | None, Labels]:
+    """The exported module, the global class id of each output, the image side it was traced at (None for an
+    export from before geomoe recorded it) and its labels. Torch's TorchScript deprecation, as on export, is not the
+    camera's concern."""
+    extra = {CLASS_IDS_FILE: "", IMAGE_SIZE_FILE: "", LABELS_FILE: ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     image_size = json.loads(extra[IMAGE_SIZE_FILE]) if extra[IMAGE_SIZE_FILE] else None
-    return module.eval(), json.loads(extra[CLASS_IDS_FILE]), image_size
+    return module.eval(), json.loads(extra[CLASS_IDS_FILE]), image_size, Labels.from_json(extra[LABELS_FILE], path)

@@ -19,6 +19,36 @@ if TYPE_CHECKING:  # imported where a model is loaded: a TorchScript-only camera
 
 RUNTIMES = ("torchscript", "onnx")
 CLASS_IDS = "class_ids"  # ONNX metadata key: JSON list, the global class id of each output
+LABELS = "labels"  # ONNX metadata key (and TorchScript extra file labels.json): the run's species and the model
+OTHER = -1  # the class id of a pruned head's last output
+OTHER_MEANING = "a species this location's model does not hold (the pruned head's 'other' output)"
+
+
+@dataclass
+class Labels:
+    """What an export's outputs mean: the run's species names by global class id, and which model it is."""
+
+    species: list[str]  # scientific name of each global class id of the run
+    model: str  # the model's name and version, as result lines (and Camtrap DP's classifiedBy) name it
+
+    def name_of(self, class_id: int) -> str | None:
+        """The scientific name of a class id; None for OTHER (see OTHER_MEANING)."""
+        return None if class_id == OTHER else self.species[class_id]
+
+    def to_json(self) -> str:
+        return json.dumps({"species": self.species, "model": self.model})
+
+    @classmethod
+    def from_json(cls, text: str, path: Path) -> Labels:
+        """The labels a model file carries; a clear error naming the file where they are missing or malformed."""
+        try:
+            data = json.loads(text)
+            labels = cls([str(name) for name in data["species"]], str(data["model"]))
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(
+                f"{path} carries no readable species names: export it again with `geomoe device export`"
+            ) from None
+        return labels
 
 
 @dataclass
@@ -29,6 +59,7 @@ class ExportedModel:
     class_ids: list[int]
     runtime: str  # one of RUNTIMES
     image_size: int | None  # the side H = W it takes; None: the export does not say (older TorchScript)
+    labels: Labels  # species names of the class ids, and the model's name and version
 
 
 def runtime_of(path: Path) -> str:
@@ -88,11 +119,16 @@ def _load_onnx(path: Path, threads: int) -> ExportedModel:
     metadata = session.get_modelmeta().custom_metadata_map
     if CLASS_IDS not in metadata:
         raise ValueError(f"{path} carries no '{CLASS_IDS}' metadata: export it with `geomoe device export`")
+    labels = Labels.from_json(metadata.get(LABELS, ""), path)
     images = session.get_inputs()[0]
     height, width = images.shape[2:]
     image_size = height if isinstance(height, int) and height == width else None
     return ExportedModel(
-        lambda batch: session.run(None, {images.name: batch})[0], json.loads(metadata[CLASS_IDS]), "onnx", image_size
+        lambda batch: session.run(None, {images.name: batch})[0],
+        json.loads(metadata[CLASS_IDS]),
+        "onnx",
+        image_size,
+        labels,
     )
 
 
@@ -104,10 +140,10 @@ def _load_torchscript(path: Path, threads: int) -> ExportedModel:
     if threads:
         torch.set_num_threads(threads)
 
-    module, class_ids, image_size = load_torchscript(path)
+    module, class_ids, image_size, labels = load_torchscript(path)
 
     def predict(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return module(torch.from_numpy(images)).numpy()
 
-    return ExportedModel(predict, class_ids, "torchscript", image_size)
+    return ExportedModel(predict, class_ids, "torchscript", image_size, labels)

@@ -32,7 +32,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from geomoe.camera.inference import ExportedModel, load_exported, runtime_of
+from geomoe.camera.inference import OTHER, OTHER_MEANING, ExportedModel, load_exported, runtime_of
 from geomoe.wire.bounded import bounded_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -165,8 +165,15 @@ class DeviceRuntime:
         probabilities = np.exp(logits - logits.max())
         probabilities /= probabilities.sum()
         top = np.argsort(-probabilities, kind="stable")[: self.cfg.top_k]
-        species = [{"species": self.model.class_ids[i], "score": round(float(probabilities[i]), 5)} for i in top]
-        return {"image": path.name, "time": time.time(), "top": species}
+        return {"image": path.name, "time": time.time(), "model": self.model.labels.model,
+                "top": [self.named(self.model.class_ids[i], float(probabilities[i])) for i in top]}  # fmt: skip
+
+    def named(self, class_id: int, score: float) -> dict:
+        """One ranked answer: the class id, its scientific name, and for the pruned head's 'other' what it means."""
+        answer = {"species": class_id, "scientificName": self.model.labels.name_of(class_id), "score": round(score, 5)}
+        if class_id == OTHER:
+            answer["meaning"] = OTHER_MEANING
+        return answer
 
     def _append(self, result: dict) -> None:
         with self.cfg.results.open("ab") as f:
@@ -184,6 +191,15 @@ class DeviceRuntime:
             except FileNotFoundError:  # deleted between listing and stat
                 continue
         return entries
+
+    def unsettled(self) -> int:
+        """Images not yet classified that are younger than `settle_s` (maybe still being written): left for later."""
+        settled = time.time() - self.cfg.settle_s
+        return sum(
+            1 for path, status in self._entries()
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.name not in self.done and stat.S_ISREG(status.st_mode)
+            and status.st_mtime > settled
+        )  # fmt: skip
 
     def pending(self) -> list[Path]:
         """Images not yet classified that have settled, oldest first. Image names that are not regular files are

@@ -35,6 +35,9 @@ def run(
     runtime = DeviceRuntime(cfg)
     if once:
         console.print(f"classified {runtime.run_once()} images into {results}")
+        if waiting := runtime.unsettled():
+            console.print(f"{waiting} more were written less than --settle-s {settle_s:g} s ago (maybe still being "
+                          "written) and are left for the next run")  # fmt: skip
         return
     console.print(f"watching {watch}; results in {results}")
     runtime.run_forever()
@@ -53,18 +56,22 @@ def export(
     ),
 ) -> None:
     """Export a model for inference without the training stack."""
-    from geomoe.camera.export import export_onnx, export_torchscript
+    from geomoe.camera.export import export_onnx, export_torchscript, labels_for
     from geomoe.server.checkpoint import load_model
 
     if fmt not in EXPORT_FORMATS:
         raise click.BadParameter(f"{fmt!r} is not one of {', '.join(EXPORT_FORMATS)}", param_hint="--format")
     if fused and fmt != "onnx":
         raise click.BadParameter("--fused needs --format onnx: TorchScript runs the layer as torch does")
-    loaded, _ = load_model(model)
+    loaded, extra = load_model(model)
+    if "species" not in extra:
+        raise click.BadParameter(f"{model} carries no species names (written before they were kept): run "
+                                 "`geomoe prune` on the run again", param_hint="--model")  # fmt: skip
+    labels = labels_for(loaded, extra["species"])
     if fmt == "onnx":
-        export_onnx(loaded, out, image_size, fused=fused)
+        export_onnx(loaded, out, image_size, labels, fused=fused)
     else:
-        export_torchscript(loaded, out, image_size)
+        export_torchscript(loaded, out, image_size, labels)
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 

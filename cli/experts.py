@@ -56,8 +56,9 @@ def prune(
     from geomoe.prune.finished_run import FinishedRun, prune_for_location
     from geomoe.server.checkpoint import save_model
 
-    pruned = prune_for_location(FinishedRun.open(run), cell, percentile, policy, head)
-    save_model(pruned.model, out, cell=cell, keep=pruned.keep)
+    finished = FinishedRun.open(run)
+    pruned = prune_for_location(finished, cell, percentile, policy, head)
+    save_model(pruned.model, out, cell=cell, keep=pruned.keep, species=finished.world.data.class_names)
     console.print(
         f"{out}: {pruned.parameters:,} parameters (full {pruned.full_parameters:,}); "
         f"test accuracy {pruned.accuracy:.3f} (full {pruned.full_accuracy:.3f})"

@@ -347,6 +347,7 @@ class Federation:
             server_state=asdict(self.state),
             setup=self.setup,
             run_config=self.cfg.to_json(),
+            species=self.world.data.class_names,  # what the classes are called, for exports to cameras
         )
 
     def _round_line(self, row: dict) -> str:

@@ -9,6 +9,7 @@ from geomoe.camera.export import export_torchscript, load_torchscript
 from geomoe.model.config import ModelConfig
 from geomoe.model.experts import prune_model
 from geomoe.model.network import GeoMoENet, prune_head
+from tests.camera.species import species_labels
 
 
 @pytest.mark.parametrize("policy", ["best_present", "remove"])
@@ -20,9 +21,10 @@ def test_torchscript_export_matches_the_eager_model(tmp_path, policy):
     ).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a camera's log and the command line stay quiet
-        path = export_torchscript(model, tmp_path / "m.ts", 64)
-        module, class_ids, image_size = load_torchscript(path)
+        path = export_torchscript(model, tmp_path / "m.ts", 64, species_labels(model))
+        module, class_ids, image_size, labels = load_torchscript(path)
     assert class_ids == [1, 2, 5, -1] and image_size == 64
+    assert labels.name_of(5) == "Testus species5" and labels.name_of(-1) is None and labels.model.startswith("geomoe")
     images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(module(images), model(images), rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ from geomoe.model.experts import prune_model
 from geomoe.model.folded_moe import FoldedMoE, fold_for_inference
 from geomoe.model.moe_layer import MoEMlp
 from geomoe.model.network import GeoMoENet
+from tests.camera.species import species_labels
 from tests.model.test_folded_moe import trained_like_layer
 
 
@@ -55,7 +56,7 @@ def test_a_fused_export_classifies_as_the_model_does(tmp_path):
     torch.manual_seed(0)
     model = GeoMoENet(ModelConfig(num_classes=5, num_experts=4, gate_rank=8)).eval()
     model = prune_model(model, {1: [0, 2], 3: [1], 5: [3], 7: [0, 1]}, absent_policy="remove").eval()
-    path = export_onnx(model, tmp_path / "cell.onnx", 64, fused=True)
+    path = export_onnx(model, tmp_path / "cell.onnx", 64, species_labels(model), fused=True)
     assert len(fused_nodes(path)) == 4  # one node per MoE layer, in place of its 23 operations
     images = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
@@ -100,7 +101,7 @@ def test_a_named_library_that_is_not_there_is_said_so(monkeypatch, tmp_path):
 
 def test_a_fused_export_without_the_library_is_one_error_naming_the_build_step(tmp_path, monkeypatch):
     model = prune_model(GeoMoENet(ModelConfig(num_classes=4, num_experts=4)), {1: [0, 1], 3: [2], 5: [3], 7: [0]})
-    path = export_onnx(model, tmp_path / "fused.onnx", 64, fused=True)
+    path = export_onnx(model, tmp_path / "fused.onnx", 64, species_labels(model), fused=True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))  # nothing built there, nothing to build
     monkeypatch.delenv(LIBRARY_ENV, raising=False)
     with pytest.raises(RuntimeError, match="run `geomoe device build-ops`"):

@@ -19,6 +19,7 @@ from geomoe.camera.export import export_torchscript
 from geomoe.camera.runtime import DeviceConfig, DeviceRuntime
 from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet, prune_head
+from tests.camera.species import species_labels
 
 pytestmark = pytest.mark.fuzz
 KINDS = ("image", "junk", "dangling", "loop", "link", "fifo", "folder")
@@ -28,7 +29,7 @@ KINDS = ("image", "junk", "dangling", "loop", "link", "fifo", "folder")
 def model_file(tmp_path_factory):
     torch.manual_seed(0)
     model = prune_head(GeoMoENet(ModelConfig(num_classes=8, num_experts=4)), [1, 4, 6])
-    return export_torchscript(model, tmp_path_factory.mktemp("model") / "model.pt", 64)
+    return export_torchscript(model, tmp_path_factory.mktemp("model") / "model.pt", 64, species_labels(model))
 
 
 entries = st.lists(

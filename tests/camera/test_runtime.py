@@ -18,6 +18,7 @@ from geomoe.camera.export import export_torchscript
 from geomoe.camera.runtime import DeviceConfig, DeviceRuntime, install_model, repair_results
 from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet, prune_head
+from tests.camera.species import species_labels
 
 
 def write_images(folder: Path, count: int, start: int = 0) -> list[Path]:
@@ -52,6 +53,27 @@ def test_each_image_is_classified_once_with_top_species(tmp_path, exported):
     assert all(len(r["top"]) == 3 and {t["species"] for t in r["top"]} <= {1, 4, 6, -1} for r in rows)
 
 
+def test_results_name_the_species_the_model_and_what_other_means(tmp_path, exported):
+    write_images(tmp_path / "watch", 3)
+    runtime_for(tmp_path, exported, top_k=4).run_once()  # all four outputs: 1, 4, 6 and other
+    for row in results(tmp_path):
+        assert row["model"].startswith("geomoe ") and len(row["model"].split()[-1]) == 12  # name, weights' digest
+        by_id = {answer["species"]: answer for answer in row["top"]}
+        assert {k: by_id[k]["scientificName"] for k in (1, 4, 6)} == {k: f"Testus species{k}" for k in (1, 4, 6)}
+        assert by_id[-1]["scientificName"] is None and "does not hold" in by_id[-1]["meaning"]
+
+
+def test_images_still_being_written_are_counted_and_left_for_later(tmp_path, exported):
+    write_images(tmp_path / "watch", 2)
+    fresh = write_images(tmp_path / "watch", 1, start=2)[0]
+    now = time.time()
+    os.utime(fresh, (now, now))  # just written
+    runtime = runtime_for(tmp_path, exported, settle_s=5)  # the others were written 10 s ago
+    assert runtime.run_once() == 2 and runtime.unsettled() == 1
+    os.utime(fresh, (now - 120, now - 120))
+    assert runtime.unsettled() == 0 and runtime.run_once() == 1
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".onnx"])
 def test_images_are_fed_at_the_side_the_model_was_exported_for(tmp_path, suffix):
     """An export records its side (a traced MobileViT runs no other): the camera resizes to it without being told,
@@ -62,7 +84,9 @@ def test_images_are_fed_at_the_side_the_model_was_exported_for(tmp_path, suffix)
 
     torch.manual_seed(0)
     model = prune_head(GeoMoENet(ModelConfig(num_classes=8, num_experts=4)), [1, 4, 6])
-    path = (export_onnx if suffix == ".onnx" else export_torchscript)(model, tmp_path / f"model{suffix}", 96)
+    path = (export_onnx if suffix == ".onnx" else export_torchscript)(
+        model, tmp_path / f"model{suffix}", 96, species_labels(model)
+    )
     write_images(tmp_path / "watch", 2)  # 64 x 64 frames
     assert runtime_for(tmp_path, path, settle_s=0).run_once() == 2
     assert all(len(r["top"]) == 3 for r in results(tmp_path))
@@ -157,9 +181,8 @@ def test_model_update_is_atomic(tmp_path, exported):
     assert not list(tmp_path.glob(".model.pt.*"))  # no temporary file left behind
 
     torch.manual_seed(1)
-    newer = export_torchscript(
-        prune_head(GeoMoENet(ModelConfig(num_classes=8, num_experts=4)), [2, 3]), tmp_path / "new.pt", 64
-    )
+    newer_model = prune_head(GeoMoENet(ModelConfig(num_classes=8, num_experts=4)), [2, 3])
+    newer = export_torchscript(newer_model, tmp_path / "new.pt", 64, species_labels(newer_model))
     with newer.open("rb") as f:
         install_model(f, exported)
     os.utime(exported, (time.time() + 5, time.time() + 5))  # make the change visible to a coarse clock
@@ -177,7 +200,7 @@ def test_onnx_runtime_classifies_as_torchscript_does_and_needs_no_torch(tmp_path
     pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
     torch.manual_seed(0)
     model = prune_head(GeoMoENet(ModelConfig(num_classes=8, num_experts=4)), [1, 4, 6])  # what `exported` holds
-    onnx_model = export_onnx(model, tmp_path / "model.onnx", 64)
+    onnx_model = export_onnx(model, tmp_path / "model.onnx", 64, species_labels(model))
     assert [p.name for p in tmp_path.glob("model.onnx*")] == ["model.onnx"]  # weights inside: one file to install
     onnx.checker.check_model(onnx.load(str(onnx_model)))
     assert {p.key: p.value for p in onnx.load(str(onnx_model)).metadata_props}["class_ids"] == "[1, 4, 6, -1]"

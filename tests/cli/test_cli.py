@@ -243,13 +243,18 @@ def test_device_export_writes_a_model_that_classifies_and_says_only_that(tmp_pat
     from geomoe.server.checkpoint import save_model
 
     torch.manual_seed(0)
-    save_model(GeoMoENet(ModelConfig(num_classes=8, num_experts=6)), tmp_path / "m.pt")
+    names = [f"Testus species{k}" for k in range(8)]
+    save_model(GeoMoENet(ModelConfig(num_classes=8, num_experts=6)), tmp_path / "old.pt")
+    refused = geomoe("device", "export", "--model", str(tmp_path / "old.pt"), "--out", str(tmp_path / "m.ts"))
+    assert refused.returncode != 0 and "carries no species names" in refused.stderr
+    save_model(GeoMoENet(ModelConfig(num_classes=8, num_experts=6)), tmp_path / "m.pt", species=names)
     result = geomoe("device", "export", "--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.ts"))
     assert result.returncode == 0, result.stderr
     console = (result.stdout + result.stderr).strip()
     assert console.startswith("wrote") and len(console.splitlines()) == 1, console
     exported = load_exported(tmp_path / "m.ts")
     assert exported.predict(np.zeros((2, 3, 64, 64), np.float32)).shape == (2, len(exported.class_ids))
+    assert exported.labels.species == names
 
 
 def test_device_export_fused_writes_geomoes_operator_and_refuses_it_for_torchscript(tmp_path):
@@ -265,7 +270,7 @@ def test_device_export_fused_writes_geomoes_operator_and_refuses_it_for_torchscr
     from geomoe.server.checkpoint import save_model
 
     torch.manual_seed(0)
-    save_model(GeoMoENet(ModelConfig(num_classes=8, num_experts=6)), tmp_path / "m.pt")
+    save_model(GeoMoENet(ModelConfig(num_classes=8, num_experts=6)), tmp_path / "m.pt", species=list("abcdefgh"))
     built = geomoe("device", "build-ops", "--out", str(tmp_path / "lib" / "ops.so"))
     assert built.returncode == 0, built.stderr
     assert (tmp_path / "lib" / "ops.so").stat().st_size > 0

@@ -16,6 +16,7 @@ import torch
 from geomoe.camera.runtime import DeviceConfig, DeviceRuntime
 from geomoe.model.config import ModelConfig
 from geomoe.model.network import GeoMoENet, prune_head
+from tests.camera.species import species_labels
 
 from ..camera.test_runtime import write_images
 from .test_fleet import docker_client, image_build
@@ -35,7 +36,7 @@ def camera_folder():
     try:
         torch.manual_seed(0)
         model = prune_head(GeoMoENet(ModelConfig(num_classes=8, num_experts=4)), [1, 4, 6])
-        export_onnx(model, folder / "model.onnx", 64, fused=True)
+        export_onnx(model, folder / "model.onnx", 64, species_labels(model), fused=True)
         write_images(folder / "images", 5)
         for path in [folder, *folder.rglob("*")]:
             path.chmod(0o777 if path.is_dir() else 0o644)  # the runtime writes results and prunes images
