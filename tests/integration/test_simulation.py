@@ -19,6 +19,7 @@ import torch
 
 from geomoe.bench.hostile import HOSTILE_APPS
 from geomoe.bench.processes import marked_processes
+from geomoe.camera.inference import load_exported
 from geomoe.sim.simulation import simulate
 
 from .conftest import SMALL_RUN, free_port, small_config, stop
@@ -99,6 +100,18 @@ def test_resume_after_a_kill_gives_the_same_model(tmp_path, model_cache):
     for key, value in a["model_state"].items():
         torch.testing.assert_close(b["model_state"][key], value, rtol=0, atol=1e-6, msg=key)
     assert json.loads((killed / "report.json").read_text())["rounds"][1]["round"] == 2
+
+    # A cell of the finished run, pruned and exported for a camera, names species as the run's dataset does.
+    cell = json.loads((uninterrupted / "report.json").read_text())["locations"][0]["cell"]
+    geomoe = [sys.executable, "-m", "geomoe.cli"]
+    for args in (
+        ["prune", "--run", str(uninterrupted), "--cell", cell, "--out", str(tmp_path / "cell.pt")],
+        ["device", "export", "--model", str(tmp_path / "cell.pt"), "--out", str(tmp_path / "cell.ts")],
+    ):
+        step = subprocess.run([*geomoe, *args], capture_output=True, text=True, timeout=300)
+        assert step.returncode == 0, step.stderr[-2000:]  # fmt: skip
+    labels = load_exported(tmp_path / "cell.ts").labels
+    assert labels.species == a["species"] and len(a["species"]) == small_config(killed, model_cache).model.num_classes
 
 
 def test_sim_runs_its_clients_on_a_ray_cluster_started_apart(tmp_path, model_cache):
