@@ -8,6 +8,7 @@ onnxruntime (ONNX).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import io
 import json
@@ -31,8 +32,6 @@ LABELS_FILE = "labels.json"
 def labels_for(model: GeoMoENet, species: list[str]) -> Labels:
     """The labels of an export of `model` in a run of `species`: its version is a digest of its weights, so two
     exports of one model share it and any retrained model differs."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

@@ -192,23 +192,24 @@ class DeviceRuntime:
                 continue
         return entries
 
+    def _unclassified(self) -> list[tuple[Path, os.stat_result]]:
+        """Entries with an image name that no result line records yet."""
+        return [
+            (path, status) for path, status in self._entries()
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.name not in self.done
+        ]  # fmt: skip
+
     def unsettled(self) -> int:
         """Images not yet classified that are younger than `settle_s` (maybe still being written): left for later."""
         settled = time.time() - self.cfg.settle_s
-        return sum(
-            1 for path, status in self._entries()
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.name not in self.done and stat.S_ISREG(status.st_mode)
-            and status.st_mtime > settled
-        )  # fmt: skip
+        return sum(stat.S_ISREG(s.st_mode) and s.st_mtime > settled for _, s in self._unclassified())
 
     def pending(self) -> list[Path]:
         """Images not yet classified that have settled, oldest first. Image names that are not regular files are
         recorded as skipped (once) and never opened."""
         settled = time.time() - self.cfg.settle_s
         files = []
-        for path, status in self._entries():
-            if path.suffix.lower() not in IMAGE_SUFFIXES or path.name in self.done:
-                continue
+        for path, status in self._unclassified():
             if not stat.S_ISREG(status.st_mode):
                 self._append(
                     {"image": path.name, "time": time.time(), "skipped": f"not a regular file ({kind(status)})"}
