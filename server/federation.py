@@ -223,13 +223,14 @@ class Federation:
         if not needs_keep or self.strategy.slicer.dense:
             return {}
         traffic: dict[int, dict] = {}
+        registered = registered_locations(self.grid)  # once: the node list does not change within this query
         with phase(f"routing query: {len(needs_keep)} nodes route the full model", self.console):
             for start in range(0, len(needs_keep), ROUTING_BATCH):  # a batch's messages in memory, not all of them
                 batch = needs_keep[start : start + ROUTING_BATCH]
                 replies, batch_traffic = self.exchange(
                     self.strategy.configure_query(batch, with_model=True), "routing query"
                 )
-                self.strategy.register(server_round, replies, registered_locations(self.grid))
+                self.strategy.register(server_round, replies, registered)
                 traffic |= batch_traffic
         return traffic
 
