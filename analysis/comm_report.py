@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from geomoe.analysis.links import LinkProfile  # noqa: E402
+from geomoe.world.links import LinkProfile  # noqa: E402
 
 
 def load_report(run_dir: Path) -> dict:

@@ -23,7 +23,7 @@ def report(
 ) -> None:
     """Per run: MB up/down per client per round, totals, accuracy, accuracy per MB and link times."""
     from geomoe.analysis.comm_report import load_report, plot, run_label, summarise_run, write_csv
-    from geomoe.analysis.links import parse_link
+    from geomoe.world.links import parse_link
 
     links = [parse_link(text) for text in link]
     reports = {run: load_report(run) for run in runs}

@@ -200,6 +200,8 @@ def train(message: Message, context: Context) -> Message:
         cfg, model, received, local, int(config["round"]), index, projections, superclasses
     )
     metrics["compute-seconds"] = time.perf_counter() - started  # the server tells its own share from the rest
+    if "version" in config:  # asynchronous runs: the model version this update was trained from
+        metrics["trained-from"] = int(config["version"])
     if projections is not None:
         context.state[PROJECTIONS] = msg.to_record(projections)
     if cfg.privacy.enabled:  # before compression: what is compressed (and its error feedback) is the clipped update

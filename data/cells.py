@@ -119,3 +119,11 @@ def coarsened(cells: list[str], level: int | None) -> tuple[list[str], list[int]
             coarse.append(token)
         index.append(coarse.index(token))
     return coarse, index
+
+
+def cell_longitude(token: str) -> float:
+    """Longitude of a cell's centre (degrees), or 0 for a client id that is not an S2 cell (a camera cluster's)."""
+    try:
+        return parse_cell(token).to_lat_lng().lng().degrees
+    except ValueError:
+        return 0.0

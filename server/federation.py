@@ -22,15 +22,18 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from rich.console import Console
 from rich.table import Table
 
 from geomoe.model.compute import on_device, resolve_device
 from geomoe.model.experts import shared_state
 from geomoe.model.training import evaluate
+from geomoe.server.buffered_run import BufferedRun
 from geomoe.server.checkpoint import atomic_write, load_model, save_model
 from geomoe.server.initial_model import initial_model
 from geomoe.server.progress import phase
+from geomoe.server.round_clock import SimulatedRounds
 from geomoe.server.state import ServerState
 from geomoe.server.strategy import GeoExpertStrategy, weighted_accuracy
 from geomoe.wire import messages as msg
@@ -117,6 +120,7 @@ class Federation:
 
     def __init__(self, grid: Grid, cfg: RunConfig, resume: bool = False, console: Console | None = None):
         self.grid = grid
+        self.simulated = isinstance(grid, InMemoryGrid)  # virtual nodes: the field's clock is simulated too
         self.out = Path(cfg.out)
         self.console = console or Console(stderr=True)
         cache_dir = cfg.cache_dir
@@ -242,13 +246,40 @@ class Federation:
         self.setup.setdefault("seconds", {})[f"query_{self.state.completed_round}"] = time.monotonic() - started
         self.setup.setdefault("traffic", {})
         self.setup["traffic"][str(self.state.completed_round)] = self._by_cell(setup_traffic)
+        extra = {}
+        if fed.mode == "async":
+            self.route_new(list(self.strategy.roster.nodes), self.state.completed_round)  # every node, at once
+            buffered = BufferedRun(self, simulated=self.simulated)
+            buffered.run()
+            extra = buffered.report()
+        else:
+            self.run_rounds()
+        self.strategy.reachable = None  # the final evaluation asks every node the SuperLink lists
+        self.final_evaluation()
+        self.checkpoint()
+        report = self.report() | extra
+        atomic_write(self.out / REPORT, json.dumps(finite_json(report), indent=2, allow_nan=False).encode())
+        return report
+
+    def run_rounds(self) -> None:
+        """Synchronous rounds: sample, send, wait up to the round timeout, aggregate, checkpoint."""
+        fed = self.cfg.federation
+        field = None
+        if self.simulated:
+            args = (fed.round_timeout_s, fed.message_ttl_s, self.cfg.train.epochs, self.state.clock_s)
+            field = SimulatedRounds(self.cfg.world.field_clock(), *args)
         for server_round in range(self.state.completed_round + 1, fed.rounds + 1):
+            if field is not None and fed.max_sim_hours is not None and field.now > fed.max_sim_hours * 3600:
+                self.state.stopped = f"simulated time reached {fed.max_sim_hours} hours"
+                break
             started = time.monotonic()
             clock = PhaseClock()
             new_nodes = sorted(set(self.grid.get_node_ids()) - set(self.strategy.roster.nodes))
             joined = self._by_cell(self.query_new(new_nodes, server_round))
             if not self.within_budget(server_round):
                 break
+            if field is not None:
+                self.strategy.reachable = field.online(self.strategy.roster.nodes)
             sampled = self.strategy.round_nodes(server_round, self.grid)
             routed = {**joined, **self._by_cell(self.route_new(sampled, server_round))}
             clock.lap("query")
@@ -260,6 +291,10 @@ class Federation:
             messages = list(self.strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), self.grid))
             clock.lap("configure")
             replies, traffic = self.exchange(messages, f"round {server_round}")
+            wasted = 0.0
+            if field is not None:
+                replies, wasted = field.in_time(replies, traffic, self.strategy.roster.nodes)
+                self.state.clock_s = field.now
             clock.lap("train")
             # The model the nodes received, before this update: measured only when some node replied.
             received_model_accuracy = self.server_accuracy() if any(not r.has_error() for r in replies) else None
@@ -289,17 +324,14 @@ class Federation:
                 "unknown_species_images": int(train_metrics["unknown_species_images"]) if train_metrics else 0,
                 "skipped_images": int(train_metrics["skipped_images"]) if train_metrics else 0,
             }
+            if field is not None:
+                row |= {"sim_hours": field.now / 3600, "wasted_node_hours": wasted}
             if self.cfg.privacy.enabled:
                 row |= {"clip_norm": clip_norm, "epsilon": self.strategy.epsilon()}
             self.state.rounds.append(row)
             self.state.completed_round = server_round
             self.checkpoint()
             self.console.print(self._round_line(row))
-        self.final_evaluation()
-        self.checkpoint()
-        report = self.report()
-        atomic_write(self.out / REPORT, json.dumps(finite_json(report), indent=2, allow_nan=False).encode())
-        return report
 
     def within_budget(self, server_round: int) -> bool:
         """Whether the round may run under privacy.epsilon_budget; over it, stop (or warn and go on)."""
@@ -396,6 +428,13 @@ class Federation:
         }
 
 
+def cell(value: object) -> str:
+    """A table cell: floats to 3 significant digits, nothing as a dash."""
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def summary_table(report: dict) -> Table:
     """Per round: accuracy of the model after it, mean bytes per client, images the nodes left out (species the
     run does not know, unreadable files) and the privacy spent (epsilon), the last three only when there are any."""
@@ -406,6 +445,8 @@ def summary_table(report: dict) -> Table:
             ("unknown_species_images", "unknown sp. imgs"),
             ("skipped_images", "unreadable imgs"),
             ("epsilon", "epsilon"),
+            ("sim_hours", "sim. hours"),
+            ("wasted_node_hours", "wasted node-h"),
         )
         if any(row.get(key) for row in report["rounds"])
     }
@@ -416,7 +457,8 @@ def summary_table(report: dict) -> Table:
     first = evaluations.get("0")
     if first:
         dashes = ["-"] * (3 + len(optional))
-        table.add_row("0", f"{first['accuracy']:.3f}", f"{first['server_accuracy']:.3f}", *dashes)
+        accuracy = f"{first['accuracy']:.3f}" if "accuracy" in first else "-"
+        table.add_row("0", accuracy, f"{first['server_accuracy']:.3f}", *dashes)
     for row in report["rounds"]:
         ev = evaluations.get(str(row["round"]), {})
         traffic = row["traffic"].values()
@@ -429,6 +471,6 @@ def summary_table(report: dict) -> Table:
             f"{sum(t['up'] for t in traffic) / n / 1e3:.1f}",
             f"{sum(t['down'] for t in row['traffic'].values()) / n / 1e3:.1f}",
             f"{sum(held) / max(len(held), 1):.1f}",
-            *(f"{row[key]:.3g}" if isinstance(row[key], float) else str(row[key]) for key in optional),
+            *(cell(row.get(key)) for key in optional),
         )
     return table

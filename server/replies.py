@@ -217,8 +217,18 @@ class ReplyReader:
             ),  # fmt: skip
             skipped_images=_number(metrics, "skipped-images", 0, looked_at, default=0.0),
             unclipped=self._unclipped(metrics),
-            compute_seconds=_number(metrics, "compute-seconds", 0, self.cfg.federation.round_timeout_s, default=0.0),
+            compute_seconds=_number(metrics, "compute-seconds", 0, self._longest_training(), default=0.0),
         )
+
+    def _longest_training(self) -> float:
+        """How long a node may say it trained: a round (sync), or a message's life (async)."""
+        fed = self.cfg.federation
+        return fed.round_timeout_s if fed.mode == "sync" else fed.message_ttl_s
+
+    def trained_from(self, reply: Message) -> int:
+        """The model version an asynchronous update says it was trained from (its train message's `version`)."""
+        _no_error(reply)
+        return _int(_record(reply, msg.METRICS, MetricRecord), "trained-from", 0, MAX_COUNT)
 
     def _unclipped(self, metrics: MetricRecord) -> float:
         """The adaptive clip's bit: 0 or 1 exactly (a node cannot move the clip more than one vote)."""

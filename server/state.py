@@ -19,4 +19,6 @@ class ServerState:
     clip_norm: float = 0.0  # the clip of the next round (privacy.clip_norm, then moved by adaptive clipping)
     mechanisms: list[dict] = field(default_factory=list)  # per noised round: sampling rate q, noise multiplier z
     rounds_taken: dict[str, int] = field(default_factory=dict)  # node -> rounds it sent an update (local noise)
+    clock_s: float = 0.0  # simulated runs: the field's time, seconds from the run's start
+    buffered: dict = field(default_factory=dict)  # async: row versions, clock, messages out (server/buffered_run)
     stopped: str = ""  # why training stopped before federation.rounds (the privacy budget), if it did

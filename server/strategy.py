@@ -62,10 +62,13 @@ class GeoExpertStrategy(Strategy):
         self.population: list[int] = []  # nodes that could have been sampled this round (fixed DP denominators)
         self.sampling_rate = 1.0  # q of this round
         self.asked_to_evaluate: set[int] = set()
+        self.reachable: set[int] | None = None  # simulated clock: the nodes whose link is up now; None: all listed
 
     # --- who takes part ------------------------------------------------------------------------
     def online(self, grid: Grid) -> list[int]:
-        return self.roster.online(grid.get_node_ids())
+        """Registered nodes the SuperLink lists (and, on a simulated clock, whose link is up: `reachable`)."""
+        listed = grid.get_node_ids()
+        return self.roster.online(listed if self.reachable is None else set(listed) & self.reachable)
 
     def round_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """The nodes sampled for `server_round` (deterministic, so the loop can prepare them first)."""
@@ -75,10 +78,11 @@ class GeoExpertStrategy(Strategy):
         return self.slicer.keep_known(self.roster.nodes[node_id])
 
     # --- messages ------------------------------------------------------------------------------
-    def message(self, node_id: int, server_round: int, kind: str) -> Message:
-        """A node's slice as a train or evaluate message; the base rides along until the node has confirmed it."""
+    def message(self, node_id: int, server_round: int, kind: str, piece: NodeSlice | None = None) -> Message:
+        """A node's slice (`piece`, else cut now) as a train or evaluate message; the base rides along until the
+        node has confirmed it."""
         node = self.roster.nodes[node_id]
-        piece = self.slicer.slice_for(node)
+        piece = piece or self.slicer.slice_for(node)
         config = {"round": server_round, "location": node.location}
         if self.privacy.enabled:
             config[msg.CLIP_NORM] = self.state.clip_norm

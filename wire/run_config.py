@@ -3,6 +3,9 @@
 Every concern has its own dataclass (world, model, conversion, local training, federation, privacy);
 `RunConfig` composes them. It round-trips through JSON exactly (the server sends it to clients
 in every message) and rejects unknown keys or wrong types with the dotted name of the field.
+
+Longer than 300 lines because every setting of the federation, with its comment and its check, reads in one place
+(the configuration reference is generated from these classes).
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ Trainable = Literal["experts", "experts+head", "all"]
 Weighting = Literal["tokens", "examples"]
 ServerOptimizer = Literal["fedavg", "fedadam", "fedyogi"]
 Aggregator = Literal["mean", "median", "trimmed_mean"]
-STRATEGIES, TRAINABLE, WEIGHTINGS, SERVER_OPTIMIZERS, AGGREGATORS = (
-    get_args(t) for t in (Strategy, Trainable, Weighting, ServerOptimizer, Aggregator)
+Mode = Literal["sync", "async"]
+STRATEGIES, TRAINABLE, WEIGHTINGS, SERVER_OPTIMIZERS, AGGREGATORS, MODES = (
+    get_args(t) for t in (Strategy, Trainable, Weighting, ServerOptimizer, Aggregator, Mode)
 )
 
 
@@ -41,7 +45,14 @@ class FederationConfig:
     __pydantic_config__ = {"extra": "forbid"}  # unknown keys are refused when pydantic builds it from a file
 
     strategy: Strategy = "expert"  # "expert": per-expert averaging of keep sets; "fedavg": every expert to everyone
-    rounds: int = 3  # federated rounds
+    mode: Mode = "sync"  # sync: rounds; async: buffered asynchronous aggregation (FedBuff) for sometimes-online nodes
+    rounds: int = 3  # federated rounds (async: aggregations, each a new model version)
+    buffer_size: int = 4  # async: aggregate every this many accepted updates
+    staleness_exponent: float = 0.5  # async: a row's update weighs (1 + s)^-a, s = aggregations that changed the row
+    max_staleness: int = 10  # async: an update with a row staler than this is refused
+    eval_every: int = 5  # async: evaluate, checkpoint and report every this many aggregations
+    message_ttl_s: float = 43200.0  # a train message is valid this long (Flower's default, 12 h); then sent again
+    max_sim_hours: float | None = None  # simulation: stop once the simulated clock passes this; None: run all rounds
     trainable: Trainable = "experts+head"  # what clients train: experts | experts+head | all (whole model)
     weighting: Weighting = "tokens"  # weight of a client's expert update: routed tokens or examples
     server_optimizer: ServerOptimizer = "fedavg"  # fedavg (plain mean) | fedadam | fedyogi on the pseudo-gradient
@@ -73,6 +84,7 @@ class FederationConfig:
             ("weighting", WEIGHTINGS),
             ("server_optimizer", SERVER_OPTIMIZERS),
             ("aggregator", AGGREGATORS),
+            ("mode", MODES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"federation.{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -82,6 +94,18 @@ class FederationConfig:
             raise ValueError(f"federation.server_eval_images must be >= 0 (0: all), got {self.server_eval_images}")
         if self.rounds < 1:
             raise ValueError(f"federation.rounds must be >= 1, got {self.rounds}")
+        for name in ("buffer_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"federation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_staleness < 0:
+            raise ValueError(f"federation.max_staleness must be >= 0, got {self.max_staleness}")
+        if not 0 <= self.staleness_exponent < float("inf"):
+            raise ValueError(f"federation.staleness_exponent must be a finite number >= 0, got "
+                             f"{self.staleness_exponent}")  # fmt: skip
+        if not 0 < self.message_ttl_s < float("inf"):
+            raise ValueError(f"federation.message_ttl_s must be a finite number > 0, got {self.message_ttl_s}")
+        if self.max_sim_hours is not None and not 0 < self.max_sim_hours < float("inf"):
+            raise ValueError(f"federation.max_sim_hours must be a finite number > 0, got {self.max_sim_hours}")
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError(f"federation.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         if self.robust_min_holders < 1:
@@ -130,6 +154,12 @@ class RunConfig:
             raise ValueError(
                 'privacy.clip_norm > 0 needs federation.trainable "experts" or "experts+head": with "all" the '
                 "backbone's BatchNorm statistics would travel, and noise can make a variance negative"
+            )
+        if self.privacy.enabled and self.federation.mode == "async":
+            raise ValueError(
+                'privacy.clip_norm > 0 needs federation.mode = "sync": the accountant assumes each round samples '
+                "nodes at random (Poisson); under async, who contributes depends on when devices are online, which "
+                "no accountant here bounds (docs: Field links)"
             )
         if self.privacy.enabled and self.federation.aggregator != "mean":
             raise ValueError(

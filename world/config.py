@@ -15,7 +15,11 @@ from typing import Literal, get_args
 from geomoe.data.datasets import DataFiles
 from geomoe.data.images import ImageConfig
 from geomoe.data.synthetic import SyntheticConfig
+from geomoe.world.availability import Availability
+from geomoe.world.clock import FieldClock
+from geomoe.world.links import parse_link
 
+FIELD_KEYS = ("availability", "availability_share", "device_speed", "seconds_per_example", "link")
 ClientMode = Literal["locations", "cells"]
 CLIENT_MODES = get_args(ClientMode)
 
@@ -38,12 +42,32 @@ class WorldConfig:
     server_fraction: float = 0.3  # share of all examples kept by the server for pretraining
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train / val / test per client
     seed: int = 0  # the world's splits (server, train, val, test); apart from the run's seed: runs compare on one world
+    # The field a simulation plays in (simulated clock; a deployment's devices have their own): not part of the data.
+    availability: str = "always"  # when a node's link is up: always | daily:HH-HH[,HH-HH] | duty:P | trace .csv
+    availability_share: float = 1.0  # share of the nodes (drawn from world.seed) that follow it; the rest: always
+    device_speed: float = 1.0  # how many times slower than this machine a device trains (docs: Field links)
+    seconds_per_example: float = 0.004  # this machine's training time per example and epoch (simulated clock)
+    link: str = "wifi"  # the nodes' link: lora | iridium | 3g | lte-m | wifi | name:bps:latency_s:overhead_bytes
 
     def __post_init__(self) -> None:
         if self.clients not in CLIENT_MODES:
             raise ValueError(f"world.clients={self.clients!r} is not one of {CLIENT_MODES}")
         if not 0 <= self.server_fraction < 1:
             raise ValueError(f"world.server_fraction must lie in [0, 1), got {self.server_fraction}")
+        for name in ("device_speed", "seconds_per_example"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"world.{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not self.availability.endswith(".csv"):  # a trace is read where the clock runs (the server), not on nodes
+            self.field_clock()  # a bad availability spec, share or link fails here, naming the setting
+
+    def field_clock(self) -> FieldClock:
+        """The simulated clock of this world's field."""
+        try:
+            link = parse_link(self.link)
+        except ValueError as error:
+            raise ValueError(f"world.link: {error}") from None
+        availability = Availability(self.availability, self.availability_share, self.seed)
+        return FieldClock(availability, link, self.device_speed, self.seconds_per_example)
 
     def input_size(self) -> int:
         """Side of the images the model sees: generated at the synthetic size, or decoded to `images.size`."""
@@ -53,6 +77,7 @@ class WorldConfig:
         """Identity of the world this config builds from the files as they are now (the image pipeline does
         not change it; a newer annotation or split file does)."""
         data = dataclasses.asdict(self)
-        data.pop("images")
+        for name in ("images", *FIELD_KEYS):
+            data.pop(name)
         data["inputs"] = self.files.fingerprint()
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

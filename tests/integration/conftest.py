@@ -7,9 +7,12 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import uuid
+from pathlib import Path
 
 import pytest
+import torch
 
 from geomoe.bench.processes import marked_processes
 from geomoe.wire.run_config import RunConfig
@@ -75,3 +78,26 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def kill_after_checkpoint(command: list[str], out: Path, rounds_done: int = 1) -> None:
+    """Run `command` (a `geomoe sim`), and SIGKILL its whole process group once `out/checkpoint.pt` records
+    `rounds_done` completed rounds (async: aggregations): a crash mid-run, after a checkpoint."""
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            checkpoint = out / "checkpoint.pt"
+            if (
+                checkpoint.is_file()
+                and torch.load(checkpoint, weights_only=False)["server_state"]["completed_round"] >= rounds_done
+            ):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the run wrote no checkpoint of {rounds_done} rounds in time")
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        stop(process)
+    assert not (out / "report.json").exists(), "the run finished before it was killed"

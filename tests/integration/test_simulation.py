@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from geomoe.bench.processes import marked_processes
 from geomoe.camera.inference import load_exported
 from geomoe.sim.simulation import simulate
 
-from .conftest import SMALL_RUN, free_port, small_config, stop
+from .conftest import SMALL_RUN, free_port, kill_after_checkpoint, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -73,25 +72,7 @@ def test_resume_after_a_kill_gives_the_same_model(tmp_path, model_cache):
     assert "final accuracy" in straight.stdout
 
     killed = tmp_path / "killed"
-    command = sim_command(killed, model_cache)
-    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            checkpoint = killed / "checkpoint.pt"
-            if (
-                checkpoint.is_file()
-                and torch.load(checkpoint, weights_only=False)["server_state"]["completed_round"] >= 1
-            ):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the run wrote no checkpoint of round 1 in time")
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    finally:
-        stop(process)
-    assert not (killed / "report.json").exists(), "the run finished before it was killed"
+    kill_after_checkpoint(sim_command(killed, model_cache), killed)
 
     simulate(small_config(killed, model_cache, rounds=2), resume=True)
     a = torch.load(uninterrupted / "checkpoint.pt", weights_only=False)

@@ -23,6 +23,8 @@ VALID_CHANGES = {
     "federation.download_compression": "fp16",
     "world.dataset": "inat2017",
     "world.split": [0.5, 0.25, 0.25],
+    "world.availability": "duty:0.5",
+    "world.link": "lora",
     "world.images.mean": [0.485, 0.456, 0.406],
     "world.images.std": [0.229, 0.224, 0.225],
     "federation.keep.always_keep": {"1": [0, 2]},
@@ -39,6 +41,7 @@ VALID_CHANGES = {
     "federation.keep.max_per_layer": 3,
     "privacy.clip_count_stddev": 0.5,
     "privacy.epsilon_budget": 3.0,
+    "federation.max_sim_hours": 168.0,
 }
 
 # Settings that only make sense with another one set first: (key, value) applied before the change.
