@@ -3,12 +3,13 @@
 The node of partition 0 trains honestly, then sends its update scaled (x10, a model-replacement attempt) or
 sign-flipped (x-4, pushing the model away from what its data says). Corrupting after training keeps the attack
 inside the server's bounds on what a reply may be (sizes, shapes, codec), so what decides its effect is the
-aggregator. Run them with `geomoe.sim.simulation.simulate(..., client_app=HOSTILE_APPS[name])`; never deployed.
+aggregator. A third kind replays its first update forever (duplicate deliveries, for asynchronous runs). Run them
+with `geomoe.sim.simulation.simulate(..., client_app=HOSTILE_APPS[name])`; never deployed.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -39,9 +40,22 @@ def corrupting(factor: float):
     return mod
 
 
+def replaying(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A Flower mod: partition 0 answers every train message after its first with its first update again, as a
+    store-and-forward node whose acknowledgements never arrive would (the server must count it once)."""
+    if message.metadata.message_type != "train" or int(context.node_config.get("partition-id", -1)) != 0:
+        return call_next(message, context)
+    if "first" not in _REPLAYED:
+        _REPLAYED["first"] = call_next(message, context).content
+    return Message(_REPLAYED["first"], reply_to=message)
+
+
+_REPLAYED: dict[str, RecordDict] = {}  # partition 0's first update, in the process that runs it
+
+
 def hostile_app(attack: str) -> ClientApp:
     """geomoe's ClientApp (same query, train and evaluate) with `attack` applied to partition 0's updates."""
-    app = ClientApp(mods=[corrupting(ATTACK_FACTORS[attack])])
+    app = ClientApp(mods=[replaying] if attack == "replaying" else [corrupting(ATTACK_FACTORS[attack])])
     app.query()(honest.query)
     app.train()(honest.train)
     app.evaluate()(honest.evaluate)
@@ -50,4 +64,7 @@ def hostile_app(attack: str) -> ClientApp:
 
 scaled = hostile_app("scaled")
 sign_flipped = hostile_app("sign_flipped")
-HOSTILE_APPS = {name: f"geomoe.bench.hostile:{name}" for name in ATTACK_FACTORS}
+replayed = hostile_app("replaying")
+HOSTILE_APPS = {name: f"geomoe.bench.hostile:{name}" for name in ATTACK_FACTORS} | {
+    "replaying": "geomoe.bench.hostile:replayed"
+}

@@ -145,3 +145,4 @@ def ep(
 app.command("comm")(bench_runs.comm)
 app.command("privacy")(bench_runs.privacy)
 app.command("scale")(bench_runs.scale)
+app.command("links")(bench_runs.links)

@@ -107,3 +107,54 @@ def scale(
         )
     console.print(table)
     console.print(f"wrote {out / 'bench_scale.json'} and {out / 'bench_scale.png'}")
+
+
+QUICK_LINKS = {  # a world small enough for a CI-scale check: 3 cells, 8 experts, short pretraining
+    "world.synthetic.num_observations": 3000,
+    "world.num_locations": 3,
+    "world.n_max": 300,
+    "federation.pretrain_epochs": 3,
+    "model.num_experts": 8,
+    "federation.buffer_size": 2,
+    "federation.eval_every": 2,
+}
+
+
+def links(
+    out: Path = typer.Option(Path("runs/bench-links"), help="Folder for the runs, bench_links.json and .png."),
+    sync_rounds: int = typer.Option(10, help="Rounds of each synchronous run (at most)."),
+    async_aggregations: int = typer.Option(20, help="Aggregations of each asynchronous run (at most)."),
+    train_minutes: float = typer.Option(20.0, help="Simulated minutes a device's local training takes."),
+    round_timeout_min: float = typer.Option(60.0, help="How long a synchronous round waits (simulated minutes)."),
+    quick: bool = typer.Option(False, help="A 3-cell world with short pretraining, for a quick check."),
+    config: Path = CONFIG_OPTION,
+    set_: list[str] = SET_OPTION,
+) -> None:
+    """Sync rounds vs async buffered aggregation under three availability traces, on the simulated clock."""
+    from geomoe.bench.links import bench_links
+    from geomoe.wire.run_config import build_run_config
+
+    flags = {**(QUICK_LINKS if quick else {}), "federation.round_timeout_s": round_timeout_min * 60}
+    base = build_run_config(config, flags, set_)
+    result = bench_links(out, base, sync_rounds, async_aggregations, train_minutes, announce=console.print)
+    table = Table(title=f"sync vs async ({result['nodes']} nodes; target accuracy {result['target_accuracy']:.3f})")
+    for column in ("run", "updates", "sim. hours", "hours to target", "MB to target", "acc. after a week",
+                   "refused stale", "wasted node-h"):  # fmt: skip
+        table.add_column(column, justify="right")
+
+    def number(value: float | None, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    for name, run in result["runs"].items():
+        table.add_row(
+            name,
+            str(run["updates_aggregated"]),
+            number(run["sim_hours"], ".1f"),
+            number(run["hours_to_target"], ".1f"),
+            number(run["bytes_to_target"] and run["bytes_to_target"] / 1e6, ".2f"),
+            number(run["accuracy_after_a_week"], ".3f"),
+            str(run["refused_stale"]),
+            number(run["wasted_node_hours"], ".2f"),
+        )
+    console.print(table)
+    console.print(f"wrote {out / 'bench_links.json'} and {out / 'bench_links.png'}")

@@ -4,7 +4,9 @@ The same code runs in simulation and on devices; only the node config differs:
 `partition-id` (a simulated cell of the server's world file), `data=/path` (the device's own
 labelled images, with `lat`/`lon`), or only `lat`/`lon` (a cell of the world file found by its
 coordinates, for trials on the server's host). The run's configuration and what the query told the node
-(species names, client cells, world file) arrive with the query and are kept in its node state.
+(species names, client cells, world file) arrive with the query and are kept in its node state. A field device
+names a state folder (`state=/path`): in an asynchronous run its finished updates wait there until the server has
+settled them (store-and-forward, `client/outbox.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from geomoe.client.data import LocalData, cell_data, device_data
+from geomoe.client.outbox import Outbox
 from geomoe.client.task import (
     Received,
     build_model,
@@ -176,6 +179,8 @@ def query(message: Message, context: Context) -> Message:
         "unknown-species": json.dumps(dict(local.unknown_species)),
         "skipped": json.dumps(dict(local.skipped)),
     }
+    if "state" in context.node_config:  # a field device: the id that names it again after a reboot
+        info["device"] = Outbox(Path(str(context.node_config["state"]))).device_id()
     content = RecordDict({msg.INFO: ConfigRecord(info)})
     if msg.EXPERTS in message.content:
         model = build_model(cfg.model, _base(message, context, world), _received(message, cfg))
@@ -190,6 +195,13 @@ def train(message: Message, context: Context) -> Message:
     config = message.content[msg.CONFIG]
     world = _world(message, context)
     local, index = local_data(cfg, world, dict(context.node_config))
+    outbox = Outbox(Path(str(context.node_config["state"]))) if "state" in context.node_config else None
+    if outbox is not None and "version" in config:  # a field node, asynchronous run: store-and-forward
+        outbox.settle(int(config["settled"]))
+        if (kept := outbox.kept()) is not None:
+            return Message(kept[1], reply_to=message)  # the finished update the server has not settled yet
+        if not outbox.fresh(int(config["version"]), local.fingerprint()):
+            return Message(RecordDict({msg.METRICS: MetricRecord({"idle": 1.0})}), reply_to=message)
     received = _received(message, cfg)
     model = build_model(cfg.model, _base(message, context, world), received)
     started = time.perf_counter()
@@ -223,6 +235,8 @@ def train(message: Message, context: Context) -> Message:
     msg.pack(reply, msg.UPDATE, deltas, cfg.federation.upload_compression, feedback)
     if feedback.residuals:
         context.state[FEEDBACK] = msg.to_record(feedback.residuals)
+    if outbox is not None and "version" in config:
+        outbox.keep(int(config["version"]), reply, local.fingerprint())  # on disk, whole, before it is sent
     return Message(reply, reply_to=message)
 
 

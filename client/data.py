@@ -8,6 +8,7 @@ was left out (species the run does not know, unreadable images), which the node 
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,11 @@ class LocalData:
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {SPLITS}")
         return getattr(self, split)
+
+    def fingerprint(self) -> str:
+        """What this node's training split holds (its images and labels): changes when labelled images come in."""
+        digest = hashlib.sha256(self.train.tobytes() + self.data.labels[self.train].tobytes())
+        return digest.hexdigest()[:16]
 
     def species(self) -> list[int]:
         """Run species ids present in the training split."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from geomoe.data.cells import cell_longitude
 from geomoe.server.acceptance import outliers, unreadable
@@ -26,6 +26,16 @@ from geomoe.server.slicing import NodeSlice
 from geomoe.server.strategy import weighted_accuracy
 
 log = logging.getLogger("geomoe.server")
+
+
+@dataclass
+class Buffered:
+    """An accepted update waiting for the next aggregation."""
+
+    node: QueryReply
+    reply: TrainReply  # its rows already discounted for staleness
+    staleness: int  # of its stalest row
+    version: int  # the model version it was trained from
 
 
 class BufferedRun:
@@ -45,6 +55,7 @@ class BufferedRun:
         self.ledger.aggregated = {(name, v) for name, v in saved.get("taken", [])}
         self.ledger.retired = {(name, v) for name, v in saved.get("retired", [])}
         self.refused = Counter(saved.get("refused", {}))
+        self.settled: dict[str, int] = dict(saved.get("settled", {}))  # node -> newest version of its update settled
         now = federation.state.clock_s
         self.simulated = simulated
         self.field: Field = (
@@ -54,7 +65,7 @@ class BufferedRun:
         )
         self.pieces: dict[int, tuple[int, NodeSlice, Sent]] = {}  # node -> its last message: version, slice, rows
         self.waiting: set[int] = set()  # nodes that answered and have nothing newer to train yet
-        self.buffer: list[tuple[QueryReply, TrainReply, int]] = []  # accepted updates with their staleness
+        self.buffer: list[Buffered] = []  # accepted updates waiting for the next aggregation
         self.latest: dict[str, Evaluation] = {}  # node -> accuracy of the last slice it received
         self.initial: dict[str, Evaluation] = {}  # node -> accuracy of the initial model's slice (version 0)
         self.initial_accuracy: float | None = None  # the server's score of the initial model
@@ -74,6 +85,7 @@ class BufferedRun:
             sent = Sent(spec_of(piece.trained()), saved["rows"], saved["sent_at"])
         message = self.strategy.message(node_id, version + 1, "train", piece)
         message.content["config"]["version"] = version
+        message.content["config"]["settled"] = self.settled.get(node.name, -1)  # a field node drops these
         self.ledger.record(node.name, version, sent)
         self.pieces[node_id] = (version, piece, sent)
         examples = node.train_examples * self.cfg.train.epochs
@@ -98,8 +110,12 @@ class BufferedRun:
         node = self.strategy.roster.nodes[node_id]
         if not reply.has_error():
             self.count(node_id, "up", arrival.out.up_bytes)
+        if self.strategy.reader.idle(reply):  # a field node with nothing newer to train on
+            self.waiting.add(node_id)
+            return
         try:
             version = self.strategy.reader.trained_from(reply)
+            self.settled[node.name] = max(self.settled.get(node.name, -1), min(version, self.version))
             sent = self.ledger.claim(node.name, version, self.version)
             parsed = self.strategy.reader.train(reply, sent.spec, node, self.strategy.roster.examples_cap(node_id))
             staleness = self.versions.staleness(sent)
@@ -112,7 +128,7 @@ class BufferedRun:
             self.ledger.take(node.name, version)
             self.strategy.roster.confirm_base(node_id)
             discount(parsed, staleness, self.fed.staleness_exponent)
-            self.buffer.append((node, parsed, stale))
+            self.buffer.append(Buffered(node, parsed, stale, version))
             if parsed.received is not None:
                 self.latest[node.name] = parsed.received
                 if version == 0:
@@ -125,18 +141,17 @@ class BufferedRun:
     # --- aggregation ---------------------------------------------------------------------------
     def aggregate(self) -> None:
         """One model version from the buffer: per-row (robust) means of the discounted updates."""
-        parsed = {index: reply for index, (_, reply, _) in enumerate(self.buffer)}
+        parsed = {index: item.reply for index, item in enumerate(self.buffer)}
         left_out = outliers(parsed, self.fed.outlier_factor)
         for index, reason in left_out.items():
-            node = self.buffer[index][0]
-            self.strategy.rejections.reject(self.version + 1, -1, f"{node.name}: {reason}", "train")
+            self.strategy.rejections.reject(self.version + 1, -1, f"{self.buffer[index].node.name}: {reason}", "train")
         kept = [item for index, item in enumerate(self.buffer) if index not in left_out]
-        accepted = [(node, reply) for node, reply, _ in kept]
+        accepted = [(item.node, item.reply) for item in kept]
         roster = self.strategy.roster
         population = [node for node in roster.nodes.values() if self.strategy.slicer.keep_known(node)]
         if accepted:
             self.strategy.updater.apply(accepted, population)
-            self.versions.advance([reply for _, reply in accepted])
+            self.versions.advance([item.reply for item in kept])
         self.version += 1
         self.ledger.forget_stale(self.versions, self.fed.max_staleness)
         self.record(kept)
@@ -145,26 +160,27 @@ class BufferedRun:
             if self.changed_since(node_id):
                 self.send(node_id)
 
-    def record(self, kept: list[tuple[QueryReply, TrainReply, int]]) -> None:
+    def record(self, kept: list[Buffered]) -> None:
         """The aggregation's report row, in the sync rows' shape (a row per model version)."""
-        examples = sum(reply.examples for _, reply, _ in kept)
-        names = self.strategy.roster.name
+        replies = [item.reply for item in kept]
+        examples = sum(reply.examples for reply in replies)
         slicer = self.strategy.slicer
         row = {
             "round": self.version,
             "seconds": time.monotonic() - self.started,
             "sim_hours": self.field.now / 3600 if self.simulated else None,
             "phases": {},
-            "client_compute_seconds": sum(reply.compute_seconds for _, reply, _ in kept),
-            "train_loss": sum(r.train_loss * r.examples for _, r, _ in kept) / examples if examples else None,
+            "client_compute_seconds": sum(reply.compute_seconds for reply in replies),
+            "train_loss": sum(r.train_loss * r.examples for r in replies) / examples if examples else None,
             "replies": len(kept),
-            "staleness": [stale for _, _, stale in kept],
-            "traffic": {names(n): t for n, t in self.traffic.items()},
-            "experts_held": {node.name: sum(len(v) for v in slicer.keep_for(node).values()) for node, _, _ in kept},
+            "staleness": [item.staleness for item in kept],
+            "updates": [[item.node.name, item.version, item.staleness] for item in kept],  # node, trained from, s
+            "traffic": {self.strategy.roster.name(n): t for n, t in self.traffic.items()},
+            "experts_held": {item.node.name: sum(len(v) for v in slicer.keep_for(item.node).values()) for item in kept},
             "rejected": self.strategy.rejections.of_round(self.version),
-            "sampled": [node.name for node, _, _ in kept],
-            "unknown_species_images": int(sum(reply.unknown_species_images for _, reply, _ in kept)),
-            "skipped_images": int(sum(reply.skipped_images for _, reply, _ in kept)),
+            "sampled": [item.node.name for item in kept],
+            "unknown_species_images": int(sum(reply.unknown_species_images for reply in replies)),
+            "skipped_images": int(sum(reply.skipped_images for reply in replies)),
         }
         self.federation.state.rounds.append(row)
         self.federation.state.completed_round = self.version
@@ -198,6 +214,7 @@ class BufferedRun:
             "taken": sorted(self.ledger.aggregated),
             "retired": sorted(self.ledger.retired),
             "refused": dict(self.refused),
+            "settled": dict(self.settled),
             "out": {
                 names(node_id): {
                     "version": version,
@@ -232,12 +249,19 @@ class BufferedRun:
         if self.version == 0:
             self.initial_accuracy = self.federation.server_accuracy()
         self.start()
+        quiet_since = time.monotonic()
         while self.version < self.fed.rounds:
             arrival = self.field.next()
+            if not self.simulated:
+                self.join()
             if arrival is None:
-                self.federation.console.print("stopped: no node has a message out that it can answer")
-                self.federation.state.stopped = "no node left to answer"
-                break
+                quiet = time.monotonic() - quiet_since
+                if self.simulated or (not self.field.out and quiet > self.fed.round_timeout_s):
+                    self.federation.console.print("stopped: no node has a message out that it can answer")
+                    self.federation.state.stopped = "no node left to answer"
+                    break
+                continue
+            quiet_since = time.monotonic()
             if arrival.at > limit_s:
                 self.federation.state.stopped = f"simulated time reached {self.fed.max_sim_hours} hours"
                 break
@@ -248,6 +272,22 @@ class BufferedRun:
                     self.evaluate_and_checkpoint()
         if self.version % self.fed.eval_every and self.version != self.fed.rounds:
             self.evaluate_and_checkpoint()
+
+    def join(self) -> None:
+        """Live: forget nodes the SuperLink no longer lists, and query, route and send to nodes that joined (a
+        device switched on, or back after a reboot under a new id: it takes its old place, `Roster.add`)."""
+        listed = set(self.federation.grid.get_node_ids())
+        new = sorted(listed - set(self.strategy.roster.nodes))
+        if new:
+            self.federation.query_new(new, self.version)
+            self.federation.route_new([n for n in new if n in self.strategy.roster.nodes], self.version)
+        for node_id in [n for n in self.pieces if n not in listed or n not in self.strategy.roster.nodes]:
+            self.field.drop(node_id)  # gone, or replaced by a newcomer in its place
+            del self.pieces[node_id]
+            self.waiting.discard(node_id)
+        for node_id in new:
+            if node_id in self.strategy.roster.nodes and self.strategy.keep_known(node_id):
+                self.send(node_id)
 
     def report(self) -> dict:
         """What the report adds for an asynchronous run."""

@@ -26,11 +26,12 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from rich.console import Console
 from rich.table import Table
 
+from geomoe.data.atomic_file import atomic_write
 from geomoe.model.compute import on_device, resolve_device
 from geomoe.model.experts import shared_state
 from geomoe.model.training import evaluate
 from geomoe.server.buffered_run import BufferedRun
-from geomoe.server.checkpoint import atomic_write, load_model, save_model
+from geomoe.server.checkpoint import load_model, save_model
 from geomoe.server.initial_model import initial_model
 from geomoe.server.progress import phase
 from geomoe.server.round_clock import SimulatedRounds
@@ -204,7 +205,7 @@ class Federation:
             return {}
         with phase(f"querying {len(nodes)} nodes", self.console):
             replies, traffic = self.exchange(self.strategy.configure_query(nodes, with_model=False), "query")
-        self.strategy.register(server_round, replies, registered_locations(self.grid))
+        self.strategy.register(server_round, replies, registered_locations(self.grid), set(self.grid.get_node_ids()))
         self.charge_shared_base(traffic)
         if self.cfg.world.clients == "locations":
             for node, t in self.route_new([n for n in nodes if n in self.strategy.roster.nodes], server_round).items():
@@ -234,7 +235,7 @@ class Federation:
                 replies, batch_traffic = self.exchange(
                     self.strategy.configure_query(batch, with_model=True), "routing query"
                 )
-                self.strategy.register(server_round, replies, registered)
+                self.strategy.register(server_round, replies, registered, set(self.grid.get_node_ids()))
                 traffic |= batch_traffic
         return traffic
 

@@ -24,6 +24,7 @@ from geomoe.world.clock import FieldClock, Trip
 
 log = logging.getLogger("geomoe.server")
 POLL_S = 0.05  # how often the server asks the SuperLink for replies
+IDLE_S = 2.0  # a live field with no reply for this long hands control back (new nodes may have joined)
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Field:
         return self.now
 
     def next(self) -> Arrival | None:
-        """The next reply to reach the server, waiting for it; None when no message is out."""
+        """The next reply to reach the server, waiting for it; None when there is none to wait for."""
         raise NotImplementedError
 
 
@@ -136,7 +137,9 @@ class LiveField(Field):
         return self.now
 
     def next(self) -> Arrival | None:
-        while self.out:
+        """The first reply in, waiting at most `IDLE_S`; None when none came (the loop may take in new nodes)."""
+        waited = time.monotonic() + IDLE_S
+        while time.monotonic() < waited:
             self._pull()
             self.tick()
             answered = [o for o in self.out.values() if o.reply is not None]
@@ -150,3 +153,7 @@ class LiveField(Field):
                 self.resend(out.node_id)
             time.sleep(POLL_S * 20)
         return None
+
+    def drop(self, node_id: int) -> None:
+        """A node gone from the SuperLink: its message out is given up."""
+        self.out.pop(node_id, None)

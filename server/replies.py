@@ -109,6 +109,7 @@ class QueryReply:
     routing: RoutingStats | None = None  # how its validation images route (when it was sent the model)
     name: str = ""  # how reports name the node: its cell, or cell~node-id when another node reports that cell
     base_from_file: bool = False  # a virtual node that read the base from the server's file (was not sent it)
+    device: str = ""  # a field node's own id, kept in its state folder: the same device after a reboot
 
     def __post_init__(self) -> None:
         self.name = self.name or self.cell
@@ -187,6 +188,7 @@ class ReplyReader:
             unknown_species=_counts(info, "unknown-species"),
             skipped=_counts(info, "skipped"),
             routing=routing,
+            device=_text(info, "device", MAX_NAME_CHARS, required=False),
         )
 
     # --- train -----------------------------------------------------------------------------------
@@ -224,6 +226,13 @@ class ReplyReader:
         """How long a node may say it trained: a round (sync), or a message's life (async)."""
         fed = self.cfg.federation
         return fed.round_timeout_s if fed.mode == "sync" else fed.message_ttl_s
+
+    def idle(self, reply: Message) -> bool:
+        """Whether an asynchronous reply says the node had nothing newer to train on (and carries no update)."""
+        if reply.has_error() or msg.METRICS not in reply.content or msg.UPDATE in reply.content:
+            return False
+        metrics = reply.content[msg.METRICS]
+        return isinstance(metrics, MetricRecord) and metrics.get("idle") == 1.0
 
     def trained_from(self, reply: Message) -> int:
         """The model version an asynchronous update says it was trained from (its train message's `version`)."""

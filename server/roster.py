@@ -21,14 +21,27 @@ class Roster:
         self.nodes: dict[int, QueryReply] = {}
         self.base_sent: set[int] = set()  # nodes sent the base whose reply has not yet confirmed it arrived
 
-    def add(self, node_id: int, node: QueryReply) -> None:
-        """Register (or re-register) a node, naming it apart when another node reports the same cell."""
+    def add(self, node_id: int, node: QueryReply, connected: set[int] | None = None) -> None:
+        """Register (or re-register) a node, naming it apart when another node reports the same cell. Where that
+        other node is no longer `connected` (the SuperLink's list), or says it is the same device (the id a field
+        node keeps in its state folder), the newcomer is that device back under a new node id (a reboot, a new
+        SuperNode process): it takes the old node's place and name."""
         if node.unknown_species:
             names = ", ".join(f"{name} ({n})" for name, n in sorted(node.unknown_species.items()))
             log.warning("node %s (%s): images of species this run does not know: %s", node_id, node.cell, names)
         if node.skipped:
             log.warning("node %s (%s): left out of its data: %s", node_id, node.cell, node.skipped)
-        if any(other.name == node.cell for other_id, other in self.nodes.items() if other_id != node_id):
+        itself = next((other for other, known in self.nodes.items()
+                       if other != node_id and node.device and known.device == node.device), None)  # fmt: skip
+        holder = next((other for other, known in self.nodes.items() if other != node_id and known.name == node.cell),
+                      None)  # fmt: skip
+        if itself is not None:  # its state folder says it is a device the run knows: back after a reboot
+            log.info("node %s is device %s (node %s before): it takes its old place", node_id, node.device, itself)
+            node.name = self.nodes.pop(itself).name
+        elif holder is not None and connected is not None and holder not in connected:
+            log.info("node %s (%s) takes the place of node %s, gone from the SuperLink", node_id, node.cell, holder)
+            del self.nodes[holder]
+        elif holder is not None:
             node.name = f"{node.cell}~{node_id}"  # two devices in one cell (or one coarse cell) stay apart
         node.routing = None  # used once; thousands of nodes need not keep their routing graphs
         self.nodes[node_id] = node

@@ -234,11 +234,16 @@ class GeoExpertStrategy(Strategy):
         return node
 
     def register(
-        self, server_round: int, replies: Iterable[Message], registered: dict[int, tuple[float, float]] | None = None
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        registered: dict[int, tuple[float, float]] | None = None,
+        connected: set[int] | None = None,
     ) -> None:
         """Record each node's location and, from its routing statistics, its location's keep set. A node in
         `registered` (node id -> the (lat, lon) it was registered with on the SuperLink) is placed by that, not by
-        what it says. A query reply that cannot be read leaves its node unregistered (asked again next round),
+        what it says; `connected` (the SuperLink's node list) lets a rebooted device take its old place (`Roster.add`).
+        A query reply that cannot be read leaves its node unregistered (asked again next round),
         never the run ended."""
         replies, registered = list(replies), registered or {}
         parsed = read_once(
@@ -248,7 +253,7 @@ class GeoExpertStrategy(Strategy):
         for node_id, node in parsed.items():
             if node.routing is not None and node.location not in self.state.keep:
                 self.state.keep[node.location] = keep_set(node.routing, self.fed.keep)
-            self.roster.add(node_id, node)
+            self.roster.add(node_id, node, connected)
 
 
 def weighted_accuracy(per_cell: dict[str, dict[str, float]]) -> dict[str, float]:

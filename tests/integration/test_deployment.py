@@ -22,6 +22,7 @@ from geomoe.world.export import export_world
 from geomoe.world.world import World
 
 from .conftest import free_port, small_config, stop
+from .link_proxy import LinkProxy
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,9 +54,9 @@ def flwr_command(connection: str, cfg, tmp_path: Path, extra: str = "", rounds: 
 
 
 @contextmanager
-def federation(tmp_path, node_configs: list[str]):
+def federation(tmp_path, node_configs: list[str], proxy: LinkProxy | None = None):
     """A SuperLink and one SuperNode per node config on 127.0.0.1; yields the env for `flwr run`, the nodes and a
-    function that starts one more node (a device joining later)."""
+    function that starts one more node (a device joining later; with `via_proxy`, over `proxy`'s link)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(tmp_path / "flwr-home")}
     link_port = free_port()
     (tmp_path / "flwr-home").mkdir()
@@ -64,13 +65,16 @@ def federation(tmp_path, node_configs: list[str]):
     )
     processes = []
 
-    def add_node(node_config: str) -> subprocess.Popen:
+    if proxy is not None:
+        proxy.target = link_port
+
+    def add_node(node_config: str, via_proxy: bool = False) -> subprocess.Popen:
         node_port, log = free_port(), tmp_path / f"supernode{len(processes)}.log"
         node_command = [
             str(BIN / "flower-supernode"),
             "--insecure",
             "--superlink",
-            f"127.0.0.1:{link_port}",
+            f"127.0.0.1:{proxy.port if via_proxy else link_port}",
             "--port",
             str(node_port),
             "--node-config",
@@ -234,3 +238,56 @@ def test_a_supernode_registered_with_a_location_is_placed_by_it_on_a_tls_superli
     report = json.loads((Path(cfg.out) / "report.json").read_text())
     assert [loc["cell"] for loc in report["locations"]] == [registered_at.cell]
     assert f"says it is in {says.cell} but was registered in {registered_at.cell}" in run.stdout + run.stderr
+
+
+def test_a_field_node_that_loses_its_link_and_reboots_delivers_its_update_once(tmp_path, model_cache):
+    """Async on a real SuperLink, one SuperNode over a link that drops: the node gets its train message, its link
+    goes down while it trains, and it is stopped (a reboot) with its finished update kept in its state folder.
+    Restarted later on the same folder (a new SuperNode, a new node id), it is known again by the device id in that
+    folder, answers its next message with the kept update, and that update is aggregated exactly once; the next
+    message settles it and the node deletes it."""
+    cfg = small_config(tmp_path / "run", model_cache)
+    cfg.federation.mode = "async"
+    cfg.federation.buffer_size = 1
+    cfg.federation.eval_every = 1
+    cfg.federation.message_ttl_s = 600.0  # long enough for a slow start of the ClientApp process
+    cfg.federation.round_timeout_s = 120.0
+    folders, _ = device_folders(tmp_path, cfg)
+    location = World(cfg.world).locations[0]
+    state = tmp_path / "device-state"
+    device = f'lat={location.lat} lon={location.lon} data="{folders / "L1"}" state="{state}"'
+    proxy = LinkProxy()
+    try:
+        with federation(tmp_path, [], proxy) as (env, nodes, add_node):
+            first = add_node(device, via_proxy=True)
+            command = flwr_command("test", cfg, tmp_path, rounds=3)
+            run = subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            )
+            try:
+                (log,) = tmp_path.glob("supernode*.log")  # the first SuperNode's
+                deadline = time.monotonic() + 600  # the server pretrains first when the model cache is cold
+                while log.read_text().count("Received successfully") < 3:  # query, routing query, train
+                    assert time.monotonic() < deadline and run.poll() is None, "the node got no train message"
+                    time.sleep(0.05)
+                proxy.down()  # the link drops while the node trains
+                while not list((state / "outbox").glob("update-*.pb")):
+                    assert time.monotonic() < deadline, "the node kept no finished update"
+                    time.sleep(0.1)
+                assert first.poll() is None  # the SuperNode lives on without its link, retrying
+                stop(first)  # the device reboots, its update undelivered
+                proxy.up()
+                add_node(device, via_proxy=True)  # back, on the same state folder
+                output, _ = run.communicate(timeout=400)
+            finally:
+                stop(run)
+    finally:
+        proxy.close()
+    assert run.returncode == 0, output[-3000:]
+    report = json.loads((Path(cfg.out) / "report.json").read_text())
+    updates = [(name, version) for row in report["rounds"] for name, version, _ in row["updates"]]
+    assert len(report["rounds"]) == 3 and len(updates) == len(set(updates)) == 3  # each update counted once
+    name = location.cell
+    assert updates[0] == (name, 0)  # the update trained before the reboot, delivered after it
+    assert report["rounds"][0]["staleness"] == [0] and [loc["name"] for loc in report["locations"]] == [name]
+    assert not (state / "outbox" / "update-0.pb").exists()  # settled by the next message, then deleted

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from geomoe.bench.hostile import HOSTILE_APPS
 from geomoe.sim.simulation import simulate
 
 from .conftest import SMALL_RUN, kill_after_checkpoint, small_config
@@ -36,8 +37,10 @@ def field_config(out, model_cache, rounds: int):
     return cfg
 
 
-def test_async_learns_with_half_the_nodes_online_twice_a_day(tmp_path, model_cache):
-    report = simulate(field_config(tmp_path / "async", model_cache, rounds=8))
+def test_async_learns_with_half_the_nodes_online_twice_a_day_and_counts_a_replayed_update_once(tmp_path, model_cache):
+    """Partition 0 answers every train message after its first with that first update again (a store-and-forward
+    node whose acknowledgements are lost): the server refuses each resend and aggregates the update once."""
+    report = simulate(field_config(tmp_path / "async", model_cache, rounds=8), client_app=HOSTILE_APPS["replaying"])
     evaluations = report["evaluations"]
     assert [row["round"] for row in report["rounds"]] == list(range(1, 9))
     assert all(row["replies"] <= 2 for row in report["rounds"])  # a buffer of two accepted updates
@@ -50,6 +53,11 @@ def test_async_learns_with_half_the_nodes_online_twice_a_day(tmp_path, model_cac
     assert refused.get("stale", 0) > 0  # staler than federation.max_staleness = 1
     reasons = [row["reason"] for row in report["rejected"]]
     assert sum("max_staleness" in reason for reason in reasons) == refused["stale"]
+    updates = [(name, version) for row in report["rounds"] for name, version, _ in row["updates"]]
+    assert len(updates) == len(set(updates))  # no update counted twice
+    replayer = report["locations"][0]["name"]  # partition 0: the report lists nodes by location
+    assert [version for name, version in updates if name == replayer] == [0]
+    assert refused.get("duplicate", 0) >= 1 and sum("duplicate delivery" in reason for reason in reasons) >= 1
 
 
 def test_async_resume_after_a_kill_gives_the_same_model(tmp_path, model_cache):

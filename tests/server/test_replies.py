@@ -11,7 +11,8 @@ import torch
 import zstandard
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from geomoe.server.checkpoint import atomic_write, load_model, save_model
+from geomoe.data.atomic_file import atomic_write
+from geomoe.server.checkpoint import load_model, save_model
 from geomoe.wire import messages as msg
 from geomoe.wire.bounded import finite_json
 from geomoe.wire.compression import ErrorFeedback, Pipeline

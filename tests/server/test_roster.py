@@ -15,6 +15,21 @@ def test_two_nodes_reporting_one_cell_are_named_apart():
     assert [roster.name(n) for n in (1, 2, 3)] == ["0/", "0/~2", "3"]
 
 
+def test_a_device_back_under_a_new_id_takes_the_place_of_its_gone_self():
+    roster = Roster(max_examples_factor=10)
+    roster.add(1, node(0, "0/"))
+    roster.add(2, node(0, "0/"), connected={1, 2})  # node 1 still listed: a second device in the cell
+    roster.add(3, node(0, "0/"), connected={2, 3})  # node 1 gone: node 3 is it, rebooted
+    assert roster.name(3) == "0/" and 1 not in roster.nodes and roster.name(2) == "0/~2"
+
+
+def test_a_device_that_says_who_it_is_takes_its_old_place_even_while_its_old_id_is_listed():
+    roster = Roster(max_examples_factor=10)
+    roster.add(1, QueryReply(0, "0/", True, [0], 10, device="cam-a"))
+    roster.add(2, QueryReply(0, "0/", True, [0], 10, device="cam-a"), connected={1, 2})
+    assert roster.name(2) == "0/" and 1 not in roster.nodes
+
+
 def test_online_is_the_registered_nodes_still_listed_in_location_order():
     roster = Roster(max_examples_factor=10)
     roster.add(5, node(2, "2/"))
