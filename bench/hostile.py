@@ -42,15 +42,20 @@ def corrupting(factor: float):
 
 def replaying(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """A Flower mod: partition 0 answers every train message after its first with its first update again, as a
-    store-and-forward node whose acknowledgements never arrive would (the server must count it once)."""
+    store-and-forward node whose acknowledgements never arrive would (the server must count it once). The first
+    reply is kept in node state, which follows the node from one simulation worker to another."""
     if message.metadata.message_type != "train" or int(context.node_config.get("partition-id", -1)) != 0:
         return call_next(message, context)
-    if "first" not in _REPLAYED:
-        _REPLAYED["first"] = call_next(message, context).content
-    return Message(_REPLAYED["first"], reply_to=message)
+    kept = [name for name in context.state if name.startswith(REPLAYED)]
+    if not kept:
+        content = call_next(message, context).content
+        for name, record in content.items():
+            context.state[REPLAYED + name] = record
+        return Message(content, reply_to=message)
+    return Message(RecordDict({name.removeprefix(REPLAYED): context.state[name] for name in kept}), reply_to=message)
 
 
-_REPLAYED: dict[str, RecordDict] = {}  # partition 0's first update, in the process that runs it
+REPLAYED = "replayed:"  # node state: partition 0's first reply, record by record
 
 
 def hostile_app(attack: str) -> ClientApp:

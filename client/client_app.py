@@ -60,11 +60,16 @@ def run_config(message: Message, context: Context) -> RunConfig:
     return RunConfig.from_json(str(context.state[RUN_CONFIG]["run"]))
 
 
+def keep_base(message: Message, context: Context) -> None:
+    """The initial shared state, when this message carries it, into node state: the server sends it once."""
+    if msg.BASE in message.content:
+        context.state[msg.BASE] = message.content[msg.BASE]
+
+
 def _base(message: Message, context: Context, world: dict) -> dict[str, torch.Tensor]:
     """The initial shared state: from this message if it carries it (then kept in node state), else node state,
     else the server's base file where this node can read it (a virtual node on the server's host)."""
-    if msg.BASE in message.content:
-        context.state[msg.BASE] = message.content[msg.BASE]
+    keep_base(message, context)
     if msg.BASE in context.state:
         return msg.from_record(context.state[msg.BASE])
     base = file_base(context, world)
@@ -197,6 +202,7 @@ def train(message: Message, context: Context) -> Message:
     local, index = local_data(cfg, world, dict(context.node_config))
     outbox = Outbox(Path(str(context.node_config["state"]))) if "state" in context.node_config else None
     if outbox is not None and "version" in config:  # a field node, asynchronous run: store-and-forward
+        keep_base(message, context)  # answered without training, the message may still bring the base
         outbox.settle(int(config["settled"]))
         if (kept := outbox.kept()) is not None:
             return Message(kept[1], reply_to=message)  # the finished update the server has not settled yet
