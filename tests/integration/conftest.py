@@ -85,7 +85,7 @@ def kill_after_checkpoint(command: list[str], out: Path, rounds_done: int = 1) -
     `rounds_done` completed rounds (async: aggregations): a crash mid-run, after a checkpoint."""
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900  # bounds a hang; a loaded machine may pretrain for minutes first
         while time.monotonic() < deadline:
             checkpoint = out / "checkpoint.pt"
             if (

@@ -27,6 +27,9 @@ from .link_proxy import LinkProxy
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+# Waits that only bound a hang: the first run of a session pretrains the initial model (a cold cache), which took
+# over 400 s on these two cores while other work ran. A deadline is not a speed target.
+HANG_S = 1200
 
 
 def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
@@ -153,7 +156,7 @@ def test_devices_on_a_superlink_train_on_their_own_folders_and_one_that_drops_ou
         )
         try:
             checkpoint = Path(cfg.out) / "checkpoint.pt"
-            deadline = time.monotonic() + 400
+            deadline = time.monotonic() + HANG_S
             while not (
                 checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["server_state"]["completed_round"]
             ):
@@ -161,7 +164,7 @@ def test_devices_on_a_superlink_train_on_their_own_folders_and_one_that_drops_ou
                 time.sleep(0.5)
             stop(nodes[1])  # gone in the middle of the run
             add_node(configs[2])  # a device switched on after set-up
-            output, _ = run.communicate(timeout=400)
+            output, _ = run.communicate(timeout=HANG_S)
         finally:
             stop(run)
     assert run.returncode == 0, output[-3000:]
@@ -169,7 +172,7 @@ def test_devices_on_a_superlink_train_on_their_own_folders_and_one_that_drops_ou
     rounds = report["rounds"]
     # Round 2 may or may not see the newcomer (it registers while round 2 starts); round 3 always does.
     assert rounds[0]["replies"] == 2 and rounds[1]["replies"] in (1, 2) and rounds[2]["replies"] == 2, rounds
-    assert rounds[1]["seconds"] < 75 + 60  # waited at most the timeout, then went on
+    assert rounds[1]["phases"]["train"] < 75 + 30  # waited for replies at most the timeout, then went on
     coarse, index = coarsened([loc.cell for loc in locations], 2)
     assert coarse[index[2]] in [name.split("~")[0] for name in rounds[2]["sampled"]]  # queried and trained
     by_cell = {loc["cell"]: loc for loc in report["locations"]}
@@ -266,7 +269,7 @@ def test_a_field_node_that_loses_its_link_and_reboots_delivers_its_update_once(t
             )
             try:
                 (log,) = tmp_path.glob("supernode*.log")  # the first SuperNode's
-                deadline = time.monotonic() + 600  # the server pretrains first when the model cache is cold
+                deadline = time.monotonic() + HANG_S
                 while log.read_text().count("Received successfully") < 3:  # query, routing query, train
                     assert time.monotonic() < deadline and run.poll() is None, "the node got no train message"
                     time.sleep(0.05)
@@ -278,7 +281,7 @@ def test_a_field_node_that_loses_its_link_and_reboots_delivers_its_update_once(t
                 stop(first)  # the device reboots, its update undelivered
                 proxy.up()
                 add_node(device, via_proxy=True)  # back, on the same state folder
-                output, _ = run.communicate(timeout=400)
+                output, _ = run.communicate(timeout=HANG_S)
             finally:
                 stop(run)
     finally:
