@@ -155,7 +155,7 @@ def device_images(images: ImageConfig, node_config: dict) -> ImageConfig:
     """The image settings a device uses: the run's, except where decoded images are cached, which only the device
     says (node config `cache`): a path in the run config names a folder on the server's host, and a server must not
     make a device write wherever it likes. Without `cache` a device decodes every time."""
-    return replace(images, cache=str(node_config.get("cache", "")))
+    return replace(images, cache=str(node_config["cache"]) if "cache" in node_config else None)
 
 
 def evaluation_metrics(result: dict) -> dict:
