@@ -2,10 +2,11 @@
 model, under field availability traces, on the simulated clock.
 
 The traces: always online; two 30-minute windows a day for every node (local solar time, LTE-M); a LoRa-class duty
-cycle (online in 1% of the hours, LoRa link). Per run: the server's accuracy (the global model on the clients' test
-images) against simulated hours and against bytes moved; the simulated hours and bytes to reach the target (the
-final accuracy of synchronous rounds always online); the accuracy after one simulated week; updates refused as stale
-(async) and node-hours trained and never aggregated (sync).
+cycle (online in 1% of the hours, LoRa link with a 10 kB budget per window: nodes upload int8+zstd and tighten a
+top-k to fit the budget, or defer). Per run: the server's accuracy (the global model on the clients' test images)
+against simulated hours and against bytes moved; the simulated hours and bytes to reach the target (the final
+accuracy of synchronous rounds always online); the accuracy after one simulated week; updates refused as stale
+(async), node-hours trained and never aggregated (sync), and updates compressed or deferred to fit the link budget.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ WEEK_H = 168.0
 TRACES = {
     "always": {"world.availability": '"always"'},
     "windows": {"world.availability": '"daily:6-6.5,18-18.5"', "world.link": '"lte-m"'},
-    "lora": {"world.availability": '"duty:0.01"', "world.link": '"lora"'},
+    "lora": {
+        "world.availability": '"duty:0.01"',
+        "world.link": '"lora@10kB"',
+        "federation.upload_compression": '"int8+zstd"',
+    },
 }
 
 
@@ -121,6 +126,8 @@ def summarise(reports: dict[tuple[str, str], dict], base: RunConfig) -> dict:
             "refused_stale": report.get("refused", {}).get("stale", 0),
             "refused": report.get("refused", {}),
             "wasted_node_hours": sum(row.get("wasted_node_hours", 0.0) for row in report["rounds"]),
+            "link_compressed": sum(row.get("link", {}).get("compressed", 0) for row in report["rounds"]),
+            "link_deferred": sum(row.get("link", {}).get("deferred", 0) for row in report["rounds"]),
             "stopped": report["privacy"]["stopped"] or None,
             "curve": points,
         }

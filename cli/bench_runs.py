@@ -139,7 +139,7 @@ def links(
     result = bench_links(out, base, sync_rounds, async_aggregations, train_minutes, announce=console.print)
     table = Table(title=f"sync vs async ({result['nodes']} nodes; target accuracy {result['target_accuracy']:.3f})")
     for column in ("run", "updates", "sim. hours", "hours to target", "MB to target", "acc. after a week",
-                   "refused stale", "wasted node-h"):  # fmt: skip
+                   "refused stale", "wasted node-h", "fitted / deferred"):  # fmt: skip
         table.add_column(column, justify="right")
 
     def number(value: float | None, form: str) -> str:
@@ -155,6 +155,7 @@ def links(
             number(run["accuracy_after_a_week"], ".3f"),
             str(run["refused_stale"]),
             number(run["wasted_node_hours"], ".2f"),
+            f"{run['link_compressed']} / {run['link_deferred']}",
         )
     console.print(table)
     console.print(f"wrote {out / 'bench_links.json'} and {out / 'bench_links.png'}")

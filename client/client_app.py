@@ -6,7 +6,8 @@ labelled images, with `lat`/`lon`), or only `lat`/`lon` (a cell of the world fil
 coordinates, for trials on the server's host). The run's configuration and what the query told the node
 (species names, client cells, world file) arrive with the query and are kept in its node state. A field device
 names a state folder (`state=/path`): in an asynchronous run its finished updates wait there until the server has
-settled them (store-and-forward, `client/outbox.py`).
+settled them (store-and-forward, `client/outbox.py`). A device on a link with a byte budget per window (node config
+`link`, e.g. `lora@10kB`; in simulation `world.link`) packs its update to fit (`client/link_budget.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from geomoe.client.data import LocalData, cell_data, device_data
+from geomoe.client.link_budget import pack_to_fit, window_budget
 from geomoe.client.outbox import Outbox
 from geomoe.client.task import (
     Received,
@@ -238,7 +240,8 @@ def train(message: Message, context: Context) -> Message:
         }
     )
     feedback = ErrorFeedback(msg.from_record(context.state[FEEDBACK]) if FEEDBACK in context.state else {})
-    msg.pack(reply, msg.UPDATE, deltas, cfg.federation.upload_compression, feedback)
+    budget = window_budget(context.node_config, cfg.world.link)
+    pack_to_fit(reply, deltas, cfg.federation.upload_compression, feedback, budget, cfg.federation.link_min_topk)
     if feedback.residuals:
         context.state[FEEDBACK] = msg.to_record(feedback.residuals)
     if outbox is not None and "version" in config:

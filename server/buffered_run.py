@@ -21,7 +21,7 @@ from geomoe.data.cells import cell_longitude
 from geomoe.server.acceptance import outliers, unreadable
 from geomoe.server.buffered import Ledger, Refused, RowVersions, Sent, discount, stalest
 from geomoe.server.field import Arrival, Field, LiveField, SimulatedField
-from geomoe.server.replies import Evaluation, QueryReply, TrainReply, spec_of
+from geomoe.server.replies import Evaluation, QueryReply, TrainReply, link_use, spec_of
 from geomoe.server.slicing import NodeSlice
 from geomoe.server.strategy import weighted_accuracy
 
@@ -56,8 +56,7 @@ class BufferedRun:
         self.ledger.retired = {(name, v) for name, v in saved.get("retired", [])}
         self.refused = Counter(saved.get("refused", {}))
         self.settled: dict[str, int] = dict(saved.get("settled", {}))  # node -> newest version of its update settled
-        now = federation.state.clock_s
-        self.simulated = simulated
+        now, self.simulated = federation.state.clock_s, simulated
         self.field: Field = (
             SimulatedField(federation.grid, self.fed.message_ttl_s, now, self.cfg.world.field_clock())
             if simulated
@@ -181,6 +180,7 @@ class BufferedRun:
             "sampled": [item.node.name for item in kept],
             "unknown_species_images": int(sum(reply.unknown_species_images for reply in replies)),
             "skipped_images": int(sum(reply.skipped_images for reply in replies)),
+            "link": link_use(replies),
         }
         self.federation.state.rounds.append(row)
         self.federation.state.completed_round = self.version

@@ -324,6 +324,9 @@ class Federation:
                 "sampled": [self.strategy.roster.nodes[n].name for n in sampled],
                 "unknown_species_images": int(train_metrics["unknown_species_images"]) if train_metrics else 0,
                 "skipped_images": int(train_metrics["skipped_images"]) if train_metrics else 0,
+                "link": {
+                    k: int(train_metrics[f"link_{k}"]) if train_metrics else 0 for k in ("compressed", "deferred")
+                },
             }
             if field is not None:
                 row |= {"sim_hours": field.now / 3600, "wasted_node_hours": wasted}

@@ -2,10 +2,11 @@
 
 A node may be buggy or adversarial. Every reply (query, train, evaluate) is checked against what the server sent
 that node and what it knows of the run, and comes out as a typed object whose numbers are bounded: tensors are
-exactly the ones sent (names, shapes, dtypes, row ids), finite and of bounded norm; the codec is the run's, and
-sizes are checked before anything is decoded; counts that weigh an update are finite, non-negative and no larger
-than the node's declared examples can produce; a location must be one of the run's, with its own cell. Anything
-else raises RejectedReply with the reason; the caller logs it and goes on without that reply.
+exactly the ones sent (names, shapes, dtypes, row ids), finite and of bounded norm; the codec is the run's (a
+budgeted link may only tighten its top-k), and sizes are checked before anything is decoded; counts that weigh an
+update are finite, non-negative and no larger than the node's declared examples can produce; a location must be one
+of the run's, with its own cell. Anything else raises RejectedReply with the reason; the caller logs it and goes on
+without that reply.
 
 Longer than 300 lines because it is the server's whole trust boundary: one parser per boundary (DESIGN.md), so
 that a reviewer reads every check a node's bytes meet in one file.
@@ -137,6 +138,17 @@ class TrainReply:
     skipped_images: float
     unclipped: float = 1.0  # under DP: 1 if its update fitted under the round's clip before clipping, else 0
     compute_seconds: float = 0.0  # what it says its evaluation + training took (the framework's share is the rest)
+    link_topk: float | None = None  # the top-k its budgeted link made it tighten the run's codec to; None: not
+    link_windows: int = 1  # online windows its upload takes over a budgeted link (more than 1: it was deferred)
+
+
+def link_use(replies: list[TrainReply]) -> dict[str, int]:
+    """How many of `replies` a budgeted link made tighten their top-k to fit a window, and how many were deferred
+    (their upload took more than one window)."""
+    return {
+        "compressed": sum(r.link_topk is not None for r in replies),
+        "deferred": sum(r.link_windows > 1 for r in replies),
+    }
 
 
 class ReplyReader:
@@ -198,7 +210,7 @@ class ReplyReader:
         _no_error(reply)
         limit = self.cfg.federation.max_update_ratio * sent.trainable_bytes + REPLY_ALLOWANCE
         _records(reply, "train", limit)
-        update = self._update(reply, sent)
+        update, packed_with = self._update(reply, sent)
         metrics = _record(reply, msg.METRICS, MetricRecord)
         examples = _number(metrics, "examples", 0, examples_cap * self.cfg.train.epochs)
         counts = self._routing(reply, full=False).expert_counts
@@ -220,6 +232,8 @@ class ReplyReader:
             skipped_images=_number(metrics, "skipped-images", 0, looked_at, default=0.0),
             unclipped=self._unclipped(metrics),
             compute_seconds=_number(metrics, "compute-seconds", 0, self._longest_training(), default=0.0),
+            link_topk=packed_with.topk if packed_with != Pipeline.parse(self.upload) else None,
+            link_windows=int(_number(metrics, "link-windows", 1, MAX_COUNT, default=1)),
         )
 
     def _longest_training(self) -> float:
@@ -248,26 +262,29 @@ class ReplyReader:
             raise RejectedReply(f"metrics.unclipped must be 0 or 1, got {value}")
         return value
 
-    def _update(self, reply: Message, sent: SentSpec) -> dict[str, torch.Tensor]:
-        """The update, decoded only with the run's codec and only to the shapes sent, then checked. Names are
-        checked before any array is read, and each array's declared size against what its name was sent, so what
-        decoding allocates is bounded by what the server sent (Flower sends identical arrays once)."""
+    def _update(self, reply: Message, sent: SentSpec) -> tuple[dict[str, torch.Tensor], Pipeline]:
+        """The update, decoded only with the run's codec (or, from a node on a budgeted link, the run's codec with a
+        tighter top-k) and only to the shapes sent, then checked; and the codec it came in. Names are checked before
+        any array is read, and each array's declared size against what its name was sent, so what decoding
+        allocates is bounded by what the server sent (Flower sends identical arrays once)."""
         content = reply.content
         if msg.UPDATE not in content:
             raise RejectedReply("no update")
         record = _record(reply, msg.UPDATE, ArrayRecord)
         codec = msg.UPDATE + msg.CODEC
+        run_pipeline = Pipeline.parse(self.upload)
         try:
-            pipeline = Pipeline.parse(self.upload)
-            if pipeline.identity:
-                if codec in content:
-                    raise RejectedReply(f"a compressed update; this run uploads uncompressed ({self.upload})")
-                update = _arrays(record, msg.UPDATE, sent.shapes, required=sent.shapes)
+            if codec not in content:
+                if not run_pipeline.identity:
+                    raise RejectedReply(f"an uncompressed update; this run uploads {self.upload!r}")
+                update, pipeline = _arrays(record, msg.UPDATE, sent.shapes, required=sent.shapes), run_pipeline
             else:
                 described = _record(reply, codec, ConfigRecord)
-                if described.get("pipeline") != self.upload:
-                    raise RejectedReply(f"codec {printable(repr(described.get('pipeline')), 60)}; this run uploads "
-                                        f"{self.upload!r}")  # fmt: skip
+                named = _text(described, "pipeline", MAX_NAME_CHARS)
+                pipeline = Pipeline.parse(named)
+                if pipeline.identity or not run_pipeline.admits(pipeline):
+                    raise RejectedReply(f"codec {printable(repr(named), 60)}; this run uploads {self.upload!r} (a "
+                                        "node may only tighten its top-k)")  # fmt: skip
                 groups = group_layouts(_text(described, "tensors", MAX_DESCRIPTION_CHARS), pipeline)
                 check_layouts({n: x for group in groups.values() for n, x in group.layouts.items()}, sent.shapes)
                 unknown = sorted(set(record) - set(groups))
@@ -286,7 +303,7 @@ class ReplyReader:
                 raise
             raise RejectedReply(f"update does not decode: {error}") from None
         check_update(update, sent, self.cfg.federation.max_update_norm, self.cfg.federation.max_row_update_norm)
-        return update
+        return update, pipeline
 
     # --- routing ---------------------------------------------------------------------------------
     def _routing(self, reply: Message, full: bool) -> RoutingStats:

@@ -24,7 +24,16 @@ from geomoe.model.importance import keep_set
 from geomoe.model.network import GeoMoENet
 from geomoe.server.acceptance import Rejections, outliers, read_once
 from geomoe.server.privacy import over_budget, run_epsilon
-from geomoe.server.replies import Evaluation, QueryReply, RejectedReply, ReplyReader, SentSpec, TrainReply, spec_of
+from geomoe.server.replies import (
+    Evaluation,
+    QueryReply,
+    RejectedReply,
+    ReplyReader,
+    SentSpec,
+    TrainReply,
+    link_use,
+    spec_of,
+)
 from geomoe.server.roster import Roster
 from geomoe.server.sampling import Sampler
 from geomoe.server.slicing import NodeSlice, Slicer
@@ -161,6 +170,7 @@ class GeoExpertStrategy(Strategy):
             "unknown_species_images": sum(r.unknown_species_images for _, r in accepted),
             "skipped_images": sum(r.skipped_images for _, r in accepted),
             "compute_seconds": sum(r.compute_seconds for _, r in accepted),
+            **{f"link_{k}": n for k, n in link_use([r for _, r in accepted]).items()},
         }
         return ArrayRecord(), MetricRecord(metrics)
 

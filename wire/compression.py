@@ -70,6 +70,17 @@ class Pipeline:
                 raise ValueError(f"unknown compression stage {stage!r}: use fp16, int8, int8c, topkF, zstd, none")
         return cls(topk, quantizer, zstd)
 
+    def __str__(self) -> str:
+        """The pipeline as `parse` reads it."""
+        stages = [f"topk{self.topk:g}"] if self.topk is not None else []
+        stages += [self.quantizer] if self.quantizer else []
+        return "+".join(stages + (["zstd"] if self.zstd else [])) or "none"
+
+    def admits(self, other: Pipeline) -> bool:
+        """Whether an update packed by `other` may stand for one packed by this (the run's) pipeline: the same
+        quantizer and zstd, keeping at most as many values (a node on a budgeted link tightens its top-k)."""
+        return other.quantizer == self.quantizer and other.zstd == self.zstd and (other.topk or 1) <= (self.topk or 1)
+
     @property
     def lossy(self) -> bool:
         return self.topk is not None or self.quantizer is not None

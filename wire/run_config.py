@@ -68,6 +68,7 @@ class FederationConfig:
     max_examples_factor: float = 10.0  # a node's training examples weigh at most this times the other nodes' median
     upload_compression: str = "none"  # client -> server pipeline, e.g. "int8+zstd", "topk0.1+int8+zstd"
     download_compression: str = "none"  # server -> client pipeline for experts, head rows, shared tensors
+    link_min_topk: float = 0.01  # a budgeted link: the tightest top-k a node packs to fit a window; beyond: deferred
     pretrain_epochs: int = 4  # server-side dense pretraining on its share before conversion
     pretrain_lr: float = 2e-3  # learning rate of that pretraining
     aggregator: Aggregator = "mean"  # per expert / head row over its holders: mean | median | trimmed_mean
@@ -120,6 +121,8 @@ class FederationConfig:
             raise ValueError(f"federation.outlier_factor must be a finite number > 0, got {self.outlier_factor}")
         if self.location_level is not None and not 0 <= self.location_level <= 30:
             raise ValueError(f"federation.location_level must be an S2 level 0..30, got {self.location_level}")
+        if not 0 < self.link_min_topk <= 1:
+            raise ValueError(f"federation.link_min_topk must lie in (0, 1], got {self.link_min_topk}")
         for name in ("upload_compression", "download_compression"):
             try:
                 Pipeline.parse(getattr(self, name))

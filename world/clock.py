@@ -5,7 +5,8 @@ Training time is counted work, not measured time: examples x epochs x `seconds_p
 `device_speed`. A wall-clock measurement would make the order of arrivals, and so the model, depend on how busy the
 machine was, and a resumed run could not reproduce an uninterrupted one. A message goes whole within one online
 stretch of its node (a link that drops mid-message loses it and it is sent again whole), so it waits for a stretch
-long enough to carry it. A device trains whether or not its link is up.
+long enough to carry it; an upload over a link with a budget per window (LoRa class) goes a piece per window
+instead. A device trains whether or not its link is up.
 """
 
 from __future__ import annotations
@@ -40,9 +41,30 @@ class FieldClock:
     def training_s(self, examples: float) -> float:
         return examples * self.seconds_per_example * self.device_speed
 
-    def carried(self, node: str, longitude: float, t: float, payload_bytes: float) -> float | None:
+    def carried(
+        self, node: str, longitude: float, t: float, payload_bytes: float, upload: bool = False
+    ) -> float | None:
         """When a message of `payload_bytes` that may go from `t` on has arrived, or None if no online stretch of
-        the node within a year is long enough to carry it."""
+        the node within a year is long enough to carry it. An upload over a link with a budget per window goes out
+        a piece per window (the device keeps the rest for the next one): at most the budget, and what the window's
+        length carries. Each upload counts the window it starts in as its own."""
+        budget = self.link.budget_bytes if upload else None
+        if budget is None:
+            return self._carried_whole(node, longitude, t, payload_bytes)
+        left, limit = payload_bytes, t + HORIZON_S
+        while t < limit and (window := self.availability.window(node, longitude, t)) is not None:
+            start, end = window
+            fits = ((end - start) - self.link.latency_s) * self.link.bandwidth_bps / 8 - self.link.overhead_bytes
+            piece = left if math.isinf(end) else min(left, budget, fits)  # always online: no windows to count
+            if piece > 0:
+                left -= piece
+                if left <= 0:
+                    return start + self.link.seconds(piece)
+            t = end
+        return None
+
+    def _carried_whole(self, node: str, longitude: float, t: float, payload_bytes: float) -> float | None:
+        """A message that goes whole within one online stretch (a link that drops mid-message loses it)."""
         duration = self.link.seconds(payload_bytes)
         limit = t + HORIZON_S
         while t < limit and (window := self.availability.window(node, longitude, t)) is not None:
@@ -73,12 +95,14 @@ class FieldClock:
             if downloaded is None:
                 return Trip(sent_at, math.inf, math.inf, None, resends)
         trained = downloaded + self.training_s(examples)
-        arrived = self.carried(node, longitude, trained, up_bytes)
+        arrived = self.carried(node, longitude, trained, up_bytes, upload=True)
         while arrived is not None and arrived > expires:  # the reply's message expired: the kept update goes out
             if expires > sent_at + HORIZON_S:
                 return Trip(sent_at, downloaded, trained, None, resends)
             resends, sent = resends + 1, expires  # with the reply to the next message, after that one's download
             expires = sent + ttl_s
             fetched = self.carried(node, longitude, sent, down_bytes)
-            arrived = None if fetched is None else self.carried(node, longitude, max(fetched, trained), up_bytes)
+            arrived = (
+                None if fetched is None else self.carried(node, longitude, max(fetched, trained), up_bytes, upload=True)
+            )
         return Trip(sent_at, downloaded, trained, arrived, resends)

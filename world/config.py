@@ -47,7 +47,7 @@ class WorldConfig:
     availability_share: float = 1.0  # share of the nodes (drawn from world.seed) that follow it; the rest: always
     device_speed: float = 1.0  # how many times slower than this machine a device trains (docs: Field links)
     seconds_per_example: float = 0.01  # this machine's training time per example and epoch, evaluation included
-    link: str = "wifi"  # the nodes' link: lora | iridium | 3g | lte-m | wifi | name:bps:latency_s:overhead_bytes
+    link: str = "wifi"  # lora | iridium | 3g | lte-m | wifi | name:bps:latency_s:overhead_bytes, [@budget: lora@10kB]
 
     def __post_init__(self) -> None:
         if self.clients not in CLIENT_MODES:

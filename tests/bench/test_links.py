@@ -1,5 +1,5 @@
 """`geomoe bench links` summarised from hand-built reports: curves in simulated hours and bytes, the target and
-when each run reached it, the week's accuracy, refusals and wasted node-hours."""
+when each run reached it, the week's accuracy, refusals, wasted node-hours and updates fitted to a link budget."""
 
 from geomoe.bench.links import TRACES, curve, summarise
 from geomoe.wire.run_config import RunConfig
@@ -8,8 +8,8 @@ from geomoe.wire.run_config import RunConfig
 def report(mode: str, points: list[tuple[float, float]], wasted: float = 0.0, stale: int = 0) -> dict:
     """A run whose evaluation after round r (1-based) scored points[r-1] = (sim hours, accuracy); 1 kB a round."""
     traffic = {"a": {"down": 600, "up": 400}}
-    rows = [{"round": r, "sim_hours": h, "replies": 2, "traffic": traffic, "wasted_node_hours": wasted}
-            for r, (h, _) in enumerate(points, start=1)]  # fmt: skip
+    rows = [{"round": r, "sim_hours": h, "replies": 2, "traffic": traffic, "wasted_node_hours": wasted,
+             "link": {"compressed": 2, "deferred": r - 1}} for r, (h, _) in enumerate(points, start=1)]  # fmt: skip
     evaluations = {"0": {"server_accuracy": 0.1, "sim_hours": 0.0}}
     for r, (h, accuracy) in enumerate(points, start=1):
         evaluations[str(r)] = {"server_accuracy": accuracy} | ({"sim_hours": h} if mode == "async" else {})
@@ -41,3 +41,4 @@ def test_runs_are_judged_against_sync_always_on():
     assert fast["hours_to_target"] == 0.5 and fast["bytes_to_target"] == 6000
     assert fast["accuracy_after_a_week"] == 0.5  # the 200-hour evaluation is past a week
     assert fast["refused_stale"] == 2 and result["runs"]["sync-lora"]["wasted_node_hours"] == 1.0
+    assert (fast["link_compressed"], fast["link_deferred"]) == (4, 1)

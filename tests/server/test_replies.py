@@ -90,8 +90,12 @@ TRAIN_CASES = [
     ("token counts misshapen", "none", with_counts(torch.ones(9)), "counts.1: shape (9,)"),
     ("token counts beyond its examples", "none", with_counts(torch.full((4,), 1e9)), "more than its 50 examples"),
     ("a finite but huge update", "none", huge_delta, "update norm"),
-    ("compressed when the run is not", "none", compressed("int8+zstd"), "this run uploads uncompressed"),
+    ("compressed when the run is not", "none", compressed("int8+zstd"), "this run uploads 'none'"),
     ("another codec than the run's", "int8+zstd", compressed("fp16"), "codec 'fp16'"),
+    ("uncompressed when the run compresses", "int8+zstd", lambda c: None, "an uncompressed update"),
+    ("a looser top-k than the run's", "topk0.1+int8", compressed("topk0.5+int8"), "may only tighten"),
+    ("a tighter top-k with another quantizer", "int8+zstd", compressed("topk0.1+fp16+zstd"), "may only tighten"),
+    ("link windows zero", "none", with_metrics(**{"link-windows": 0}), "link-windows=0"),
     ("top-k shape of 1e11", "topk0.5", compressed("topk0.5", topk_shape), "described shape"),
     ("top-k bitmap keeping too much", "topk0.5", compressed("topk0.5", topk_bitmap), "top-k bitmap"),
     ("zstd bomb", "zstd", compressed("zstd", zstd_bomb), "their description says"),
@@ -122,6 +126,20 @@ def test_a_bad_train_reply_is_rejected_and_the_rest_applied(case, pipeline, chan
     else:
         assert torch.allclose(after[0], before[0] + 1)
     assert torch.equal(after[3], before[3])  # node 101's was not
+
+
+def test_a_node_on_a_budgeted_link_may_tighten_the_runs_top_k_and_is_counted_as_compressed():
+    strategy = make_strategy()
+    strategy.cfg.train.epochs = 1
+    strategy.reader.upload = "int8+zstd"
+    messages = train_messages(strategy)
+    tightened, deferred = reply_to(messages[101], examples=50), reply_to(messages[202], examples=150)
+    compressed("topk0.25+int8+zstd")(tightened.content)
+    compressed("int8+zstd")(deferred.content)
+    deferred.content[msg.METRICS]["link-windows"] = 3.0
+    _, metrics = strategy.aggregate_train(1, [tightened, deferred])
+    assert strategy.rejections.rows == []
+    assert (metrics["link_compressed"], metrics["link_deferred"]) == (1, 1)
 
 
 def test_a_node_replying_twice_has_neither_reply_counted():
