@@ -4,7 +4,8 @@ The node of partition 0 trains honestly, then sends its update scaled (x10, a mo
 sign-flipped (x-4, pushing the model away from what its data says). Corrupting after training keeps the attack
 inside the server's bounds on what a reply may be (sizes, shapes, codec), so what decides its effect is the
 aggregator. A third kind replays its first update forever (duplicate deliveries, for asynchronous runs). Run them
-with `geomoe.sim.simulation.simulate(..., client_app=HOSTILE_APPS[name])`; never deployed.
+with `geomoe.sim.simulation.simulate(..., client_app=HOSTILE_APPS[name])`, or on a real SuperLink in tests, where the
+hostile node is the one whose node config says `hostile=true`; never deployed.
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ HOSTILE_PARTITION = 0  # the one corrupted node of a simulation (1 of 6 on the s
 ATTACK_FACTORS = {"scaled": 10.0, "sign_flipped": -4.0}  # what multiplies its honest update
 
 
+def hostile(context: Context) -> bool:
+    """Whether this node is the hostile one: partition 0 of a simulation, or a SuperNode started with
+    `hostile=true` in its node config."""
+    config = context.node_config
+    return int(config.get("partition-id", -1)) == HOSTILE_PARTITION or config.get("hostile") is True
+
+
 def corrupting(factor: float):
     """A Flower mod that multiplies the hostile node's training update by `factor`, re-packed with the run's
     upload codec (its honest error feedback stays as it was)."""
 
     def mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(message, context)
-        hostile = int(context.node_config.get("partition-id", -1)) == HOSTILE_PARTITION
-        if message.metadata.message_type != "train" or not hostile or reply.has_error():
+        if message.metadata.message_type != "train" or not hostile(context) or reply.has_error():
             return reply
         cfg = run_config(message, context)
         update = msg.unpack(reply.content, msg.UPDATE, download_limit(cfg.model))
@@ -41,10 +48,10 @@ def corrupting(factor: float):
 
 
 def replaying(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """A Flower mod: partition 0 answers every train message after its first with its first update again, as a
+    """A Flower mod: the hostile node answers every train message after its first with its first update again, as a
     store-and-forward node whose acknowledgements never arrive would (the server must count it once). The first
     reply is kept in node state, which follows the node from one simulation worker to another."""
-    if message.metadata.message_type != "train" or int(context.node_config.get("partition-id", -1)) != 0:
+    if message.metadata.message_type != "train" or not hostile(context):
         return call_next(message, context)
     kept = [name for name in context.state if name.startswith(REPLAYED)]
     if not kept:
@@ -59,7 +66,7 @@ REPLAYED = "replayed:"  # node state: partition 0's first reply, record by recor
 
 
 def hostile_app(attack: str) -> ClientApp:
-    """geomoe's ClientApp (same query, train and evaluate) with `attack` applied to partition 0's updates."""
+    """geomoe's ClientApp (same query, train and evaluate) with `attack` applied to the hostile node's updates."""
     app = ClientApp(mods=[replaying] if attack == "replaying" else [corrupting(ATTACK_FACTORS[attack])])
     app.query()(honest.query)
     app.train()(honest.train)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from geomoe.bench.hostile import HOSTILE_APPS
 from geomoe.data.cells import coarsened
 from geomoe.wire.privacy import PrivacyConfig
 from geomoe.wire.run_config import to_toml
@@ -48,12 +49,25 @@ def start(command: list[str], log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def flwr_command(connection: str, cfg, tmp_path: Path, extra: str = "", rounds: int = 2) -> list[str]:
-    """`flwr run` of this project on `connection` for `rounds` rounds of `cfg`."""
+def flwr_command(connection: str, cfg, tmp_path: Path, extra: str = "", rounds: int = 2, app: Path = ROOT) -> list[str]:
+    """`flwr run` of this project (or another `app` folder) on `connection` for `rounds` rounds of `cfg`."""
     config_file = tmp_path / "run.toml"
     config_file.write_text(to_toml(cfg))
     overrides = f'config="{config_file}" federation.rounds={rounds} out="{cfg.out}" cache="{cfg.cache}" {extra}'
-    return [str(BIN / "flwr"), "run", str(ROOT), connection, "--run-config", overrides.strip(), "--stream"]
+    return [str(BIN / "flwr"), "run", str(app), connection, "--run-config", overrides.strip(), "--stream"]
+
+
+def hostile_app(tmp_path: Path, attack: str) -> Path:
+    """This project as a Flower app whose ClientApp is `geomoe.bench.hostile`'s `attack`: the node whose node config
+    says `hostile=true` applies it, the others are honest. The FAB carries no code (see pyproject.toml)."""
+    honest = 'clientapp = "geomoe.client.client_app:app"'
+    project = (ROOT / "pyproject.toml").read_text()
+    assert honest in project
+    app = tmp_path / f"{attack}-app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(project.replace(honest, f'clientapp = "{HOSTILE_APPS[attack]}"'))
+    shutil.copy(ROOT / "README.md", app / "README.md")
+    return app
 
 
 @contextmanager
@@ -243,12 +257,16 @@ def test_a_supernode_registered_with_a_location_is_placed_by_it_on_a_tls_superli
     assert f"says it is in {says.cell} but was registered in {registered_at.cell}" in run.stdout + run.stderr
 
 
-def test_a_field_node_that_loses_its_link_and_reboots_delivers_its_update_once(tmp_path, model_cache):
+def test_a_field_node_that_loses_its_link_and_reboots_delivers_its_update_once_and_a_resend_is_refused(
+    tmp_path, model_cache
+):
     """Async on a real SuperLink, one SuperNode over a link that drops: the node gets its train message, its link
     goes down while it trains, and it is stopped (a reboot) with its finished update kept in its state folder.
     Restarted later on the same folder (a new SuperNode, a new node id), it is known again by the device id in that
     folder, answers its next message with the kept update, and that update is aggregated exactly once; the next
-    message settles it and the node deletes it."""
+    message settles it and the node deletes it. A second SuperNode answers every train message after its first with
+    that first update again (`bench.hostile`'s replaying node: a resend after lost acknowledgements): the server
+    takes it once and refuses each resend as a duplicate delivery."""
     cfg = small_config(tmp_path / "run", model_cache)
     cfg.federation.mode = "async"
     cfg.federation.buffer_size = 1
@@ -256,21 +274,22 @@ def test_a_field_node_that_loses_its_link_and_reboots_delivers_its_update_once(t
     cfg.federation.message_ttl_s = 600.0  # long enough for a slow start of the ClientApp process
     cfg.federation.round_timeout_s = 120.0
     folders, _ = device_folders(tmp_path, cfg)
-    location = World(cfg.world).locations[0]
+    location, other = World(cfg.world).locations[:2]
     state = tmp_path / "device-state"
     device = f'lat={location.lat} lon={location.lon} data="{folders / "L1"}" state="{state}"'
+    resender = f'lat={other.lat} lon={other.lon} data="{folders / "L2"}" hostile=true'
     proxy = LinkProxy()
     try:
-        with federation(tmp_path, [], proxy) as (env, nodes, add_node):
+        with federation(tmp_path, [resender], proxy) as (env, nodes, add_node):
             first = add_node(device, via_proxy=True)
-            command = flwr_command("test", cfg, tmp_path, rounds=3)
+            command = flwr_command("test", cfg, tmp_path, rounds=3, app=hostile_app(tmp_path, "replaying"))
             run = subprocess.Popen(
                 command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
             )
             try:
-                (log,) = tmp_path.glob("supernode*.log")  # the first SuperNode's
+                resender_log, device_log = tmp_path / "supernode1.log", tmp_path / "supernode2.log"  # 0: SuperLink
                 deadline = time.monotonic() + HANG_S
-                while log.read_text().count("Received successfully") < 3:  # query, routing query, train
+                while device_log.read_text().count("Received successfully") < 3:  # query, routing query, train
                     assert time.monotonic() < deadline and run.poll() is None, "the node got no train message"
                     time.sleep(0.05)
                 proxy.down()  # the link drops while the node trains
@@ -279,6 +298,9 @@ def test_a_field_node_that_loses_its_link_and_reboots_delivers_its_update_once(t
                     time.sleep(0.1)
                 assert first.poll() is None  # the SuperNode lives on without its link, retrying
                 stop(first)  # the device reboots, its update undelivered
+                while resender_log.read_text().count("Sent successfully") < 4:  # query, routing, train, a resend
+                    assert time.monotonic() < deadline and run.poll() is None, "the resending node sent no resend"
+                    time.sleep(0.1)
                 proxy.up()
                 add_node(device, via_proxy=True)  # back, on the same state folder
                 output, _ = run.communicate(timeout=HANG_S)
@@ -288,9 +310,12 @@ def test_a_field_node_that_loses_its_link_and_reboots_delivers_its_update_once(t
         proxy.close()
     assert run.returncode == 0, output[-3000:]
     report = json.loads((Path(cfg.out) / "report.json").read_text())
-    updates = [(name, version) for row in report["rounds"] for name, version, _ in row["updates"]]
-    assert len(report["rounds"]) == 3 and len(updates) == len(set(updates)) == 3  # each update counted once
-    name = location.cell
-    assert updates[0] == (name, 0)  # the update trained before the reboot, delivered after it
-    assert report["rounds"][0]["staleness"] == [0] and [loc["name"] for loc in report["locations"]] == [name]
+    updates = [(name, version, s) for row in report["rounds"] for name, version, s in row["updates"]]
+    assert len(report["rounds"]) == 3 and len({(n, v) for n, v, _ in updates}) == len(updates) == 3  # each once
+    assert [v for n, v, _ in updates if n == other.cell] == [0]  # the resender's update, taken once
+    kept = [(v, s) for n, v, s in updates if n == location.cell]
+    assert kept[0][0] == 0 and kept[0][1] >= 0  # the update trained before the reboot, its staleness recorded
+    assert sorted(loc["name"] for loc in report["locations"]) == sorted([location.cell, other.cell])
     assert not (state / "outbox" / "update-0.pb").exists()  # settled by the next message, then deleted
+    reasons = [row["reason"] for row in report["rejected"]]
+    assert report["refused"].get("duplicate", 0) >= 1 and any("duplicate delivery" in r for r in reasons)
