@@ -15,16 +15,17 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import BinaryIO, Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from geomoe.data.atomic_file import atomic_write
 
 Augmentation = Literal["none", "flip", "crop+flip", "crop+flip+randaugment"]
 AUGMENTATIONS = get_args(Augmentation)
@@ -120,8 +121,8 @@ def cache_key(root: Path, files: Sequence[str], size: int) -> str:
 class DecodedCache:
     """Decoded (N, S, S, 3) uint8 images of a file list, built once, then memory-mapped read-only.
 
-    Built under a file lock (several simulated clients may ask for it at once) into a temporary file
-    renamed into place, so a crash never leaves a half-written cache behind. Files that fail to decode
+    Built under a file lock (several simulated clients may ask for it at once) and written atomically
+    (`atomic_write`), so a crash never leaves a half-written cache behind. Files that fail to decode
     are listed in the sidecar JSON and stay zero.
     """
 
@@ -139,25 +140,26 @@ class DecodedCache:
         self.pixels = np.load(self.path, mmap_mode="r")
 
     def _build(self, root: Path, files: Sequence[str], size: int, progress: bool) -> None:
-        partial = self.path.with_suffix(".partial.npy")
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
         bad: dict[int, str] = {}
         indices: Sequence[int] | object = range(len(files))
         if progress:
             from rich.progress import track
 
             indices = track(range(len(files)), description=f"decoding {len(files)} images into the cache")
-        for index in indices:  # type: ignore[attr-defined]
-            try:
-                out[index] = decode(root / files[index], size)
-            except BadImage as error:
-                bad[index] = str(error)
-        out.flush()
-        del out
-        os.replace(partial, self.path)
-        partial_meta = self.meta_path.with_suffix(".partial")
-        partial_meta.write_text(json.dumps({"files": len(files), "size": size, "bad": bad}))
-        os.replace(partial_meta, self.meta_path)
+
+        def write(out: BinaryIO) -> None:  # the .npy header, then one decoded image after another
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (len(files), size, size, 3)}  # fmt: skip
+            np.lib.format.write_array_header_1_0(out, header)
+            for index in indices:  # type: ignore[attr-defined]
+                try:
+                    out.write(np.ascontiguousarray(decode(root / files[index], size), dtype=np.uint8).tobytes())
+                except BadImage as error:
+                    bad[index] = str(error)
+                    out.write(bytes(size * size * 3))
+
+        atomic_write(self.path, write)
+        atomic_write(self.meta_path, json.dumps({"files": len(files), "size": size, "bad": bad}).encode())
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from geomoe.data.atomic_file import atomic_write
 from geomoe.data.datasets import GeoData
 from geomoe.data.synthetic import SyntheticConfig
 
@@ -102,10 +102,7 @@ def write_world_file(path: Path, world: WorldContents) -> str:
     }
     for split in ("train", "val", "test"):
         arrays[f"{split}_rows"], arrays[f"{split}_offsets"] = _ragged([getattr(loc, split) for loc in world.locations])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, **arrays)
-    os.replace(partial, path)
+    atomic_write(path, lambda out: np.savez(out, **arrays))
     return sha256_of(path)
 
 
