@@ -1,7 +1,7 @@
 """`geomoe bench links` summarised from hand-built reports: curves in simulated hours and bytes, the target and
 when each run reached it, the week's accuracy, refusals, wasted node-hours and updates fitted to a link budget."""
 
-from geomoe.bench.links import TRACES, curve, summarise
+from geomoe.bench.links import TRACES, curve, plateau, reached, summarise
 from geomoe.wire.run_config import RunConfig
 
 
@@ -30,15 +30,21 @@ def test_a_curve_counts_setup_and_every_round_up_to_each_evaluation():
     ]  # fmt: skip
 
 
-def test_runs_are_judged_against_sync_always_on():
+def test_runs_are_judged_against_sync_always_on_settled_and_reach_it_when_they_stay_there():
     reports = {}
     for trace in TRACES:
-        reports[("sync", trace)] = report("sync", [(1.0, 0.3), (2.0, 0.5)], wasted=0.5)
-        reports[("async", trace)] = report("async", [(0.5, 0.5), (200.0, 0.6)], stale=2)
+        reports[("sync", trace)] = report("sync", [(1.0, 0.3), (2.0, 0.5), (3.0, 0.6), (4.0, 0.5), (5.0, 0.5)], 0.5)
+        noisy_then_settled = [(0.5, 0.6), (1.0, 0.2), (1.5, 0.6), (2.0, 0.6), (3.0, 0.6), (200.0, 0.7)]
+        reports[("async", trace)] = report("async", noisy_then_settled, stale=2)
     result = summarise(reports, RunConfig())
-    assert result["target_accuracy"] == 0.5 and result["nodes"] == 2
+    assert result["target_accuracy"] == 0.5 and result["nodes"] == 2  # the mean of sync-always's last third
     fast = result["runs"]["async-windows"]
-    assert fast["hours_to_target"] == 0.5 and fast["bytes_to_target"] == 6000
-    assert fast["accuracy_after_a_week"] == 0.5  # the 200-hour evaluation is past a week
-    assert fast["refused_stale"] == 2 and result["runs"]["sync-lora"]["wasted_node_hours"] == 1.0
-    assert (fast["link_compressed"], fast["link_deferred"]) == (4, 1)
+    assert fast["hours_to_target"] == 3.0 and fast["bytes_to_target"] == 10_000  # not the lucky 0.6 at 0.5 h
+    assert fast["accuracy_after_a_week"] == 0.6  # the 200-hour evaluation is past a week
+    assert fast["refused_stale"] == 2 and result["runs"]["sync-lora"]["wasted_node_hours"] == 2.5
+    assert (fast["link_compressed"], fast["link_deferred"]) == (12, 15)
+
+
+def test_a_run_that_never_settles_at_the_target_has_no_hours_to_it():
+    assert reached([{"server_accuracy": a} for a in (0.9, 0.1, 0.7, 0.1)], 0.6) is None
+    assert plateau([{"server_accuracy": 0.4}]) == 0.4
