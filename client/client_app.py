@@ -203,7 +203,8 @@ def train(message: Message, context: Context) -> Message:
     world = _world(message, context)
     local, index = local_data(cfg, world, dict(context.node_config))
     outbox = Outbox(Path(str(context.node_config["state"]))) if "state" in context.node_config else None
-    if outbox is not None and "version" in config:  # a field node, asynchronous run: store-and-forward
+    field_node = outbox is not None and "version" in config  # asynchronous run: store-and-forward, its feedback too
+    if field_node:
         keep_base(message, context)  # answered without training, the message may still bring the base
         outbox.settle(int(config["settled"]))
         if (kept := outbox.kept()) is not None:
@@ -239,13 +240,16 @@ def train(message: Message, context: Context) -> Message:
             ),
         }
     )
-    feedback = ErrorFeedback(msg.from_record(context.state[FEEDBACK]) if FEEDBACK in context.state else {})
+    if field_node:
+        feedback = ErrorFeedback(outbox.feedback())
+    else:
+        feedback = ErrorFeedback(msg.from_record(context.state[FEEDBACK]) if FEEDBACK in context.state else {})
     budget = window_budget(context.node_config, cfg.world.link)
     pack_to_fit(reply, deltas, cfg.federation.upload_compression, feedback, budget, cfg.federation.link_min_topk)
-    if feedback.residuals:
+    if field_node:  # on disk, whole, before it is sent
+        outbox.keep(int(config["version"]), reply, local.fingerprint(), feedback.residuals)
+    elif feedback.residuals:
         context.state[FEEDBACK] = msg.to_record(feedback.residuals)
-    if outbox is not None and "version" in config:
-        outbox.keep(int(config["version"]), reply, local.fingerprint())  # on disk, whole, before it is sent
     return Message(reply, reply_to=message)
 
 

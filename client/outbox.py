@@ -6,7 +6,8 @@ written whole (atomically) only when training has finished, so a reboot mid-trai
 node trains again on the next message. A kept update goes out as the reply to the next message the node gets,
 until a message says the server settled it (took it, or refused it). The server refuses a second delivery of one
 update, so a resend after a lost acknowledgement is harmless. A node trains again only on a newer model version
-or when its labelled images changed (`fresh`).
+or when its labelled images changed (`fresh`). What lossy compression left out of an update (its error feedback)
+is kept beside it, so that a reboot loses no part of an update for good.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 import uuid
 from pathlib import Path
 
+import torch
 from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
@@ -23,6 +25,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from geomoe.data.atomic_file import atomic_write
 
 KEPT = re.compile(r"update-(\d+)\.pb")
+FEEDBACK = re.compile(r"feedback-(\d+)\.pt")
 TRAINED = "trained.json"
 DEVICE_ID = "device-id"
 
@@ -42,10 +45,27 @@ class Outbox:
             atomic_write(path, uuid.uuid4().hex.encode())
         return path.read_text().strip()
 
-    def keep(self, version: int, reply: RecordDict, data_fingerprint: str) -> None:
-        """A finished update: on disk whole before it is sent, with what it was trained on."""
+    def keep(
+        self, version: int, reply: RecordDict, data_fingerprint: str, feedback: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """A finished update: on disk whole before it is sent, with what it was trained on and what compression left
+        out of it (`feedback`, the error feedback after it). Written feedback first, the record of what was trained
+        last: after a crash anywhere between, `feedback()` is the one that follows the last update kept whole."""
+        if feedback:
+            atomic_write(self.folder / f"feedback-{version}.pt", lambda out: torch.save(feedback, out))
         atomic_write(self.folder / f"update-{version}.pb", recorddict_to_proto(reply).SerializeToString())
         atomic_write(self.folder / TRAINED, json.dumps({"version": version, "data": data_fingerprint}).encode())
+        for path in self.folder.iterdir():
+            if (m := FEEDBACK.fullmatch(path.name)) and int(m.group(1)) != version:
+                path.unlink(missing_ok=True)
+
+    def feedback(self) -> dict[str, torch.Tensor]:
+        """The error feedback after the last update kept whole ({} if none, or if it was packed losslessly)."""
+        path = self.folder / TRAINED
+        if not path.is_file():
+            return {}
+        kept = self.folder / f"feedback-{json.loads(path.read_text())['version']}.pt"
+        return torch.load(kept, weights_only=True) if kept.is_file() else {}
 
     def versions(self) -> list[int]:
         return sorted(int(m.group(1)) for path in self.folder.iterdir() if (m := KEPT.fullmatch(path.name)))

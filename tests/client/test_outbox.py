@@ -1,6 +1,7 @@
 """A field node's store-and-forward state: updates kept whole until settled, training again only on news."""
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from geomoe.client.outbox import Outbox
@@ -41,3 +42,19 @@ def test_a_node_trains_again_only_on_a_newer_model_or_new_images(tmp_path):
     outbox.keep(2, reply(0.1), "data-a")
     assert not outbox.fresh(2, "data-a") and not outbox.fresh(1, "data-a")
     assert outbox.fresh(3, "data-a") and outbox.fresh(2, "data-b")
+
+
+def test_the_error_feedback_after_the_last_kept_update_survives_a_restart(tmp_path):
+    Outbox(tmp_path).keep(2, reply(0.5), "d", {"w": torch.full((3,), 0.25)})
+    Outbox(tmp_path).keep(3, reply(0.5), "d", {"w": torch.full((3,), 0.75)})
+    restarted = Outbox(tmp_path)
+    assert restarted.feedback()["w"].tolist() == [0.75, 0.75, 0.75]
+    assert [p.name for p in restarted.folder.glob("feedback-*")] == ["feedback-3.pt"]  # older ones are gone
+
+
+def test_a_crash_before_the_update_is_kept_leaves_the_feedback_of_the_last_one_kept(tmp_path):
+    outbox = Outbox(tmp_path)
+    outbox.keep(2, reply(0.5), "d", {"w": torch.full((3,), 0.25)})
+    torch.save({"w": torch.full((3,), 9.0)}, outbox.folder / "feedback-3.pt")  # written, then the power went
+    assert Outbox(tmp_path).feedback()["w"].tolist() == [0.25, 0.25, 0.25]
+    assert Outbox(tmp_path / "new").feedback() == {}  # never trained: nothing left out yet

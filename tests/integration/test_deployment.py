@@ -57,6 +57,16 @@ def flwr_command(connection: str, cfg, tmp_path: Path, extra: str = "", rounds: 
     return [str(BIN / "flwr"), "run", str(app), connection, "--run-config", overrides.strip(), "--stream"]
 
 
+def running(run: subprocess.Popen, out: Path) -> bool:
+    """Whether `flwr run` is still running; if it ended, an assertion error with what it printed and the server's
+    traceback, if it left one in the run's folder `out`."""
+    if run.poll() is None:
+        return True
+    error = out / "server-error.txt"
+    left = error.read_text() if error.is_file() else "(no server-error.txt)"
+    raise AssertionError(f"flwr run ended early ({run.returncode}): {run.stdout.read()[-3000:]}\n{left[-3000:]}")
+
+
 def hostile_app(tmp_path: Path, attack: str) -> Path:
     """This project as a Flower app whose ClientApp is `geomoe.bench.hostile`'s `attack`: the node whose node config
     says `hostile=true` applies it, the others are honest. The FAB carries no code (see pyproject.toml)."""
@@ -273,6 +283,7 @@ def test_a_field_node_that_loses_its_link_and_reboots_delivers_its_update_once_a
     cfg.federation.eval_every = 1
     cfg.federation.message_ttl_s = 600.0  # long enough for a slow start of the ClientApp process
     cfg.federation.round_timeout_s = 120.0
+    cfg.federation.upload_compression = "int8+zstd"  # lossy: the device keeps its error feedback with its updates
     folders, _ = device_folders(tmp_path, cfg)
     location, other = World(cfg.world).locations[:2]
     state = tmp_path / "device-state"
@@ -290,7 +301,7 @@ def test_a_field_node_that_loses_its_link_and_reboots_delivers_its_update_once_a
                 resender_log, device_log = tmp_path / "supernode1.log", tmp_path / "supernode2.log"  # 0: SuperLink
                 deadline = time.monotonic() + HANG_S
                 while device_log.read_text().count("Received successfully") < 3:  # query, routing query, train
-                    assert time.monotonic() < deadline and run.poll() is None, "the node got no train message"
+                    assert time.monotonic() < deadline and running(run, Path(cfg.out)), "the node got no train message"
                     time.sleep(0.05)
                 proxy.down()  # the link drops while the node trains
                 while not list((state / "outbox").glob("update-*.pb")):
@@ -299,7 +310,9 @@ def test_a_field_node_that_loses_its_link_and_reboots_delivers_its_update_once_a
                 assert first.poll() is None  # the SuperNode lives on without its link, retrying
                 stop(first)  # the device reboots, its update undelivered
                 while resender_log.read_text().count("Sent successfully") < 4:  # query, routing, train, a resend
-                    assert time.monotonic() < deadline and run.poll() is None, "the resending node sent no resend"
+                    assert time.monotonic() < deadline and running(run, Path(cfg.out)), (
+                        "the resending node sent no resend"
+                    )
                     time.sleep(0.1)
                 proxy.up()
                 add_node(device, via_proxy=True)  # back, on the same state folder
@@ -317,5 +330,7 @@ def test_a_field_node_that_loses_its_link_and_reboots_delivers_its_update_once_a
     assert kept[0][0] == 0 and kept[0][1] >= 0  # the update trained before the reboot, its staleness recorded
     assert sorted(loc["name"] for loc in report["locations"]) == sorted([location.cell, other.cell])
     assert not (state / "outbox" / "update-0.pb").exists()  # settled by the next message, then deleted
+    (feedback,) = (state / "outbox").glob("feedback-*.pt")  # what int8 left out of its last kept update, only
+    assert int(feedback.stem.removeprefix("feedback-")) >= kept[-1][0]
     reasons = [row["reason"] for row in report["rejected"]]
     assert report["refused"].get("duplicate", 0) >= 1 and any("duplicate delivery" in r for r in reasons)
