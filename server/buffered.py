@@ -14,9 +14,19 @@ from dataclasses import dataclass
 import torch
 
 from geomoe.model.moe_layer import EXPERT_PARAMS
-from geomoe.server.replies import RejectedReply, SentSpec, TrainReply
+from geomoe.server.replies import QueryReply, RejectedReply, SentSpec, TrainReply
 from geomoe.server.slicing import HEAD_ROWS
 from geomoe.wire import messages as msg
+
+
+@dataclass
+class Buffered:
+    """An accepted update waiting for the next aggregation."""
+
+    node: QueryReply
+    reply: TrainReply  # its rows already discounted for staleness
+    staleness: int  # of its stalest row
+    version: int  # the model version it was trained from
 
 
 class Refused(RejectedReply):

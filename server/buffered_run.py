@@ -15,27 +15,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+
+from flwr.app import Message
 
 from geomoe.data.cells import cell_longitude
 from geomoe.server.acceptance import outliers, unreadable
-from geomoe.server.buffered import Ledger, Refused, RowVersions, Sent, discount, stalest
+from geomoe.server.buffered import Buffered, Ledger, Refused, RowVersions, Sent, discount, stalest
 from geomoe.server.field import Arrival, Field, LiveField, SimulatedField
-from geomoe.server.replies import Evaluation, QueryReply, TrainReply, link_use, spec_of
+from geomoe.server.replies import Evaluation, link_use, spec_of
 from geomoe.server.slicing import NodeSlice
 from geomoe.server.strategy import weighted_accuracy
 
 log = logging.getLogger("geomoe.server")
-
-
-@dataclass
-class Buffered:
-    """An accepted update waiting for the next aggregation."""
-
-    node: QueryReply
-    reply: TrainReply  # its rows already discounted for staleness
-    staleness: int  # of its stalest row
-    version: int  # the model version it was trained from
 
 
 class BufferedRun:
@@ -104,14 +96,23 @@ class BufferedRun:
 
     # --- replies -------------------------------------------------------------------------------
     def receive(self, arrival: Arrival) -> None:
-        """Take one reply: into the buffer, or refused with its reason; then the node's next message."""
+        """Take one reply; then the node's next message, unless it left the SuperLink meanwhile (`join` dropped it,
+        and sends it again when it is back)."""
         node_id, reply = arrival.out.node_id, arrival.reply
-        node = self.strategy.roster.nodes[node_id]
         if not reply.has_error():
             self.count(node_id, "up", arrival.out.up_bytes)
-        if self.strategy.reader.idle(reply):  # a field node with nothing newer to train on
-            self.waiting.add(node_id)
-            return
+        idle = self.strategy.reader.idle(reply)  # a field node with nothing newer to train on
+        if not idle:
+            self.take(node_id, reply)
+        if node_id in self.pieces:
+            if not idle and self.changed_since(node_id):
+                self.send(node_id)
+            else:
+                self.waiting.add(node_id)
+
+    def take(self, node_id: int, reply: Message) -> None:
+        """An update into the buffer, or refused with its reason (whatever the reply held, it fails alone)."""
+        node = self.strategy.roster.nodes[node_id]
         try:
             version = self.strategy.reader.trained_from(reply)
             self.settled[node.name] = max(self.settled.get(node.name, -1), min(version, self.version))
@@ -132,10 +133,6 @@ class BufferedRun:
                 self.latest[node.name] = parsed.received
                 if version == 0:
                     self.initial[node.name] = parsed.received
-        if self.changed_since(node_id):
-            self.send(node_id)
-        else:
-            self.waiting.add(node_id)
 
     # --- aggregation ---------------------------------------------------------------------------
     def aggregate(self) -> None:
