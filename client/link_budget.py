@@ -58,11 +58,10 @@ def pack_to_fit(
     min_topk: float,
 ) -> LinkFit:
     """Put `deltas` into `reply` as the update, packed to fit `budget_bytes` (None: the run's codec as it is)."""
-    run = Pipeline.parse(run_pipeline)
     reply[msg.METRICS]["link-windows"] = 1.0  # said at the end; a float's bytes do not depend on its value
-    size = _trial(reply, deltas, run_pipeline, feedback)
-    if budget_bytes is None or size <= budget_bytes:
-        return _packed(reply, deltas, run_pipeline, feedback, budget_bytes, "fits")
+    if budget_bytes is None or _trial(reply, deltas, run_pipeline, feedback) <= budget_bytes:
+        return _packed(reply, deltas, run_pipeline, feedback, budget_bytes, "fits")  # no budget: packed once
+    run = Pipeline.parse(run_pipeline)
     widest = run.topk or 1.0
     floor = str(Pipeline(min(min_topk, widest), run.quantizer, run.zstd))
     if _trial(reply, deltas, floor, feedback) > budget_bytes:

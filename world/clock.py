@@ -49,28 +49,19 @@ class FieldClock:
         a piece per window (the device keeps the rest for the next one): at most the budget, and what the window's
         length carries. Each upload counts the window it starts in as its own."""
         budget = self.link.budget_bytes if upload else None
-        if budget is None:
-            return self._carried_whole(node, longitude, t, payload_bytes)
         left, limit = payload_bytes, t + HORIZON_S
         while t < limit and (window := self.availability.window(node, longitude, t)) is not None:
             start, end = window
-            fits = ((end - start) - self.link.latency_s) * self.link.bandwidth_bps / 8 - self.link.overhead_bytes
-            piece = left if math.isinf(end) else min(left, budget, fits)  # always online: no windows to count
-            if piece > 0:
-                left -= piece
-                if left <= 0:
-                    return start + self.link.seconds(piece)
-            t = end
-        return None
-
-    def _carried_whole(self, node: str, longitude: float, t: float, payload_bytes: float) -> float | None:
-        """A message that goes whole within one online stretch (a link that drops mid-message loses it)."""
-        duration = self.link.seconds(payload_bytes)
-        limit = t + HORIZON_S
-        while t < limit and (window := self.availability.window(node, longitude, t)) is not None:
-            start, end = window
-            if end - start >= duration:
-                return start + duration
+            if budget is None or math.isinf(end):  # whole within one stretch (always online: no windows to count)
+                if end - start >= self.link.seconds(left):
+                    return start + self.link.seconds(left)
+            else:
+                fits = ((end - start) - self.link.latency_s) * self.link.bandwidth_bps / 8 - self.link.overhead_bytes
+                piece = min(left, budget, fits)
+                if piece > 0:
+                    left -= piece
+                    if left <= 0:
+                        return start + self.link.seconds(piece)
             t = end
         return None
 
